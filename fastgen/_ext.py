@@ -1,0 +1,50 @@
+"""Finding the compiled extension and Triton, and saying why one is missing."""
+import functools
+import os
+
+
+@functools.lru_cache(None)
+def cpp_unavailable():
+    """None if the C++ extension fastgen._C is loaded, else why not."""
+    try:
+        from fastgen import _C  # noqa: F401  (registers the fastgen:: C++ ops)
+    except ImportError as e:
+        return ("the C++ extension fastgen._C is not built (" + str(e).splitlines()[0] + "); "
+                "build it with `pip install -e . --no-build-isolation` without FASTGEN_SKIP_EXT=1, or `make test`")
+    return None
+
+
+@functools.lru_cache(None)
+def cuda_ext_unavailable():
+    """None if the CUDA part of the extension was built, else why not."""
+    why = cpp_unavailable()
+    if why:
+        return why
+    from fastgen import _C
+    if not _C.built_with_cuda():
+        return "fastgen._C was built without CUDA (torch had no CUDA when it was built)"
+    return None
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(None)
+def triton_unavailable():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return None
+
+
+def triton_why_not(device_type):
+    """Triton runs CUDA tensors, and CPU tensors only under TRITON_INTERPRET=1."""
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and interpreting():
+        return None
+    if device_type == "cpu":
+        return "triton takes CPU tensors only under TRITON_INTERPRET=1 (set before importing fastgen)"
+    return f"triton does not run on {device_type} tensors"

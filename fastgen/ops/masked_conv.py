@@ -1,0 +1,287 @@
+"""masked_conv2d: checks, backends, the registered ops with autograd, and the
+functional. Backends:
+
+* ``ref``        conv with weight * mask (fastgen.ref.masked_conv)
+* ``decomposed`` only the unmasked taps, with the framework's convolutions: the
+                 k//2 rows above as one conv, the centre row's left part (and the
+                 centre, where visible) as another; any device
+* ``halfconv``   one conv over the kernel's upper half (rows 0..k//2), the right
+                 part of the centre row zeroed: wastes kw//2 taps of
+                 (k//2+1)*kw but makes one call instead of two; any device
+* ``cpp``        C++ CPU kernel (csrc/cpu/masked_conv.cpp), fastgen._C
+* ``triton``     implicit GEMM over the unmasked taps (kernels/masked_conv.py)
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastgen import _ext
+from fastgen._dispatch import new_op
+from fastgen.ref import masked_conv as ref
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Call(NamedTuple):
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    mask_type: str
+    data_channels: int
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise TypeError(f"masked_conv2d: {name} must be an int or a pair of ints, got {v!r}")
+
+
+def check_layer_args(in_channels, out_channels, kernel_size, mask_type, data_channels,
+                     stride=1, groups=1, padding_mode="zeros"):
+    """The checks that need no input tensor (shared by MaskedConv2d.__init__)."""
+    kh, kw = _pair(kernel_size, "kernel_size")
+    if mask_type not in ("A", "B"):
+        raise ValueError(f"masked_conv2d: mask_type must be 'A' or 'B', got {mask_type!r}")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"masked_conv2d: kernel_size must be odd in both dimensions (a causal mask needs "
+                         f"a centre tap), got {(kh, kw)}")
+    if not isinstance(data_channels, int) or data_channels < 1:
+        raise ValueError(f"masked_conv2d: data_channels must be a positive int, got {data_channels!r}")
+    if in_channels % data_channels or out_channels % data_channels:
+        raise ValueError(f"masked_conv2d: in_channels ({in_channels}) and out_channels ({out_channels}) must both "
+                         f"be divisible by data_channels ({data_channels}): channels are split into "
+                         f"data_channels contiguous colour blocks")
+    if _pair(stride, "stride") != (1, 1):
+        raise ValueError(f"masked_conv2d: only stride 1 is supported (a strided masked conv is not causal "
+                         f"position by position), got stride={stride!r}")
+    if groups != 1:
+        raise ValueError(f"masked_conv2d: only groups=1 is supported, got groups={groups!r}")
+    if padding_mode != "zeros":
+        raise ValueError(f"masked_conv2d: only padding_mode='zeros' is supported (other modes copy future "
+                         f"pixels into the padding), got {padding_mode!r}")
+
+
+def same_padding(kernel_size, dilation):
+    """The causal 'same' padding: output the size of the input."""
+    return tuple(d * (k // 2) for k, d in zip(kernel_size, dilation))
+
+
+def make_call(x, weight, bias, mask_type, data_channels, padding, dilation, stride=1, groups=1):
+    """Check every argument; return a Call or raise an error that says what is wrong."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("masked_conv2d: input and weight must be tensors")
+    if x.dim() != 4:
+        raise ValueError(f"masked_conv2d: input must be 4-D [batch, channels, height, width], got shape "
+                         f"{tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"masked_conv2d: weight must be 4-D [out_channels, in_channels, kh, kw], got shape "
+                         f"{tuple(weight.shape)}")
+    co, ci, kh, kw = weight.shape
+    check_layer_args(ci, co, (kh, kw), mask_type, data_channels, stride, groups)
+    for name, t in (("input", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"masked_conv2d: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"masked_conv2d: input, weight and bias must share a dtype, got input {x.dtype}, "
+                        f"weight {weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError(f"masked_conv2d: input, weight and bias must be on one device, got input on {x.device}, "
+                         f"weight on {weight.device}")
+    if x.shape[1] != ci:
+        raise ValueError(f"masked_conv2d: input has {x.shape[1]} channels but weight expects {ci}")
+    if bias is not None and tuple(bias.shape) != (co,):
+        raise ValueError(f"masked_conv2d: bias must have shape ({co},), got {tuple(bias.shape)}")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"masked_conv2d: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+        dilation = _pair(dilation, "dilation")
+        padding = same_padding((kh, kw), dilation) if padding == "same" else (0, 0)
+    padding, dilation = _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(padding) < 0:
+        raise ValueError(f"masked_conv2d: padding must be >= 0, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"masked_conv2d: dilation must be >= 1, got {dilation}")
+    ho, wo = out_size(x.shape, (kh, kw), padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"masked_conv2d: input {tuple(x.shape[2:])} is too small for kernel {(kh, kw)} with "
+                         f"padding {padding} and dilation {dilation} (output would be {(ho, wo)})")
+    return Call(x, weight, bias, mask_type, data_channels, padding, dilation)
+
+
+def out_size(x_shape, kernel_size, padding, dilation):
+    return tuple(x_shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) for i in range(2))
+
+
+# ---- backends built from the framework's own convolutions -------------------------------------------------
+
+def _subconv(c, w_sub, bias, r0, c0, ho, wo):
+    """Convolution with the kernel's sub-block starting at tap (r0, c0): pad the
+    input asymmetrically (negative pads crop) so a padding-free conv lines up."""
+    (ph, pw), (dh, dw) = c.padding, c.dilation
+    h, w = c.x.shape[2:]
+    top, left = ph - r0 * dh, pw - c0 * dw
+    bottom = ho + (w_sub.shape[2] - 1) * dh - h - top
+    right = wo + (w_sub.shape[3] - 1) * dw - w - left
+    return F.conv2d(F.pad(c.x, (left, right, top, bottom)), w_sub, bias, dilation=c.dilation)
+
+
+def _centre_row(c, with_right_part):
+    """Weight of the centre row [Co, Ci, 1, n]: the taps left of the centre, and
+    the centre itself under the colour/mask-A/B rule where any of it is visible.
+    ``with_right_part`` keeps the full row width (right part zeroed)."""
+    w = c.weight
+    co, ci, kh, kw = w.shape
+    ch, cw = kh // 2, kw // 2
+    centre_open = c.mask_type == "B" or c.data_channels > 1
+    n = kw if with_right_part else cw + centre_open
+    row = w[:, :, ch:ch + 1, :n]
+    if n == 0:
+        return row
+    m = torch.zeros(co, ci, 1, n, dtype=w.dtype, device=w.device)
+    m[:, :, 0, :cw] = 1
+    if centre_open:
+        m[:, :, 0, cw] = ref.centre_channel_mask(co, ci, c.mask_type, c.data_channels, w.device, w.dtype)
+    if c.mask_type == "B" and c.data_channels == 1 and n == cw + 1:
+        return row  # the mask is all ones: skip the multiply
+    return row * m
+
+
+def _decomposed(c):
+    kh, kw = c.weight.shape[2:]
+    ch = kh // 2
+    ho, wo = out_size(c.x.shape, (kh, kw), c.padding, c.dilation)
+    row = _centre_row(c, with_right_part=False)
+    if row.shape[3] == 0:  # 1-row kernel, mask A: nothing but the rows above (or nothing at all)
+        return _halfconv(c) if ch == 0 else _subconv(c, c.weight[:, :, :ch], c.bias, 0, 0, ho, wo)
+    out = _subconv(c, row, c.bias, ch, 0, ho, wo)
+    if ch > 0:
+        out = out + _subconv(c, c.weight[:, :, :ch], None, 0, 0, ho, wo)
+    return out
+
+
+def _halfconv(c):
+    kh, kw = c.weight.shape[2:]
+    ch = kh // 2
+    ho, wo = out_size(c.x.shape, (kh, kw), c.padding, c.dilation)
+    w_half = torch.cat([c.weight[:, :, :ch], _centre_row(c, with_right_part=True)], dim=2)
+    return _subconv(c, w_half, c.bias, 0, 0, ho, wo)
+
+
+def _ref(c):
+    return ref.masked_conv2d(*c)
+
+
+# ---- kernel backends: registered ops with autograd ---------------------------------------------------------
+
+def _kernels(backend):
+    """The forward/backward pair of a kernel backend (imported on first use)."""
+    if backend == "triton":
+        from fastgen.kernels import masked_conv as k
+        return k.masked_conv2d_forward, k.masked_conv2d_backward
+    if backend == "cpp":
+        return torch.ops.fastgen.masked_conv2d_forward, torch.ops.fastgen.masked_conv2d_backward
+    raise ValueError(f"masked_conv2d: {backend!r} is not a kernel backend")
+
+
+@torch.library.custom_op("fastgen::masked_conv2d", mutates_args=())
+def masked_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask_type: str,
+                     data_channels: int, padding: List[int], dilation: List[int], backend: str) -> torch.Tensor:
+    fwd, _ = _kernels(backend)
+    return fwd(x, weight, bias, mask_type, data_channels, padding, dilation)
+
+
+@masked_conv2d_op.register_fake
+def _(x, weight, bias, mask_type, data_channels, padding, dilation, backend):
+    ho, wo = out_size(x.shape, weight.shape[2:], padding, dilation)
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+
+
+@torch.library.custom_op("fastgen::masked_conv2d_grad", mutates_args=())
+def masked_conv2d_grad_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask_type: str,
+                          data_channels: int, padding: List[int], dilation: List[int], backend: str,
+                          output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias); an entry not asked for in output_mask is empty."""
+    _, bwd = _kernels(backend)
+    gx, gw, gb = bwd(grad_out, x, weight, mask_type, data_channels, padding, dilation, output_mask)
+    empty = x.new_empty(0)
+    # a fresh tensor each: a registered op may not return its inputs or one tensor twice
+    return tuple(g if (need and g is not None and g.numel() > 0) else empty.clone()
+                 for g, need in zip((gx, gw, gb), output_mask))
+
+
+@masked_conv2d_grad_op.register_fake
+def _(grad_out, x, weight, mask_type, data_channels, padding, dilation, backend, output_mask):
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask_type, data_channels, padding, dilation, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (mask_type, data_channels, padding, dilation, backend)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = masked_conv2d_grad_op(grad_out.contiguous(), x, weight, *ctx.args, need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 5
+
+
+masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_runner(backend):
+    def run(c):
+        return masked_conv2d_op(c.x, c.weight, c.bias, c.mask_type, c.data_channels,
+                                list(c.padding), list(c.dilation), backend)
+    return run
+
+
+def _cpp_why_not(c):
+    if c.x.device.type != "cpu":
+        return f"the cpp backend takes CPU tensors, got {c.x.device.type}"
+    if c.x.dtype not in (torch.float32, torch.float64):
+        return f"the cpp backend takes float32 and float64, got {c.x.dtype}"
+    return None
+
+
+def _triton_why_not(c):
+    why = _ext.triton_why_not(c.x.device.type)
+    if why:
+        return why
+    if c.x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the triton backend takes float16, bfloat16 and float32, got {c.x.dtype}"
+    return None
+
+
+# Measured preference (benchmarks/RESULTS.md has the full tables).
+# cpu: see the comment above PREFERENCE_CPU, filled in from `pytest benchmarks/`.
+PREFERENCE = {
+    "cpu": ["halfconv", "decomposed", "ref"],
+    # Not yet measured on a GPU: cuDNN through halfconv until the Triton kernel has been timed there.
+    "cuda": ["halfconv", "decomposed", "ref"],
+}
+
+OP = new_op("masked_conv2d", PREFERENCE)
+OP.register("ref", _ref)
+OP.register("decomposed", _decomposed)
+OP.register("halfconv", _halfconv)
+OP.register("cpp", _kernel_runner("cpp"), why_not=_cpp_why_not, unavailable=_ext.cpp_unavailable)
+OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
+
+
+def masked_conv2d(input, weight, bias=None, padding=0, dilation=1, *, mask_type="B", data_channels=1,
+                  stride=1, groups=1, backend=None):
+    """Masked (causal) convolution: ``F.conv2d(input, weight * mask, bias, padding=padding,
+    dilation=dilation)`` computing only the taps the mask keeps. Masked entries of
+    ``weight`` are ignored and get zero gradient. ``padding="same"`` gives
+    the causal same-size output (the fast path). See fastgen.ref.masked_conv for the mask."""
+    c = make_call(input, weight, bias, mask_type, data_channels, padding, dilation, stride, groups)
+    return OP.run(c, input.device.type, backend)

@@ -15,11 +15,12 @@ from conftest import require_backend
 
 CPU_BACKENDS = ["ref", "decomposed", "halfconv", "cpp"]
 TRITON = pytest.param("triton", marks=pytest.mark.triton)
-ALL_BACKENDS = CPU_BACKENDS + [TRITON]
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+ALL_BACKENDS = CPU_BACKENDS + [CUDA, TRITON]
 
 
 def device_for(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 def work_dtype(backend):
@@ -166,18 +167,19 @@ def test_causality(backend, dc, depth):
             assert not torch.equal(net(x3)[0, :, py, px], y[0, :, py, px])
 
 
-@pytest.mark.parametrize("backend", ["ref", "decomposed", "halfconv", "cpp"])
+@pytest.mark.parametrize("backend", ["ref", "decomposed", "halfconv", "cpp", CUDA])
 def test_gradcheck(backend):
-    x = torch.randn(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    dev = device_for(backend)
+    x = torch.randn(1, 3, 4, 5, dtype=torch.float64, device=dev, requires_grad=True)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=dev, requires_grad=True)
     require_backend(OP, backend, make_call(x, w, b, "A", 3, "same", 1))
     fn = lambda x, w, b: masked_conv2d(x, w, b, "same", mask_type="A", data_channels=3, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b)) if backend in ("ref", "decomposed", "halfconv") else True
 
 
-@pytest.mark.parametrize("backend", ["cpp", TRITON])
+@pytest.mark.parametrize("backend", ["cpp", CUDA, TRITON])
 def test_opcheck(backend):
     dev, dtype = device_for(backend), work_dtype(backend)
     x = torch.randn(2, 3, 5, 4, dtype=dtype, device=dev, requires_grad=True)
@@ -189,7 +191,7 @@ def test_opcheck(backend):
     g = torch.randn(2, 6, 5, 4, dtype=dtype, device=dev)
     torch.library.opcheck(torch.ops.fastgen.masked_conv2d_grad, (g, x.detach(), w.detach(), "B", 3, [1, 1], [1, 1],
                                                                   backend, [True, True, True]))
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         torch.library.opcheck(torch.ops.fastgen.masked_conv2d_forward, args[:-1])
         torch.library.opcheck(torch.ops.fastgen.masked_conv2d_backward,
                               (g, x.detach(), w.detach(), "B", 3, [1, 1], [1, 1], [True, True, False]))
@@ -239,7 +241,7 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
 def test_backends_report():
     info = fastgen.backends()
     ops = info["ops"]["masked_conv2d"]
-    assert set(ops) == {"ref", "decomposed", "halfconv", "cpp", "triton"}
+    assert set(ops) == {"ref", "decomposed", "halfconv", "cpp", "cuda", "triton"}
     assert ops["ref"] is None and ops["decomposed"] is None
     assert set(info["extension"]) == {"cpp", "cuda", "triton"}
     for why in list(ops.values()) + list(info["extension"].values()):

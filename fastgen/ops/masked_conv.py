@@ -9,6 +9,7 @@ functional. Backends:
                  part of the centre row zeroed: wastes kw//2 taps of
                  (k//2+1)*kw but makes one call instead of two; any device
 * ``cpp``        C++ CPU kernel (csrc/cpu/masked_conv.cpp), fastgen._C
+* ``cuda``       direct CUDA kernels (csrc/cuda/masked_conv.cu), built where torch has CUDA
 * ``triton``     implicit GEMM over the unmasked taps (kernels/masked_conv.py)
 """
 from typing import List, NamedTuple, Optional, Tuple
@@ -183,7 +184,7 @@ def _kernels(backend):
     if backend == "triton":
         from fastgen.kernels import masked_conv as k
         return k.masked_conv2d_forward, k.masked_conv2d_backward
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):  # one registered op, the dispatcher picks the device's kernel
         return torch.ops.fastgen.masked_conv2d_forward, torch.ops.fastgen.masked_conv2d_backward
     raise ValueError(f"masked_conv2d: {backend!r} is not a kernel backend")
 
@@ -252,6 +253,14 @@ def _cpp_why_not(c):
     return None
 
 
+def _cuda_why_not(c):
+    if c.x.device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {c.x.device.type}"
+    if c.x.dtype not in (torch.float32, torch.float64):
+        return f"the cuda backend takes float32 and float64, got {c.x.dtype}"
+    return None
+
+
 def _triton_why_not(c):
     why = _ext.triton_why_not(c.x.device.type)
     if why:
@@ -274,6 +283,7 @@ OP.register("ref", _ref)
 OP.register("decomposed", _decomposed)
 OP.register("halfconv", _halfconv)
 OP.register("cpp", _kernel_runner("cpp"), why_not=_cpp_why_not, unavailable=_ext.cpp_unavailable)
+OP.register("cuda", _kernel_runner("cuda"), why_not=_cuda_why_not, unavailable=_ext.cuda_ext_unavailable)
 OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 

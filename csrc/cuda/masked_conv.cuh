@@ -1,0 +1,30 @@
+// masked_conv2d CUDA kernels: raw pointers and a stream, no torch headers, so
+// `nvcc -c` checks them anywhere. The torch glue is masked_conv_glue.cpp.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace fastgen {
+namespace cuda {
+
+// One masked convolution, NCHW contiguous tensors, stride 1, groups 1.
+// Visible taps: rows i < kh/2; row kh/2 with j < kw/2; the centre (kh/2, kw/2)
+// where in-block h and out-block g (data_channels blocks) have h < g (mask A,
+// strict) or h <= g (mask B). See fastgen/ref/masked_conv.py.
+struct MaskedConvShape {
+  int64_t B, Ci, H, W, Co, kh, kw, Ho, Wo, ph, pw, dh, dw;
+  int64_t data_channels;
+  bool strict;  // mask A
+};
+
+template <typename T>
+cudaError_t masked_conv2d_forward(const T* x, const T* w, const T* bias, T* y, const MaskedConvShape& s,
+                                  cudaStream_t stream);
+
+// grad_x / grad_w / grad_b may be null: that gradient is skipped. grad_w's masked entries are written as zero.
+template <typename T>
+cudaError_t masked_conv2d_backward(const T* grad_out, const T* x, const T* w, T* grad_x, T* grad_w, T* grad_b,
+                                   const MaskedConvShape& s, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastgen

@@ -196,10 +196,19 @@ def masked_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return fwd(x, weight, bias, mask_type, data_channels, padding, dilation)
 
 
-@masked_conv2d_op.register_fake
-def _(x, weight, bias, mask_type, data_channels, padding, dilation, backend):
+def _fake_output(x, weight, padding, dilation):
     ho, wo = out_size(x.shape, weight.shape[2:], padding, dilation)
     return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+
+
+def _fake_grads(x, weight, output_mask):
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
+
+
+@masked_conv2d_op.register_fake
+def _(x, weight, bias, mask_type, data_channels, padding, dilation, backend):
+    return _fake_output(x, weight, padding, dilation)
 
 
 @torch.library.custom_op("fastgen::masked_conv2d_grad", mutates_args=())
@@ -217,8 +226,7 @@ def masked_conv2d_grad_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
 
 @masked_conv2d_grad_op.register_fake
 def _(grad_out, x, weight, mask_type, data_channels, padding, dilation, backend, output_mask):
-    shapes = (x.shape, weight.shape, weight.shape[:1])
-    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
+    return _fake_grads(x, weight, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -236,6 +244,21 @@ def _backward(ctx, grad_out):
 
 
 masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_kernel_fakes():
+    """Fake (shape-only) versions of the C++ ops, for torch.compile and opcheck."""
+    @torch.library.register_fake("fastgen::masked_conv2d_forward")
+    def _(x, weight, bias, mask_type, data_channels, padding, dilation):
+        return _fake_output(x, weight, padding, dilation)
+
+    @torch.library.register_fake("fastgen::masked_conv2d_backward")
+    def _(grad_out, x, weight, mask_type, data_channels, padding, dilation, output_mask):
+        return _fake_grads(x, weight, output_mask)
+
+
+if _ext.cpp_unavailable() is None:
+    _register_kernel_fakes()
 
 
 def _kernel_runner(backend):

@@ -1,0 +1,355 @@
+"""Baselines and helpers shared by the benchmarks, the tests and the demo.
+
+* :class:`MaskBufferConv2d`: the common masked convolution found in the wild
+  (a ``mask`` buffer, ``self.weight.data *= self.mask`` then the full conv);
+* :class:`RefMaskedConv2d`: an ``nn.Conv2d`` running fastgen's float reference
+  (what ``torch.compile`` is given in the benchmarks);
+* :func:`make_masked_conv`: one contender of the masked-conv benchmarks by name;
+* :func:`relative_error` / :func:`tolerance`: the numbers contract of DESIGN.md;
+* :func:`peak_rss`: peak resident memory of a contender's steps, measured in a
+  fresh subprocess;
+* :class:`OtherLoad`: how much CPU other processes took while a timing ran
+  (shared machines);
+* :func:`format_table` / :func:`table_from_json`: the compact benchmark table
+  (``python -m fastgen.testing results.json [more runs ...]`` prints it for
+  ``--benchmark-json`` files).
+"""
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.ref.masked_conv import causal_mask
+from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
+
+
+class MaskBufferConv2d(nn.Conv2d):
+    """The common implementation: ``MaskBufferConv2d('A', 1, 64, 7, 1, 3)``.
+    Multiplies the weight by a stored mask in place, then runs the full
+    convolution (every tap, half of them on zeros). Its weight gradient is
+    not masked; the next forward zeroes those entries again."""
+
+    def __init__(self, mask_type, *args, data_channels=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_type, self.data_channels = mask_type, data_channels
+        self.register_buffer("mask", causal_mask(self.out_channels, self.in_channels, self.kernel_size, mask_type,
+                                                 data_channels, dtype=self.weight.dtype))
+
+    def forward(self, x):
+        self.weight.data *= self.mask
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class RefMaskedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose forward is fastgen's reference masked conv
+    (``conv2d(x, weight * mask)``); the torch.compile contender compiles this."""
+
+    def __init__(self, mask_type, *args, data_channels=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_type, self.data_channels = mask_type, data_channels
+
+    def forward(self, x):
+        return ref_masked_conv2d(x, self.weight, self.bias, self.mask_type, self.data_channels, self.padding,
+                                 self.dilation)
+
+
+COMMON = "common"
+COMPILED = "compile(ref)"
+
+
+def contender_names(backends):
+    """Benchmark contenders: the common implementation, torch.compile of the
+    ref, fastgen's dispatch default, and each named fastgen backend."""
+    return [COMMON, COMPILED, "fastgen"] + [f"fastgen[{b}]" for b in backends]
+
+
+def make_masked_conv(contender, in_channels, out_channels, kernel_size, mask_type, *, weight=None, bias=None,
+                     device="cpu", dtype=torch.float32, compile_mode=None):
+    """A masked-conv module for a contender name (see :func:`contender_names`),
+    with causal same padding, holding copies of ``weight``/``bias`` if given."""
+    args = (in_channels, out_channels, kernel_size, 1, kernel_size // 2)
+    if contender == COMMON:
+        mod = MaskBufferConv2d(mask_type, *args)
+    elif contender == COMPILED:
+        mod = RefMaskedConv2d(mask_type, *args)
+    elif contender == "fastgen" or contender.startswith("fastgen["):
+        from fastgen import MaskedConv2d
+        backend = contender[len("fastgen["):-1] if contender.startswith("fastgen[") else None
+        mod = MaskedConv2d(*args, mask_type=mask_type, backend=backend)
+    else:
+        raise ValueError(f"unknown contender {contender!r}")
+    mod = mod.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        if weight is not None:
+            mod.weight.copy_(weight)
+        if bias is not None:
+            mod.bias.copy_(bias)
+    if contender == COMPILED:
+        return torch.compile(mod, dynamic=False, **({"mode": compile_mode} if compile_mode else {}))
+    return mod
+
+
+# ---- the numbers contract --------------------------------------------------------------------------------
+
+def relative_error(got, want):
+    """max |got - want| / max |want| (computed in float64); 0 for two empty tensors;
+    inf for a missing result, a shape mismatch or a non-finite difference."""
+    if got is None or want is None:
+        return 0.0 if got is want else math.inf
+    got, want = got.detach().to(torch.float64), want.detach().to(torch.float64)
+    if got.shape != want.shape:
+        return math.inf
+    if want.numel() == 0:
+        return 0.0
+    diff = (got - want).abs().max().item()
+    if math.isnan(diff):
+        return math.inf
+    return diff / max(want.abs().max().item(), 1e-30)
+
+
+# floors of the relative error allowed, per dtype; the DESIGN.md rule (2x the
+# error of the reference run in the same dtype) raises them where that is larger
+ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def tolerance(dtype, same_dtype_ref_error=0.0):
+    return max(ERROR_FLOOR[dtype], 2.0 * same_dtype_ref_error)
+
+
+# ---- memory: peak RSS of a fresh subprocess --------------------------------------------------------------
+
+_RSS_CHILD = r"""
+import json, sys
+from fastgen.testing import _rss_child_main
+_rss_child_main(json.loads(sys.argv[1]))
+"""
+
+
+def _current_rss_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _peak_rss_kb():
+    """This process's peak RSS (VmHWM). Not ru_maxrss: exec carries the parent's
+    peak into the child's ru_maxrss (vfork/posix_spawn share the parent's memory
+    map until exec), and RUSAGE_CHILDREN keeps the maximum over every child."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_child_main(spec):
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    b, ci, co, hw, k, mask_type = spec["shape"]
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    x = torch.randn(b, ci, hw, hw, dtype=dtype, requires_grad=spec["mode"] == "fwd+bwd")
+    mod = make_masked_conv(spec["contender"], ci, co, k, mask_type, dtype=dtype)
+    g = torch.randn(b, co, hw, hw, dtype=dtype)
+
+    def step():
+        if spec["mode"] == "fwd":
+            with torch.no_grad():
+                mod(x)
+        else:
+            x.grad = None
+            for p in mod.parameters():
+                p.grad = None
+            mod(x).backward(g)
+
+    step()  # warm-up: compiles, creates the framework's one-time state
+    x.grad = None
+    for p in mod.parameters():
+        p.grad = None
+    base_kb = _current_rss_kb()
+    reset = _reset_peak_rss()
+    for _ in range(spec.get("steps", 2)):
+        step()
+    print(json.dumps({"base_kb": base_kb, "peak_kb": _peak_rss_kb(), "peak_reset": reset}))
+
+
+def peak_rss(contender, shape, mode="fwd+bwd", *, dtype="float32", steps=2, threads=None, timeout=600):
+    """Peak RSS of ``steps`` fwd (no grad) or fwd+bwd steps of one contender on
+    ``shape = (batch, in_ch, out_ch, hw, kernel, mask_type)``, in a fresh Python
+    process. After a warm-up step (which compiles, where the contender does) the
+    child records its RSS (``base_mb``: torch, inputs, weights) and resets its
+    peak counter (Linux ``clear_refs``), so ``peak_mb`` (the child's VmHWM) is
+    the peak of the measured steps and ``extra_mb = peak_mb - base_mb`` what
+    they needed on top. glibc is told to return freed large blocks to the
+    system at once (fixed ``MALLOC_MMAP_THRESHOLD_``) so buffers freed during
+    the warm-up are not silently reused below the peak counter."""
+    spec = {"contender": contender, "shape": list(shape), "mode": mode, "dtype": dtype, "steps": steps,
+            "threads": threads}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak_rss({contender!r}, {shape}, {mode!r}) failed (exit {proc.returncode}):\n"
+                           + proc.stderr[-3000:])
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak_kb = info["peak_kb"]
+    return {"peak_mb": round(peak_kb / 1024, 1), "base_mb": round(info["base_kb"] / 1024, 1),
+            "extra_mb": round(max(peak_kb - info["base_kb"], 0) / 1024, 1), "peak_reset": info["peak_reset"]}
+
+
+# ---- how much of the machine others used while we measured ----------------------------------------------
+
+def _proc_stat_busy():
+    """(busy, total) clock ticks of all CPUs since boot; busy counts steal time too."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def _self_ticks():
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+
+class OtherLoad:
+    """``with OtherLoad() as m: ...`` then ``m.fraction``: the share of the
+    machine's CPU time that other processes (and the hypervisor, as steal)
+    used meanwhile; 0 on a quiet machine. None where /proc is missing.
+    Timings taken while it is above a few percent are not to be trusted."""
+
+    fraction = None
+
+    def __enter__(self):
+        try:
+            self._start = (_proc_stat_busy(), _self_ticks())
+        except (OSError, ValueError, IndexError):
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is None:
+            return False
+        try:
+            (busy1, total1), me1 = _proc_stat_busy(), _self_ticks()
+        except (OSError, ValueError, IndexError):
+            return False
+        (busy0, total0), me0 = self._start
+        if total1 > total0:
+            self.fraction = max(0.0, ((busy1 - busy0) - (me1 - me0)) / (total1 - total0))
+        return False
+
+
+# ---- the compact table -----------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("group", "contender", "backend", "median ms", "min ms", "vs common", "memory MB", "compile s",
+                 "other load")
+NOISY = 0.05  # other processes' share of the CPU above which a timing is marked
+
+
+def table_rows(results):
+    """Rows of the compact table from records {group, contender, median_s, min_s, extra_info}
+    (one per benchmark). Speedup = common's median / the contender's median, in its group."""
+    common = {r["group"]: r["median_s"] for r in results if r["contender"] == COMMON and r.get("median_s")}
+    rows = []
+    for r in results:
+        info = r.get("extra_info", {})
+        med, low = r.get("median_s"), r.get("min_s")
+        base = common.get(r["group"])
+        speed = f"{base / med:.2f}x" if med and base else ""
+        mem = info.get("peak_rss_extra_mb", info.get("peak_alloc_extra_mb"))
+        load = info.get("other_load")
+        rows.append((r["group"], r["contender"], info.get("backend", ""),
+                     f"{med * 1e3:.2f}" if med else (info.get("status") or "-"), f"{low * 1e3:.2f}" if low else "",
+                     speed, "" if mem is None else f"{mem:.1f}", info.get("compile_s", ""),
+                     "" if load is None else f"{load:.0%}" + (" NOISY" if load > NOISY else "")))
+    return rows
+
+
+def format_table(rows, columns=TABLE_COLUMNS):
+    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "-" * len(line)]
+    last_group = None
+    for r in rows:
+        cells = list(r)
+        if cells[0] == last_group:
+            cells[0] = ""
+        else:
+            last_group = cells[0]
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
+    return "\n".join(out)
+
+
+def merge_runs(runs):
+    """Combine several runs of the same benchmarks (lists of records, see
+    :func:`table_rows`): per benchmark, the run in which other processes used
+    the least CPU (``extra_info['other_load']``; the selection never looks at
+    the timings); without load figures, the median of the runs' medians.
+    Keeps the order in which benchmarks first appear."""
+    merged, order = {}, []
+    for run in runs:
+        for r in run:
+            key = (r["group"], r["contender"])
+            if key not in merged:
+                merged[key] = []
+                order.append(key)
+            merged[key].append(r)
+    rank = {name: i for i, name in enumerate(contender_names(["halfconv", "decomposed", "cpp", "triton"]))}
+    groups = list(dict.fromkeys(k[0] for k in order))
+    order.sort(key=lambda k: (groups.index(k[0]), rank.get(k[1], len(rank))))
+    out = []
+    for key in order:
+        recs = merged[key]
+        timed = [r for r in recs if r.get("median_s")]
+        if not timed:
+            out.append(recs[-1])
+        elif all(r.get("extra_info", {}).get("other_load") is not None for r in timed):
+            best = min(timed, key=lambda r: r["extra_info"]["other_load"])
+            out.append(dict(best, runs=len(timed)))
+        else:
+            out.append(dict(timed[-1], median_s=statistics.median(r["median_s"] for r in timed),
+                            min_s=min(r["min_s"] for r in timed), runs=len(timed)))
+    return out
+
+
+def records_from_json(path):
+    """Records (see :func:`table_rows`) of a pytest-benchmark ``--benchmark-json`` file."""
+    with open(path) as f:
+        data = json.load(f)
+    out = []
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        stats = b.get("stats") or {}
+        out.append({"group": b.get("group") or "", "contender": info.get("contender", b["name"]),
+                    "median_s": stats.get("median"), "min_s": stats.get("min"), "extra_info": info})
+    return out
+
+
+def table_from_json(*paths):
+    """The compact table of one or more ``--benchmark-json`` files (several runs: :func:`merge_runs`)."""
+    runs = [records_from_json(p) for p in paths]
+    return format_table(table_rows(runs[0] if len(runs) == 1 else merge_runs(runs)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m fastgen.testing BENCHMARK_JSON [MORE_RUNS.json ...]")
+    print(table_from_json(*sys.argv[1:]))

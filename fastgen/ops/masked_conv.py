@@ -152,7 +152,14 @@ def _centre_row(c, with_right_part):
     return row * m
 
 
+def _unmasked(c):
+    """A 1x1 mask-B layer with one data channel masks nothing: it is a plain conv."""
+    return c.weight.shape[2:] == (1, 1) and c.mask_type == "B" and c.data_channels == 1
+
+
 def _decomposed(c):
+    if _unmasked(c):
+        return F.conv2d(c.x, c.weight, c.bias, padding=c.padding)
     kh, kw = c.weight.shape[2:]
     ch = kh // 2
     ho, wo = out_size(c.x.shape, (kh, kw), c.padding, c.dilation)
@@ -166,6 +173,8 @@ def _decomposed(c):
 
 
 def _halfconv(c):
+    if _unmasked(c):
+        return F.conv2d(c.x, c.weight, c.bias, padding=c.padding)
     kh, kw = c.weight.shape[2:]
     ch = kh // 2
     ho, wo = out_size(c.x.shape, (kh, kw), c.padding, c.dilation)

@@ -1,10 +1,21 @@
 // TORCH_LIBRARY_IMPL(fastgen, CUDA) for masked_conv2d: checks, allocation, the
 // current stream, then the raw-pointer launchers of masked_conv.cu. Built only
 // when torch has CUDA (setup.py defines FASTGEN_WITH_CUDA).
+//
+// Layout rule (the same as the CPU kernels and the fake implementations): an
+// input that is channels_last-contiguous (and not contiguous) gets its output
+// and grad_x in channels_last; everything else NCHW-contiguous. The kernels
+// themselves work on NCHW-contiguous copies.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <string_view>
+#include <tuple>
 
 #include "cuda/masked_conv.cuh"
 
@@ -12,82 +23,131 @@ namespace {
 
 using fastgen::cuda::MaskedConvShape;
 
-MaskedConvShape shape_of(const at::Tensor& x, const at::Tensor& weight, c10::string_view mask_type,
+// torch's element type -> the CUDA type the kernels are instantiated for.
+template <typename T>
+struct CudaType {
+  using type = T;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+auto* ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename CudaType<T>::type*>(t.data_ptr<T>());
+}
+
+bool channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+MaskedConvShape shape_of(const char* op, const at::Tensor& x, const at::Tensor& weight, std::string_view mask_type,
                          int64_t data_channels, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "masked_conv2d (cuda): input and weight must be 4-D");
-  TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "masked_conv2d (cuda): tensors must be on a CUDA device");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "masked_conv2d (cuda): input and weight dtypes differ");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "masked_conv2d (cuda): takes float32 and float64, got ", x.scalar_type());
-  TORCH_CHECK(mask_type == "A" || mask_type == "B", "masked_conv2d (cuda): mask_type must be 'A' or 'B'");
-  TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, "masked_conv2d (cuda): padding and dilation are pairs");
+  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D [batch, channels, height, width], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [out_channels, in_channels, kh, kw], got ", weight.sizes());
+  TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), op, ": input and weight must be on one CUDA device, got ",
+              x.device(), " and ", weight.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": the CUDA kernel takes float16, bfloat16, float32 and float64, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, op, ": input and weight must share a dtype, got input ", dt, ", weight ",
+              weight.scalar_type());
+  TORCH_CHECK(mask_type == "A" || mask_type == "B", op, ": mask_type must be 'A' or 'B', got '", mask_type, "'");
+  TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, op, ": padding and dilation must have 2 entries, got ",
+              padding, " and ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
   MaskedConvShape s;
-  s.B = x.size(0); s.Ci = x.size(1); s.H = x.size(2); s.W = x.size(3);
-  s.Co = weight.size(0); s.kh = weight.size(2); s.kw = weight.size(3);
-  TORCH_CHECK(weight.size(1) == s.Ci, "masked_conv2d (cuda): input has ", s.Ci, " channels, weight expects ",
-              weight.size(1));
-  TORCH_CHECK(s.kh % 2 == 1 && s.kw % 2 == 1, "masked_conv2d (cuda): kernel size must be odd");
-  TORCH_CHECK(data_channels >= 1 && s.Ci % data_channels == 0 && s.Co % data_channels == 0,
-              "masked_conv2d (cuda): channels must be divisible by data_channels");
-  s.ph = padding[0]; s.pw = padding[1]; s.dh = dilation[0]; s.dw = dilation[1];
-  TORCH_CHECK(s.ph >= 0 && s.pw >= 0 && s.dh >= 1 && s.dw >= 1, "masked_conv2d (cuda): bad padding or dilation");
+  s.B = x.size(0), s.Ci = x.size(1), s.H = x.size(2), s.W = x.size(3);
+  s.Co = weight.size(0), s.kh = weight.size(2), s.kw = weight.size(3);
+  TORCH_CHECK(weight.size(1) == s.Ci, op, ": input has ", s.Ci, " channels but weight expects ", weight.size(1));
+  TORCH_CHECK(s.kh % 2 == 1 && s.kw % 2 == 1, op, ": kernel size must be odd in both dimensions, got (", s.kh, ", ",
+              s.kw, ")");
+  TORCH_CHECK(data_channels >= 1 && s.Ci % data_channels == 0 && s.Co % data_channels == 0, op, ": in_channels (",
+              s.Ci, ") and out_channels (", s.Co, ") must both be divisible by data_channels (", data_channels, ")");
+  s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];
   s.Ho = s.H + 2 * s.ph - s.dh * (s.kh - 1);
   s.Wo = s.W + 2 * s.pw - s.dw * (s.kw - 1);
-  TORCH_CHECK(s.Ho >= 1 && s.Wo >= 1, "masked_conv2d (cuda): input too small for the kernel");
+  TORCH_CHECK(s.Ho >= 1 && s.Wo >= 1, op, ": input (", s.H, ", ", s.W, ") is too small for kernel (", s.kh, ", ", s.kw,
+              ") with padding ", padding, " and dilation ", dilation);
   s.data_channels = data_channels;
   s.strict = mask_type == "A";
   return s;
 }
 
-void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "masked_conv2d (cuda): ", cudaGetErrorString(err)); }
+void check(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
 
-at::Tensor forward(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias,
-                   c10::string_view mask_type, int64_t data_channels, at::IntArrayRef padding,
-                   at::IntArrayRef dilation) {
-  const MaskedConvShape s = shape_of(x_in, w_in, mask_type, data_channels, padding, dilation);
+// NCHW-contiguous result -> the layout the rule asks for.
+at::Tensor in_layout_of(const at::Tensor& result, const at::Tensor& x) {
+  return channels_last(x) ? result.contiguous(at::MemoryFormat::ChannelsLast) : result;
+}
+
+at::Tensor masked_conv2d_forward_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
+                                      const std::optional<at::Tensor>& bias, std::string_view mask_type,
+                                      int64_t data_channels, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "fastgen::masked_conv2d_forward (cuda)";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not recorded
+  const MaskedConvShape s = shape_of(op, x_in, w_in, mask_type, data_channels, padding, dilation);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == s.Co && bias->scalar_type() == x.scalar_type(), "masked_conv2d (cuda): bad bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.Co, op, ": bias must have shape (", s.Co, ",), got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
+                ": bias must have the input's dtype and device");
     b = bias->contiguous();
   }
   at::Tensor y = at::empty({s.B, s.Co, s.Ho, s.Wo}, x.options());
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_forward_cuda", [&] {
-    check(fastgen::cuda::masked_conv2d_forward<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                                         b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                                         y.data_ptr<scalar_t>(), s, stream));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_conv2d_forward_cuda", [&] {
+    check(op, fastgen::cuda::masked_conv2d_forward(ptr<scalar_t>(x), ptr<scalar_t>(w),
+                                                   b.defined() ? ptr<scalar_t>(b) : nullptr, ptr<scalar_t>(y), s,
+                                                   stream));
   });
-  return y;
+  return in_layout_of(y, x_in);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& go_in, const at::Tensor& x_in,
-                                                        const at::Tensor& w_in, c10::string_view mask_type,
-                                                        int64_t data_channels, at::IntArrayRef padding,
-                                                        at::IntArrayRef dilation, const c10::List<bool>& output_mask_list) {
-  const MaskedConvShape s = shape_of(x_in, w_in, mask_type, data_channels, padding, dilation);
-  TORCH_CHECK(output_mask_list.size() == 3, "masked_conv2d (cuda): output_mask must have 3 entries");
-  const bool output_mask[3] = {output_mask_list[0], output_mask_list[1], output_mask_list[2]};
-  TORCH_CHECK(go_in.sizes() == at::IntArrayRef({s.B, s.Co, s.Ho, s.Wo}), "masked_conv2d (cuda): grad_out shape");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
+    const at::Tensor& go_in, const at::Tensor& x_in, const at::Tensor& w_in, std::string_view mask_type,
+    int64_t data_channels, at::IntArrayRef padding, at::IntArrayRef dilation, const c10::List<bool>& output_mask) {
+  const char* op = "fastgen::masked_conv2d_backward (cuda)";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not recorded
+  const MaskedConvShape s = shape_of(op, x_in, w_in, mask_type, data_channels, padding, dilation);
+  TORCH_CHECK(output_mask.size() == 3, op, ": output_mask must have 3 entries (grad_x, grad_weight, grad_bias), got ",
+              output_mask.size());
+  TORCH_CHECK(go_in.scalar_type() == x_in.scalar_type() && go_in.device() == x_in.device(), op,
+              ": grad_out must have the input's dtype and device");
+  TORCH_CHECK(go_in.dim() == 4 && go_in.size(0) == s.B && go_in.size(1) == s.Co && go_in.size(2) == s.Ho &&
+                  go_in.size(3) == s.Wo,
+              op, ": grad_out must have shape (", s.B, ", ", s.Co, ", ", s.Ho, ", ", s.Wo, "), got ", go_in.sizes());
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor go = go_in.contiguous(), x = x_in.contiguous(), w = w_in.contiguous();
-  at::Tensor gx = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor gw = output_mask[1] ? at::empty_like(w) : at::empty({0}, x.options());
-  at::Tensor gb = output_mask[2] ? at::empty({s.Co}, x.options()) : at::empty({0}, x.options());
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_backward_cuda", [&] {
-    check(fastgen::cuda::masked_conv2d_backward<scalar_t>(
-        go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-        output_mask[0] ? gx.data_ptr<scalar_t>() : nullptr, output_mask[1] ? gw.data_ptr<scalar_t>() : nullptr,
-        output_mask[2] ? gb.data_ptr<scalar_t>() : nullptr, s, stream));
+  // entries not asked for come back empty
+  at::Tensor gx = at::empty(need_x ? at::IntArrayRef(x.sizes()) : at::IntArrayRef({0}), x.options());
+  at::Tensor gw = at::empty(need_w ? at::IntArrayRef(w.sizes()) : at::IntArrayRef({0}), x.options());
+  at::Tensor gb = at::empty({need_b ? s.Co : 0}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_conv2d_backward_cuda", [&] {
+    check(op, fastgen::cuda::masked_conv2d_backward(ptr<scalar_t>(go), ptr<scalar_t>(x), ptr<scalar_t>(w),
+                                                    need_x ? ptr<scalar_t>(gx) : nullptr,
+                                                    need_w ? ptr<scalar_t>(gw) : nullptr,
+                                                    need_b ? ptr<scalar_t>(gb) : nullptr, s, stream));
   });
-  return {gx, gw, gb};
+  return {need_x ? in_layout_of(gx, x_in) : gx, gw, gb};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgen, CUDA, m) {
-  m.impl("masked_conv2d_forward", &forward);
-  m.impl("masked_conv2d_backward", &backward);
+  m.impl("masked_conv2d_forward", &masked_conv2d_forward_cuda);
+  m.impl("masked_conv2d_backward", &masked_conv2d_backward_cuda);
 }

@@ -205,14 +205,25 @@ def masked_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return fwd(x, weight, bias, mask_type, data_channels, padding, dilation)
 
 
+def _kernel_layout(x):
+    """Layout rule of every kernel backend, as torch's conv: channels_last (and not
+    also contiguous) in -> output and grad_x channels_last; else NCHW-contiguous."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _fake_output(x, weight, padding, dilation):
     ho, wo = out_size(x.shape, weight.shape[2:], padding, dilation)
-    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+    return torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=_kernel_layout(x))
 
 
 def _fake_grads(x, weight, output_mask):
-    shapes = (x.shape, weight.shape, weight.shape[:1])
-    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
+    gx = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_kernel_layout(x))
+          if output_mask[0] else x.new_empty((0,)))
+    gw = weight.new_empty(weight.shape if output_mask[1] else (0,))
+    gb = weight.new_empty(weight.shape[:1] if output_mask[2] else (0,))
+    return gx, gw, gb
 
 
 @masked_conv2d_op.register_fake
@@ -248,7 +259,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = masked_conv2d_grad_op(grad_out.contiguous(), x, weight, *ctx.args, need)
+    # channels_last grad_out is read in place; anything else (e.g. expanded) is made dense
+    grads = masked_conv2d_grad_op(grad_out.contiguous(memory_format=_kernel_layout(grad_out)), x, weight, *ctx.args,
+                                  need)
     return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 5
 
 
@@ -302,11 +315,19 @@ def _triton_why_not(c):
     return None
 
 
-# Measured preference (benchmarks/RESULTS.md has the full tables).
-# cpu: see the comment above PREFERENCE_CPU, filled in from `pytest benchmarks/`.
+# Measured preference: the first backend here that can take a call runs it.
+# CPU (benchmarks/RESULTS.md, 2 threads AMD EPYC, fp32, fwd+bwd median ms, common = mask-buffer conv):
+#   (16, 64->64, 28x28, 7x7 A):  common 64.3, halfconv 43.1, decomposed 40.4, cpp 36.6
+#   (16, 64->64, 28x28, 3x3 B):  common 16.1, halfconv 13.3, decomposed 11.7, cpp 10.2
+#   (32, 128->128, 32x32, 3x3 B): common 143.1, halfconv 132.5, decomposed 139.0, cpp 83.0
+# cpp wins everywhere it runs (fp32/fp64); halfconv is the steadier of the other two (forward:
+# decomposed is 0.75x common on the large 3x3 B shape) and takes fp16/bf16.
+# CUDA: not yet measured on a GPU; cuDNN through halfconv until the Triton kernel has been timed there.
+# The cpp kernel's fast path needs AVX-512; its portable path (one BLAS GEMM per tap) measured
+# 1.5-2x slower than halfconv here (7x7 A fwd+bwd 99.8 vs 51.5 ms), so elsewhere halfconv leads.
+_CPP_FAST = torch.backends.cpu.get_cpu_capability() == "AVX512"
 PREFERENCE = {
-    "cpu": ["halfconv", "decomposed", "ref"],
-    # Not yet measured on a GPU: cuDNN through halfconv until the Triton kernel has been timed there.
+    "cpu": (["cpp"] if _CPP_FAST else []) + ["halfconv", "decomposed", "ref"],
     "cuda": ["halfconv", "decomposed", "ref"],
 }
 

@@ -1,0 +1,830 @@
+// masked_conv2d on CPU: the `cpp` backend (fastgen.ops.masked_conv).
+//
+// The masked (causal) convolution of PixelCNN computes only the visible taps:
+// the kernel rows above the centre, the centre row left of the centre, and the
+// centre itself for the channel pairs the colour rule opens (mask A: input
+// colour block < output block; mask B: <=). See fastgen/ref/masked_conv.py.
+//
+// Design (AVX-512): direct convolutions whose accumulators are vectors of
+// output channels (16 floats / 8 doubles), so that every sum over input
+// channels, taps and positions stays in the lanes and is written once:
+//
+//   * forward: a tile is 6 output pixels x 4 vectors (64 channels) = 24
+//     accumulators; for each visible tap and input channel it loads 4 weight
+//     vectors (weights packed [tap][c_in][c_out]) and broadcasts the 6 input
+//     values (4 + 6 loads per 24 FMAs). The input is first copied into a
+//     zero-padded buffer (the padding the taps reach, nothing more), in the
+//     layout it came in (NCHW, or NHWC for channels_last), so no tap needs a
+//     bounds check. A task (48 pixels) collects its tiles in an L1 buffer and
+//     writes them out NCHW through 16 x 16 register transposes (or as they are,
+//     for a channels_last output).
+//   * grad_x: the same kernel with the taps mirrored, reading grad_out
+//     (transposed once into a zero-padded NHWC buffer) and the weights
+//     transposed.
+//   * grad_w: a tile is 6 input channels x 4 vectors of output channels; per
+//     output position it broadcasts 6 input values and loads 4 grad_out vectors
+//     from that NHWC buffer; per output row and tap only the columns whose
+//     input is inside the image are visited, so padding costs nothing.
+//   * work is handed out in small blocks from an atomic counter (a core that
+//     another process is using just takes fewer blocks); grad_w gives each
+//     thread its own sum.
+//
+// Layout: channels_last inputs are read in place and answered in channels_last
+// (as F.conv2d does); anything else is read NCHW-contiguous, answered NCHW.
+//
+// The AVX-512 section is compiled for that ISA only (the rest of the file is
+// not) and chosen at run time. Other CPUs take a portable path: one GEMM per
+// tap through ATen on a padded channels-last copy (3-4x slower than AVX-512 here);
+// FASTGEN_CPU_KERNEL=generic forces it (for tests).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTGEN_MC_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---- the problem, checked -------------------------------------------------------------------------------
+
+struct Tap {
+  int64_t i, j;
+};
+
+struct Conv {
+  int64_t B, Ci, Co, H, W, kh, kw, ph, pw, dh, dw, Ho, Wo;
+  bool mask_a;
+  int64_t dc;
+  std::vector<Tap> taps;  // the visible taps in raster order (the centre last, if any of it is visible)
+
+  bool is_centre(const Tap& t) const { return t.i == kh / 2 && t.j == kw / 2; }
+  // The colour rule at the centre tap (every other visible tap sees all channel pairs).
+  bool centre_open(int64_t co, int64_t ci) const {
+    int64_t g = co / (Co / dc), h = ci / (Ci / dc);
+    return mask_a ? h < g : h <= g;
+  }
+  bool visible(const Tap& t, int64_t co, int64_t ci) const { return !is_centre(t) || centre_open(co, ci); }
+};
+
+Conv make_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, std::string_view mask_type,
+               int64_t data_channels, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D [batch, channels, height, width], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [out_channels, in_channels, kh, kw], got ",
+              weight.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": the CPU kernel takes float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": input and weight must share a dtype, got input ",
+              x.scalar_type(), ", weight ", weight.scalar_type());
+  TORCH_CHECK(mask_type == "A" || mask_type == "B", op, ": mask_type must be 'A' or 'B', got '", mask_type, "'");
+  TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, op, ": padding and dilation must have 2 entries, got ",
+              padding, " and ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  Conv c;
+  c.B = x.size(0), c.Ci = x.size(1), c.H = x.size(2), c.W = x.size(3);
+  c.Co = weight.size(0), c.kh = weight.size(2), c.kw = weight.size(3);
+  TORCH_CHECK(weight.size(1) == c.Ci, op, ": input has ", c.Ci, " channels but weight expects ", weight.size(1));
+  TORCH_CHECK(c.kh % 2 == 1 && c.kw % 2 == 1, op, ": kernel size must be odd in both dimensions, got (", c.kh,
+              ", ", c.kw, ")");
+  TORCH_CHECK(data_channels >= 1 && c.Ci % data_channels == 0 && c.Co % data_channels == 0, op,
+              ": in_channels (", c.Ci, ") and out_channels (", c.Co, ") must both be divisible by data_channels (",
+              data_channels, ")");
+  c.ph = padding[0], c.pw = padding[1], c.dh = dilation[0], c.dw = dilation[1];
+  c.Ho = c.H + 2 * c.ph - c.dh * (c.kh - 1);
+  c.Wo = c.W + 2 * c.pw - c.dw * (c.kw - 1);
+  TORCH_CHECK(c.Ho >= 1 && c.Wo >= 1, op, ": input (", c.H, ", ", c.W, ") is too small for kernel (", c.kh, ", ",
+              c.kw, ") with padding ", padding, " and dilation ", dilation);
+  c.mask_a = mask_type == "A";
+  c.dc = data_channels;
+  const int64_t ch = c.kh / 2, cw = c.kw / 2;
+  for (int64_t i = 0; i < ch; ++i)
+    for (int64_t j = 0; j < c.kw; ++j) c.taps.push_back({i, j});
+  for (int64_t j = 0; j < cw; ++j) c.taps.push_back({ch, j});
+  // The centre is fully hidden only for mask A with one colour block.
+  if (!(c.mask_a && c.dc == 1)) c.taps.push_back({ch, cw});
+  return c;
+}
+
+// ---- geometry shared by the kernels ------------------------------------------------------------------
+
+// The layout rule (the fake implementations in Python follow it): a tensor that
+// is channels_last-contiguous and not contiguous is read, and answered, in
+// channels_last; anything else is read as (made) NCHW-contiguous.
+bool channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// One direction of the convolution: output pixel (oy, ox) of an [Hout, Wout]
+// image reads input pixel (oy + dy[t], ox + dx[t]) of an [Hin, Win] image at tap
+// t. (top, bottom, left, right): the zero padding those reads need.
+struct Geo {
+  int64_t Hout, Wout, Hin, Win;
+  std::vector<int64_t> dy, dx;
+  int64_t top = 0, bottom = 0, left = 0, right = 0;
+
+  int64_t Hp() const { return top + Hin + bottom; }
+  int64_t Wp() const { return left + Win + right; }
+  void fit_padding() {
+    for (size_t t = 0; t < dy.size(); ++t) {
+      top = std::max(top, -dy[t]);
+      bottom = std::max(bottom, Hout - 1 + dy[t] - (Hin - 1));
+      left = std::max(left, -dx[t]);
+      right = std::max(right, Wout - 1 + dx[t] - (Win - 1));
+    }
+  }
+};
+
+Geo forward_geo(const Conv& c) {
+  Geo g{c.Ho, c.Wo, c.H, c.W, {}, {}};
+  for (const Tap& t : c.taps) g.dy.push_back(t.i * c.dh - c.ph), g.dx.push_back(t.j * c.dw - c.pw);
+  g.fit_padding();
+  return g;
+}
+
+// grad_x[ci] at (y, x) gathers grad_out[co] at (y + ph - i*dh, x + pw - j*dw).
+Geo grad_x_geo(const Conv& c) {
+  Geo g{c.H, c.W, c.Ho, c.Wo, {}, {}};
+  for (const Tap& t : c.taps) g.dy.push_back(c.ph - t.i * c.dh), g.dx.push_back(c.pw - t.j * c.dw);
+  g.fit_padding();
+  return g;
+}
+
+// A zero-padded copy of an image batch: element (b, c, row, col) of the padded
+// image at data + b*img + c*cs + (row*Wp + col)*ps.
+template <class T>
+struct Padded {
+  at::Tensor buf;
+  const T* data;
+  int64_t img, cs, ps, Wp;
+};
+
+// x [B][C][Hin][Win] (NCHW-contiguous, or channels_last: then the copy is NHWC)
+// into the padding `g` asks for. Only the border is zeroed.
+template <class T>
+Padded<T> pad_input(const at::Tensor& x, const Geo& g) {
+  const int64_t B = x.size(0), C = x.size(1), H = g.Hin, W = g.Win, Hp = g.Hp(), Wp = g.Wp();
+  const bool nhwc = channels_last(x);
+  const at::Tensor xc = nhwc ? x : x.contiguous();
+  const T* src = xc.data_ptr<T>();
+  at::Tensor buf = at::empty({B * C * Hp * Wp}, x.options());
+  T* dst = buf.data_ptr<T>();
+  if (!nhwc) {  // plane by plane: zero rows, then (zeros, row, zeros)
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        T* d = dst + bc * Hp * Wp;
+        const T* s = src + bc * H * W;
+        std::fill(d, d + g.top * Wp, T(0));
+        for (int64_t r = 0; r < H; ++r) {
+          T* dr = d + (g.top + r) * Wp;
+          for (int64_t k = 0; k < g.left; ++k) dr[k] = T(0);  // rows are short: plain loops, no library calls
+          for (int64_t k = 0; k < W; ++k) dr[g.left + k] = s[r * W + k];
+          for (int64_t k = g.left + W; k < Wp; ++k) dr[k] = T(0);
+        }
+        std::fill(d + (g.top + H) * Wp, d + Hp * Wp, T(0));
+      }
+    });
+    return {buf, dst, C * Hp * Wp, Hp * Wp, 1, Wp};
+  }
+  at::parallel_for(0, B * Hp, 1, [&](int64_t begin, int64_t end) {  // row by row, pixels of C channels
+    for (int64_t br = begin; br < end; ++br) {
+      const int64_t b = br / Hp, r = br % Hp - g.top;
+      T* d = dst + br * Wp * C;
+      if (r < 0 || r >= H) {
+        std::fill(d, d + Wp * C, T(0));
+        continue;
+      }
+      std::fill(d, d + g.left * C, T(0));
+      std::copy(src + (b * H + r) * W * C, src + (b * H + r + 1) * W * C, d + g.left * C);
+      std::fill(d + (g.left + W) * C, d + Wp * C, T(0));
+    }
+  });
+  return {buf, dst, Hp * Wp * C, 1, C, Wp};
+}
+
+// Weights packed [tap][c_in][Cop] (c_out innermost, rounded up to whole vectors
+// with zeros; zero too for the centre pairs the colour rule hides).
+// `transposed` packs for grad_x, where the roles of Ci and Co swap.
+template <class T>
+at::Tensor pack_weight(const Conv& c, const at::Tensor& weight, int64_t Cop, bool transposed) {
+  const at::Tensor w = weight.contiguous();
+  const T* wp = w.data_ptr<T>();
+  const int64_t nin = transposed ? c.Co : c.Ci, nout = transposed ? c.Ci : c.Co;
+  const int64_t nt = static_cast<int64_t>(c.taps.size());
+  at::Tensor out = at::zeros({nt * nin * Cop}, weight.options());
+  T* o = out.data_ptr<T>();
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t k = 0; k < nin; ++k)
+      for (int64_t n = 0; n < nout; ++n) {
+        const int64_t co = transposed ? k : n, ci = transposed ? n : k;
+        if (c.visible(c.taps[t], co, ci))
+          o[(t * nin + k) * Cop + n] = wp[((co * c.Ci + ci) * c.kh + c.taps[t].i) * c.kw + c.taps[t].j];
+      }
+  return out;
+}
+
+// Tasks [0, n) handed out in blocks of `block` from a shared counter: a thread
+// that runs slower (another process on its core) just takes fewer blocks, where
+// at::parallel_for's fixed shares would make the whole call wait for it.
+// f(thread, begin, end) with thread < at::get_num_threads().
+template <class F>
+void parallel_dynamic(int64_t n, int64_t block, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), (n + block - 1) / block);
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    for (int64_t b; (b = next.fetch_add(block)) < n;) f(tid, b, std::min(n, b + block));
+  });
+}
+
+// The convolution kernel (forward and grad_x): out[q][co] = bias[co] + sum over
+// taps t and input channels k of w[t][k][co] * in(pixel q shifted by tap t, k).
+template <class T>
+struct ConvArgs {
+  const T* in;  // padded input (Padded)
+  int64_t in_img, cs, ps, Wp, nin;
+  const T* w;  // [ntaps][nin][Cop]
+  int64_t Cop;
+  const T* bias;         // [Cop] or nullptr
+  const int64_t* toff;   // [ntaps]: (dy + top) * Wp + dx + left, in pixels
+  int64_t ntaps, Hout, Wout;
+  T* out;  // [B][nout][Hout][Wout], or [B][Hout][Wout][nout] when out_cl
+  int64_t nout;
+  bool out_cl;
+};
+
+// The grad_w kernel: gw[t][ci][co] = sum over images and output pixels of
+// x[ci] at the pixel shifted by tap t * grad_out[co] at the pixel.
+template <class T>
+struct WgradArgs {
+  const Conv* c;
+  const Geo* geo;  // the forward geometry (dy, dx)
+  const T* x;      // x[b][ci][iy][ix] at x + b*x_img + ci*x_cs + (iy*W + ix)*x_ps
+  int64_t x_img, x_cs, x_ps;
+  const T* g;      // grad_out pixel (b, oy, ox) at g + b*g_img + ((oy + g_top)*g_Wp + ox + g_left)*Cop
+  int64_t g_img, g_top, g_left, g_Wp, Cop;
+  int64_t rows_per_chunk;
+};
+
+#ifdef FASTGEN_MC_AVX512
+// ---- AVX-512 kernels (this section only is compiled for AVX-512F) ---------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// GCC 12's AVX-512 headers trip these on their own "undefined vector" idiom (false positives).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace avx512 {
+
+template <class T>
+struct Vec;
+template <>
+struct Vec<float> {
+  using R = __m512;
+  static constexpr int L = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float a) { return _mm512_set1_ps(a); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+};
+template <>
+struct Vec<double> {
+  using R = __m512d;
+  static constexpr int L = 8;
+  static R zero() { return _mm512_setzero_pd(); }
+  static R set1(double a) { return _mm512_set1_pd(a); }
+  static R load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+};
+
+// Convolution tile: PM pixels x NV vectors of output channels (NV <= 4: 24
+// accumulators of 32 registers). Input channels go in blocks of CB so that the
+// input lines a tile reads stay in L1 across the taps.
+constexpr int PM = 6, CB = 16;
+
+// Pixels p0 .. p0+np-1 (np <= PM) of image b, channels co0 .. co0 + NV*L - 1,
+// into dst[pixel][ldd].
+template <class T, int NV>
+void conv_tile(const ConvArgs<T>& a, int64_t b, int64_t p0, int64_t np, int64_t co0, T* dst, int64_t ldd) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int L = V::L;
+  const int64_t cs = a.cs, Cop = a.Cop;
+  int64_t off[PM];  // each pixel's offset in the padded input (the tail repeats the last pixel, not stored)
+  for (int m = 0; m < PM; ++m) {
+    const int64_t p = p0 + std::min<int64_t>(m, np - 1), oy = p / a.Wout, ox = p % a.Wout;
+    off[m] = b * a.in_img + (oy * a.Wp + ox) * a.ps;
+  }
+  R acc[PM][NV];
+#pragma GCC unroll 4
+  for (int k = 0; k < NV; ++k) {
+    const R b0 = a.bias ? V::load(a.bias + co0 + k * L) : V::zero();
+#pragma GCC unroll 8
+    for (int m = 0; m < PM; ++m) acc[m][k] = b0;
+  }
+  for (int64_t c0 = 0; c0 < a.nin; c0 += CB) {
+    const int64_t c1 = std::min(a.nin, c0 + CB);
+    for (int64_t t = 0; t < a.ntaps; ++t) {
+      const T* xp[PM];
+#pragma GCC unroll 8
+      for (int m = 0; m < PM; ++m) xp[m] = a.in + (off[m] + a.toff[t] * a.ps + c0 * cs);
+      const T* wt = a.w + (t * a.nin + c0) * Cop + co0;
+      int64_t idx = 0;
+      for (int64_t k = c0; k < c1; ++k, wt += Cop, idx += cs) {
+        R wv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) wv[v] = V::load(wt + v * L);
+#pragma GCC unroll 8
+        for (int m = 0; m < PM; ++m) {
+          const R xv = V::set1(xp[m][idx]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[m][v] = V::fma(xv, wv[v], acc[m][v]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < PM; ++m)
+    if (m < np)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) V::store(dst + m * ldd + v * L, acc[m][v]);
+}
+
+// Tasks are (image, block of QB pixels, block of 4 vectors of channels), channel
+// blocks inner (they share the input). A task computes its tiles into a small
+// buffer and transposes it into the NCHW output while it is in L1.
+constexpr int QB = 8 * PM;
+
+template <class T>
+void to_channels_first(const T* src, int64_t lds, int64_t C, int64_t n, T* dst, int64_t ldd);
+
+template <class T>
+void conv_tasks(const ConvArgs<T>& a, int64_t begin, int64_t end) {
+  constexpr int L = Vec<T>::L, LDB = 4 * L;
+  alignas(64) T buf[QB * LDB];
+  const int64_t P = a.Hout * a.Wout, nq = (P + QB - 1) / QB, nvec = a.Cop / L, nblk = (nvec + 3) / 4;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / (nq * nblk), p0 = task / nblk % nq * QB, blk = task % nblk, co0 = blk * 4 * L;
+    const int64_t np = std::min<int64_t>(QB, P - p0), nv = std::min<int64_t>(4, nvec - blk * 4);
+    for (int64_t s = 0; s < np; s += PM) {
+      const int64_t n = std::min<int64_t>(PM, np - s);
+      switch (nv) {
+        case 4: conv_tile<T, 4>(a, b, p0 + s, n, co0, buf + s * LDB, LDB); break;
+        case 3: conv_tile<T, 3>(a, b, p0 + s, n, co0, buf + s * LDB, LDB); break;
+        case 2: conv_tile<T, 2>(a, b, p0 + s, n, co0, buf + s * LDB, LDB); break;
+        default: conv_tile<T, 1>(a, b, p0 + s, n, co0, buf + s * LDB, LDB); break;
+      }
+    }
+    const int64_t nc = std::min<int64_t>(nv * L, a.nout - co0);
+    if (a.out_cl)
+      for (int64_t m = 0; m < np; ++m) std::copy(buf + m * LDB, buf + m * LDB + nc, a.out + (b * P + p0 + m) * a.nout + co0);
+    else
+      to_channels_first(buf, LDB, nc, np, a.out + (b * a.nout + co0) * P + p0, P);
+  }
+}
+
+// dst[q][c] = src[c][q] for a 16 x 16 (fp32) or 8 x 8 (fp64) block; src rows
+// are ls apart, dst rows ld. Register transposes: unpacks, then 128-bit block
+// shuffles.
+inline void transpose_block(const float* src, int64_t ls, float* dst, int64_t ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int k = 0; k < 2; ++k) {
+      const __m512d a = _mm512_castps_pd(t[4 * i + k]), b = _mm512_castps_pd(t[4 * i + 2 + k]);
+      r[4 * i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[4 * i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int i = 0; i < 2; ++i)
+    for (int k = 0; k < 4; ++k) {
+      t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0x88);
+      t[8 * i + 4 + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0xDD);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld, r[i]);
+}
+inline void transpose_block(const double* src, int64_t ls, double* dst, int64_t ld) {
+  __m512d r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_pd(src + i * ls);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m512d a = _mm512_shuffle_f64x2(t[h], t[2 + h], 0x88), b = _mm512_shuffle_f64x2(t[h], t[2 + h], 0xDD);
+    const __m512d c = _mm512_shuffle_f64x2(t[4 + h], t[6 + h], 0x88), d = _mm512_shuffle_f64x2(t[4 + h], t[6 + h], 0xDD);
+    r[h] = _mm512_shuffle_f64x2(a, c, 0x88);
+    r[4 + h] = _mm512_shuffle_f64x2(a, c, 0xDD);
+    r[2 + h] = _mm512_shuffle_f64x2(b, d, 0x88);
+    r[6 + h] = _mm512_shuffle_f64x2(b, d, 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) _mm512_storeu_pd(dst + i * ld, r[i]);
+}
+
+// Channels-last [n][lds] -> channels-first [C][ldd] (n pixels of C channels).
+template <class T>
+void to_channels_first(const T* src, int64_t lds, int64_t C, int64_t n, T* dst, int64_t ldd) {
+  constexpr int64_t L = Vec<T>::L;
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    const int64_t c1 = std::min(C, c0 + L), nfull = c1 - c0 == L ? n / L * L : 0;
+    for (int64_t p0 = 0; p0 < nfull; p0 += L) transpose_block(src + p0 * lds + c0, lds, dst + c0 * ldd + p0, ldd);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t p = nfull; p < n; ++p) dst[c * ldd + p] = src[p * lds + c];
+  }
+}
+
+// Channels-first [C][Hin][Win] -> the interior of a zero-padded channels-last
+// image [Hp][Wp][ld] (border and channels past C already zero), row by row.
+template <class T>
+void to_channels_last_padded(const T* src, int64_t C, int64_t H, int64_t W, T* dst, int64_t Wp, int64_t ld) {
+  constexpr int64_t L = Vec<T>::L;
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    const int64_t c1 = std::min(C, c0 + L), wfull = c1 - c0 == L ? W / L * L : 0;
+    for (int64_t r = 0; r < H; ++r) {
+      const T* s = src + r * W;
+      T* d = dst + r * Wp * ld;
+      for (int64_t x0 = 0; x0 < wfull; x0 += L) transpose_block(s + c0 * H * W + x0, H * W, d + x0 * ld + c0, ld);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t x = wfull; x < W; ++x) d[x * ld + c] = s[c * H * W + x];
+    }
+  }
+}
+
+// grad_w: gw[t][ci][co] += x[ci] at each output pixel shifted by tap t * grad_out[co] there.
+// A tile: WR input channels x NV vectors of output channels (NV <= 4: 24
+// accumulators); per output pixel and tap 6 broadcasts + 4 loads per 24 FMAs.
+// Per output row and tap only the columns whose input is inside the image are
+// visited, so zero padding costs nothing.
+constexpr int WR = 6;
+
+template <class T, int NV>
+void wgrad_tile(const WgradArgs<T>& a, int64_t row0, int64_t row1, int64_t t, int64_t ci0, int64_t co0, T* gw) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int L = V::L;
+  const Conv& c = *a.c;
+  const int64_t dy = a.geo->dy[t], dx = a.geo->dx[t], Cop = a.Cop, xps = a.x_ps;
+  const int64_t lo = std::max<int64_t>(0, -dx), hi = std::min<int64_t>(c.Wo, c.W - dx);
+  const int64_t nr = std::min<int64_t>(WR, c.Ci - ci0);
+  int64_t xoff[WR];  // channels past the last one read the last one again (and are not written)
+  for (int r = 0; r < WR; ++r) xoff[r] = std::min<int64_t>(r, nr - 1) * a.x_cs;
+  R acc[WR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < WR; ++r)
+#pragma GCC unroll 4
+    for (int k = 0; k < NV; ++k) acc[r][k] = V::zero();
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t b = row / c.Ho, oy = row % c.Ho, iy = oy + dy;
+    if (iy < 0 || iy >= c.H || lo >= hi) continue;
+    const T* xr = a.x + b * a.x_img + ci0 * a.x_cs + (iy * c.W + lo + dx) * xps;
+    const T* gr = a.g + b * a.g_img + ((oy + a.g_top) * a.g_Wp + lo + a.g_left) * Cop + co0;
+    int64_t xi = 0;
+    for (int64_t ox = lo; ox < hi; ++ox, gr += Cop, xi += xps) {
+      R gv[NV];
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) gv[k] = V::load(gr + k * L);
+#pragma GCC unroll 8
+      for (int r = 0; r < WR; ++r) {
+        const R xv = V::set1(xr[xoff[r] + xi]);
+#pragma GCC unroll 4
+        for (int k = 0; k < NV; ++k) acc[r][k] = V::fma(xv, gv[k], acc[r][k]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < WR; ++r)
+    if (r < nr)
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) {
+        T* o = gw + (t * c.Ci + ci0 + r) * Cop + co0 + k * L;
+        V::store(o, V::add(V::load(o), acc[r][k]));
+      }
+}
+
+// Items are (chunk of output rows, tile) pairs, chunk-major, so that the threads
+// work through one chunk together; each thread adds into its own gw [ntaps][Ci][Cop].
+template <class T>
+void wgrad_tasks(const WgradArgs<T>& a, T* gw_thread, int64_t begin, int64_t end) {
+  constexpr int L = Vec<T>::L;
+  const Conv& c = *a.c;
+  const int64_t nt = static_cast<int64_t>(c.taps.size()), nrows = c.B * c.Ho;
+  const int64_t nco = (a.Cop / L + 3) / 4, ntiles = (c.Ci + WR - 1) / WR * nco;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t row0 = item / ntiles * a.rows_per_chunk, row1 = std::min(nrows, row0 + a.rows_per_chunk);
+    const int64_t tile = item % ntiles, ci0 = tile / nco * WR, co0 = tile % nco * 4 * L;
+    for (int64_t t = 0; t < nt; ++t) {
+      switch (std::min<int64_t>(4, (a.Cop - co0) / L)) {
+        case 4: wgrad_tile<T, 4>(a, row0, row1, t, ci0, co0, gw_thread); break;
+        case 3: wgrad_tile<T, 3>(a, row0, row1, t, ci0, co0, gw_thread); break;
+        case 2: wgrad_tile<T, 2>(a, row0, row1, t, ci0, co0, gw_thread); break;
+        default: wgrad_tile<T, 1>(a, row0, row1, t, ci0, co0, gw_thread); break;
+      }
+    }
+  }
+}
+
+// ---- the three computations on AVX-512 ----
+
+// out [B][nout][Hout][Wout] (NCHW, or channels_last) = the convolution of the
+// padded input `in` with the weights packed by pack_weight, plus bias.
+template <class T>
+void run_conv(const Conv& c, const Geo& geo, const Padded<T>& in, int64_t nin, const at::Tensor& wpk,
+              const T* bias, int64_t nout, int64_t Cop, at::Tensor& out) {
+  const int64_t nt = static_cast<int64_t>(c.taps.size()), P = geo.Hout * geo.Wout;
+  std::vector<int64_t> toff(nt);
+  for (int64_t t = 0; t < nt; ++t) toff[t] = (geo.dy[t] + geo.top) * in.Wp + geo.dx[t] + geo.left;
+  const ConvArgs<T> a{in.data, in.img, in.cs, in.ps, in.Wp, nin, wpk.data_ptr<T>(), Cop, bias, toff.data(),
+                      nt, geo.Hout, geo.Wout, out.data_ptr<T>(), nout, channels_last(out)};
+  const int64_t ntasks = c.B * ((P + QB - 1) / QB) * ((Cop / Vec<T>::L + 3) / 4);
+  parallel_dynamic(ntasks, 2, [&](int, int64_t b, int64_t e) { conv_tasks<T>(a, b, e); });
+}
+
+// A batch [B][C][Hin][Win] (NCHW-contiguous: transposed; channels_last: copied)
+// -> a zero-padded channels-last buffer [B][Hp][Wp][ld] with the padding `geo`
+// asks for (ld >= C; zeros past C).
+template <class T>
+Padded<T> pad_channels_last(const at::Tensor& x, const Geo& geo, int64_t ld) {
+  const int64_t B = x.size(0), C = x.size(1), H = geo.Hin, W = geo.Win, Hp = geo.Hp(), Wp = geo.Wp();
+  const bool cl = channels_last(x);
+  const at::Tensor xc = cl ? x : x.contiguous();
+  at::Tensor buf = at::zeros({B * Hp * Wp * ld}, x.options());
+  T* dst = buf.data_ptr<T>();
+  const T* src = xc.data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* d = dst + ((b * Hp + geo.top) * Wp + geo.left) * ld;
+      if (!cl) {
+        to_channels_last_padded(src + b * C * H * W, C, H, W, d, Wp, ld);
+        continue;
+      }
+      for (int64_t r = 0; r < H; ++r)
+        for (int64_t q = 0; q < W; ++q)
+          std::copy(src + ((b * H + r) * W + q) * C, src + ((b * H + r) * W + q + 1) * C, d + (r * Wp + q) * ld);
+    }
+  });
+  return {buf, dst, Hp * Wp * ld, 1, ld, Wp};
+}
+
+template <class T>
+void forward(const Conv& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, at::Tensor& out) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t Cop = (c.Co + L - 1) / L * L;
+  const Geo geo = forward_geo(c);
+  const Padded<T> in = pad_input<T>(x, geo);
+  const at::Tensor wpk = pack_weight<T>(c, weight, Cop, /*transposed=*/false);
+  at::Tensor bpad;
+  if (bias) bpad = at::constant_pad_nd(bias->contiguous(), {0, Cop - c.Co}, 0);
+  run_conv<T>(c, geo, in, c.Ci, wpk, bias ? bpad.data_ptr<T>() : nullptr, c.Co, Cop, out);
+}
+
+// grad_x: the convolution of grad_out (padded channels-last) with the mirrored taps and transposed weights.
+template <class T>
+void grad_x(const Conv& c, const Padded<T>& gpad, const Geo& gx_geo, const at::Tensor& weight, at::Tensor& gx) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t Cip = (c.Ci + L - 1) / L * L;
+  const at::Tensor wpk = pack_weight<T>(c, weight, Cip, /*transposed=*/true);
+  run_conv<T>(c, gx_geo, gpad, c.Co, wpk, nullptr, c.Ci, Cip, gx);
+}
+
+template <class T>
+void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo, const at::Tensor& x, T* gwp) {
+  const int64_t nt = static_cast<int64_t>(c.taps.size()), nrows = c.B * c.Ho;
+  const Geo geo = forward_geo(c);
+  // x read in place: NCHW, or NHWC when it is channels_last
+  const bool nhwc = channels_last(x);
+  const at::Tensor xc = nhwc ? x : x.contiguous();
+  const int64_t x_cs = nhwc ? 1 : c.H * c.W, x_ps = nhwc ? c.Ci : 1;
+  // chunks of ~256 KiB of grad_out rows: they stay in L2 while every tile and tap passes over them
+  // (measured: 256 KiB best; 32 KiB ~10% and 4 MiB ~5% slower)
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (256 << 10) / (c.Wo * Cop * int64_t(sizeof(T))));
+  const WgradArgs<T> a{&c, &geo, xc.data_ptr<T>(), c.Ci * c.H * c.W, x_cs, x_ps,
+                       gpad.data, gpad.img, gx_geo.top, gx_geo.left, gpad.Wp, Cop, rows_per_chunk};
+  const int64_t ntiles = (c.Ci + WR - 1) / WR * ((Cop / Vec<T>::L + 3) / 4);
+  const int64_t nitems = (nrows + rows_per_chunk - 1) / rows_per_chunk * ntiles;
+  // one [ntaps][Ci][Cop] sum per thread (no two threads add into one weight), added up at the end
+  const int64_t nthreads = at::get_num_threads(), size = nt * c.Ci * Cop;
+  std::vector<T> packed(nthreads * size, T(0));
+  parallel_dynamic(nitems, 4, [&](int tid, int64_t b, int64_t e) { wgrad_tasks<T>(a, packed.data() + tid * size, b, e); });
+  for (int64_t k = 1; k < nthreads; ++k)
+    for (int64_t i = 0; i < size; ++i) packed[i] += packed[k * size + i];
+  // unpack into [Co, Ci, kh, kw]; masked taps and hidden centre pairs stay exactly zero
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t co = 0; co < c.Co; ++co)
+      for (int64_t ci = 0; ci < c.Ci; ++ci)
+        if (c.visible(c.taps[t], co, ci))
+          gwp[((co * c.Ci + ci) * c.kh + c.taps[t].i) * c.kw + c.taps[t].j] = packed[(t * c.Ci + ci) * Cop + co];
+}
+
+}  // namespace avx512
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif  // FASTGEN_MC_AVX512
+
+bool use_avx512() {
+#ifdef FASTGEN_MC_AVX512
+  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");  // "generic": the portable path (for tests)
+  if (forced && std::string_view(forced) == "generic") return false;
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// ---- portable path (CPUs without AVX-512): one GEMM per tap through ATen ----------------------------------
+//
+// The input goes, zero-padded and channels-last, into rows of channels; outputs
+// are computed on the padded width (the extra columns are dropped at the end),
+// so output row q reads input row q + toff[t] at tap t: every tap is one GEMM
+// (MKL/OpenBLAS) on a shifted view, no bounds checks.
+struct Grid {
+  int64_t Hs, Wp, rows;       // image stride (rows of Wp pixels), padded width, output rows B*Hs*Wp
+  std::vector<int64_t> toff;  // per tap: the input row offset
+  int64_t extra;              // zero rows after the last image (the largest offset)
+};
+
+Grid grid_of(const Geo& g, int64_t B) {
+  Grid r{std::max(g.Hp(), g.Hout), std::max(g.Wp(), g.Wout), 0, {}, 0};  // (larger output: no taps at all)
+  r.rows = B * r.Hs * r.Wp;
+  for (size_t t = 0; t < g.dy.size(); ++t) {
+    r.toff.push_back((g.dy[t] + g.top) * r.Wp + g.dx[t] + g.left);
+    r.extra = std::max(r.extra, r.toff.back());
+  }
+  return r;
+}
+
+// [B][C][Hin][Win] (any layout) -> [rows + extra][C]: each image at its padded place.
+at::Tensor to_rows(const at::Tensor& x, const Geo& g, const Grid& r) {
+  const int64_t B = x.size(0), C = x.size(1);
+  at::Tensor buf = at::zeros({r.rows + r.extra, C}, x.options());
+  buf.narrow(0, 0, r.rows).view({B, r.Hs, r.Wp, C}).narrow(1, g.top, g.Hin).narrow(2, g.left, g.Win)
+      .copy_(x.permute({0, 2, 3, 1}));
+  return buf;
+}
+
+// Rows on the output grid -> the visible [B][C][Hout][Wout] part, into `out` (any layout).
+void from_rows(const at::Tensor& rows, const Geo& g, const Grid& r, at::Tensor& out) {
+  const int64_t B = out.size(0), C = out.size(1);
+  out.copy_(rows.view({B, r.Hs, r.Wp, C}).narrow(1, 0, g.Hout).narrow(2, 0, g.Wout).permute({0, 3, 1, 2}));
+}
+
+// 1 where tap t joins (co, ci), else 0: [Co, Ci].
+at::Tensor tap_mask(const Conv& c, int64_t t, const at::TensorOptions& opt) {
+  at::Tensor m = at::empty({c.Co, c.Ci}, at::kFloat);
+  auto ma = m.accessor<float, 2>();
+  for (int64_t co = 0; co < c.Co; ++co)
+    for (int64_t ci = 0; ci < c.Ci; ++ci) ma[co][ci] = c.visible(c.taps[t], co, ci) ? 1.f : 0.f;
+  return m.to(opt);
+}
+
+// The visible weights of tap t: [Co, Ci].
+at::Tensor tap_weight(const Conv& c, const at::Tensor& weight, int64_t t) {
+  const at::Tensor w = weight.select(3, c.taps[t].j).select(2, c.taps[t].i);
+  return c.is_centre(c.taps[t]) ? w * tap_mask(c, t, weight.options()) : w;
+}
+
+void forward_gemm(const Conv& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                  at::Tensor& out) {
+  const Geo g = forward_geo(c);
+  const Grid r = grid_of(g, c.B);
+  const at::Tensor xr = to_rows(x, g, r);
+  at::Tensor y = bias ? bias->view({1, c.Co}).expand({r.rows, c.Co}).contiguous()
+                      : at::zeros({r.rows, c.Co}, x.options());
+  for (size_t t = 0; t < c.taps.size(); ++t) y.addmm_(xr.narrow(0, r.toff[t], r.rows), tap_weight(c, weight, t).t());
+  from_rows(y, g, r, out);
+}
+
+void backward_gemm(const Conv& c, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                   at::Tensor* gx, at::Tensor* gw) {
+  if (gx) {  // grad_out through the mirrored taps, weights [Co, Ci]
+    const Geo g = grad_x_geo(c);
+    const Grid r = grid_of(g, c.B);
+    const at::Tensor gr = to_rows(grad_out, g, r);
+    at::Tensor acc = at::zeros({r.rows, c.Ci}, x.options());
+    for (size_t t = 0; t < c.taps.size(); ++t) acc.addmm_(gr.narrow(0, r.toff[t], r.rows), tap_weight(c, weight, t));
+    from_rows(acc, g, r, *gx);
+  }
+  if (gw) {  // per tap: shifted input rows^T x grad_out on the output grid (zeros in the dropped columns)
+    const Geo g = forward_geo(c);
+    const Grid r = grid_of(g, c.B);
+    const at::Tensor xr = to_rows(x, g, r);
+    at::Tensor go = at::zeros({r.rows, c.Co}, x.options());
+    go.view({c.B, r.Hs, r.Wp, c.Co}).narrow(1, 0, c.Ho).narrow(2, 0, c.Wo).copy_(grad_out.permute({0, 2, 3, 1}));
+    for (size_t t = 0; t < c.taps.size(); ++t) {
+      at::Tensor gwt = go.t().mm(xr.narrow(0, r.toff[t], r.rows));  // [Co, Ci]
+      if (c.is_centre(c.taps[t])) gwt.mul_(tap_mask(c, t, x.options()));  // exactly zero where hidden
+      gw->select(3, c.taps[t].j).select(2, c.taps[t].i).copy_(gwt);
+    }
+  }
+}
+
+// ---- the ops --------------------------------------------------------------------------------------------
+
+template <class T>
+void forward_impl(const Conv& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                  at::Tensor& out) {
+#ifdef FASTGEN_MC_AVX512
+  if (use_avx512()) return avx512::forward<T>(c, x, weight, bias, out);
+#endif
+  forward_gemm(c, x, weight, bias, out);
+}
+
+template <class T>
+void backward_impl(const Conv& c, const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::Tensor* gx,
+                   at::Tensor* gw) {
+#ifdef FASTGEN_MC_AVX512
+  if (use_avx512()) {
+    constexpr int64_t L = avx512::Vec<T>::L;
+    const int64_t Cop = (c.Co + L - 1) / L * L;
+    const Geo gx_geo = grad_x_geo(c);
+    const Padded<T> gpad = avx512::pad_channels_last<T>(g, gx_geo, Cop);
+    if (gx) avx512::grad_x<T>(c, gpad, gx_geo, weight, *gx);
+    if (gw) avx512::grad_w<T>(c, gpad, Cop, gx_geo, x, gw->data_ptr<T>());
+    return;
+  }
+#endif
+  backward_gemm(c, g, x, weight, gx, gw);
+}
+
+at::Tensor masked_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, std::string_view mask_type,
+                                     int64_t data_channels, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "fastgen::masked_conv2d_forward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not recorded
+  const Conv c = make_conv(op, x, weight, mask_type, data_channels, padding, dilation);
+  const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
+  if (b) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == c.Co, op, ": bias must have shape (", c.Co, ",), got ", b->sizes());
+    TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": bias must have the input's dtype ", x.scalar_type(),
+                ", got ", b->scalar_type());
+  }
+  // the output is channels_last when the input is (as F.conv2d does), else NCHW-contiguous
+  const auto fmt = channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({c.B, c.Co, c.Ho, c.Wo}, x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  if (c.Ci == 0 || x.numel() == 0) return b ? out.copy_(b->view({1, c.Co, 1, 1}).expand_as(out)) : out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_forward",
+                             [&] { forward_impl<scalar_t>(c, x, weight, b, out); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, std::string_view mask_type,
+    int64_t data_channels, at::IntArrayRef padding, at::IntArrayRef dilation, const c10::List<bool>& output_mask) {
+  const char* op = "fastgen::masked_conv2d_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not recorded
+  const Conv c = make_conv(op, x, weight, mask_type, data_channels, padding, dilation);
+  TORCH_CHECK(output_mask.size() == 3, op, ": output_mask must have 3 entries (grad_x, grad_weight, grad_bias), got ",
+              output_mask.size());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the input's dtype ",
+              x.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == c.B && grad_out.size(1) == c.Co &&
+                  grad_out.size(2) == c.Ho && grad_out.size(3) == c.Wo,
+              op, ": grad_out must have shape (", c.B, ", ", c.Co, ", ", c.Ho, ", ", c.Wo, "), got ", grad_out.sizes());
+  // grad_out is read in place when channels_last (see channels_last()), else made NCHW-contiguous
+  const at::Tensor g = channels_last(grad_out) ? grad_out : grad_out.contiguous();
+  // entries not asked for come back empty; grad_x has x's layout; grad_weight is exactly zero at masked taps
+  const auto fmt = channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor gx = output_mask[0] ? at::empty({c.B, c.Ci, c.H, c.W}, x.options().memory_format(fmt))
+                                 : at::empty({0}, x.options());
+  at::Tensor gw = output_mask[1] ? at::zeros({c.Co, c.Ci, c.kh, c.kw}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gb = output_mask[2] ? g.sum({0, 2, 3}) : at::empty({0}, x.options());
+  const bool run = g.numel() > 0 && !c.taps.empty();  // else every gradient is zero
+  const bool need_x = output_mask[0] && gx.numel() > 0, need_w = output_mask[1] && gw.numel() > 0;
+  if (need_x && !run) gx.zero_();
+  if ((need_x || need_w) && run)  // the kernels write every element of grad_x
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_backward", [&] {
+      backward_impl<scalar_t>(c, g, x, weight, need_x ? &gx : nullptr, need_w ? &gw : nullptr);
+    });
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("masked_conv2d_forward", &masked_conv2d_forward_cpu);
+  m.impl("masked_conv2d_backward", &masked_conv2d_backward_cpu);
+}

@@ -15,7 +15,7 @@ echo "== build"
 $PY -m pip install -e . --no-build-isolation --no-deps -q 2>&1 | tail -5 || exit 1
 $PY -c "import fastgen, json; print(json.dumps(fastgen.backends(), indent=1))"
 echo "== tests"
-FASTGEN_REQUIRE=cpp,triton $PY -m pytest tests/ -q -x -m "not slow" 2>&1 | tail -15 | tee "$OUT/tests.txt"
+FASTGEN_REQUIRE=cpp,cuda,triton $PY -m pytest tests/ -q -m "not slow" 2>&1 | tail -15 | tee "$OUT/tests.txt"
 echo "== benchmarks"
 $PY -m pytest benchmarks/ --benchmark-only -q ${1:+-k "$1"} --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=median,min,iqr,rounds 2>&1 | tail -60 | tee "$OUT/bench.txt"

@@ -290,38 +290,33 @@ def _kernel_runner(backend):
     return run
 
 
-def _cpp_why_not(c):
-    if c.x.device.type != "cpu":
-        return f"the cpp backend takes CPU tensors, got {c.x.device.type}"
-    if c.x.dtype not in (torch.float32, torch.float64):
-        return f"the cpp backend takes float32 and float64, got {c.x.dtype}"
-    return None
-
-
-def _cuda_why_not(c):
-    if c.x.device.type != "cuda":
-        return f"the cuda backend takes CUDA tensors, got {c.x.device.type}"
-    if c.x.dtype not in (torch.float32, torch.float64):
-        return f"the cuda backend takes float32 and float64, got {c.x.dtype}"
-    return None
+def _takes(backend, device_type, dtypes):
+    """why_not for a kernel backend that runs one device type and some dtypes."""
+    def why_not(c):
+        if c.x.device.type != device_type:
+            return f"the {backend} backend takes {device_type} tensors, got {c.x.device.type}"
+        if c.x.dtype not in dtypes:
+            names = " and ".join(", ".join(str(d).replace("torch.", "") for d in dtypes).rsplit(", ", 1))
+            return f"the {backend} backend takes {names}, got {c.x.dtype}"
+        return None
+    return why_not
 
 
 def _triton_why_not(c):
-    why = _ext.triton_why_not(c.x.device.type)
-    if why:
-        return why
-    if c.x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the triton backend takes float16, bfloat16 and float32, got {c.x.dtype}"
-    return None
+    return _ext.triton_why_not(c.x.device.type) or _takes("triton", c.x.device.type, TRITON_DTYPES)(c)
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+F32_F64 = (torch.float32, torch.float64)
 
 
 # Measured preference: the first backend here that can take a call runs it.
 # CPU (benchmarks/RESULTS.md, 2 threads AMD EPYC, fp32, fwd+bwd median ms, common = mask-buffer conv):
-#   (16, 64->64, 28x28, 7x7 A):  common 64.3, halfconv 43.1, decomposed 40.4, cpp 36.6
-#   (16, 64->64, 28x28, 3x3 B):  common 16.1, halfconv 13.3, decomposed 11.7, cpp 10.2
-#   (32, 128->128, 32x32, 3x3 B): common 143.1, halfconv 132.5, decomposed 139.0, cpp 83.0
+#   (16, 64->64, 28x28, 7x7 A):  common 66.8, halfconv 46.7, decomposed 41.5, cpp 36.1
+#   (16, 64->64, 28x28, 3x3 B):  common 14.3, halfconv 12.8, decomposed 12.5, cpp 8.8
+#   (32, 128->128, 32x32, 3x3 B): common 141.0, halfconv 105.1, decomposed 123.1, cpp 87.6
 # cpp wins everywhere it runs (fp32/fp64); halfconv is the steadier of the other two (forward:
-# decomposed is 0.75x common on the large 3x3 B shape) and takes fp16/bf16.
+# decomposed is 0.87x common on the large 3x3 B shape) and takes fp16/bf16.
 # CUDA: not yet measured on a GPU; cuDNN through halfconv until the Triton kernel has been timed there.
 # The cpp kernel's fast path needs AVX-512; its portable path (one BLAS GEMM per tap) measured
 # 1.5-2x slower than halfconv here (7x7 A fwd+bwd 99.8 vs 51.5 ms), so elsewhere halfconv leads.
@@ -335,8 +330,8 @@ OP = new_op("masked_conv2d", PREFERENCE)
 OP.register("ref", _ref)
 OP.register("decomposed", _decomposed)
 OP.register("halfconv", _halfconv)
-OP.register("cpp", _kernel_runner("cpp"), why_not=_cpp_why_not, unavailable=_ext.cpp_unavailable)
-OP.register("cuda", _kernel_runner("cuda"), why_not=_cuda_why_not, unavailable=_ext.cuda_ext_unavailable)
+OP.register("cpp", _kernel_runner("cpp"), why_not=_takes("cpp", "cpu", F32_F64), unavailable=_ext.cpp_unavailable)
+OP.register("cuda", _kernel_runner("cuda"), why_not=_takes("cuda", "cuda", F32_F64), unavailable=_ext.cuda_ext_unavailable)
 OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 

@@ -41,6 +41,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "masked_conv_args.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -56,74 +58,45 @@
 
 namespace {
 
+using fastgen::channels_last;
+
 // ---- the problem, checked -------------------------------------------------------------------------------
 
 struct Tap {
   int64_t i, j;
 };
 
-struct Conv {
-  int64_t B, Ci, Co, H, W, kh, kw, ph, pw, dh, dw, Ho, Wo;
-  bool mask_a;
-  int64_t dc;
+// The geometry (fastgen::MaskedConvShape, checked in csrc/masked_conv_args.h) and the visible taps.
+struct Conv : fastgen::MaskedConvShape {
   std::vector<Tap> taps;  // the visible taps in raster order (the centre last, if any of it is visible)
 
   bool is_centre(const Tap& t) const { return t.i == kh / 2 && t.j == kw / 2; }
   // The colour rule at the centre tap (every other visible tap sees all channel pairs).
   bool centre_open(int64_t co, int64_t ci) const {
-    int64_t g = co / (Co / dc), h = ci / (Ci / dc);
-    return mask_a ? h < g : h <= g;
+    int64_t g = co / (Co / data_channels), h = ci / (Ci / data_channels);
+    return strict ? h < g : h <= g;
   }
   bool visible(const Tap& t, int64_t co, int64_t ci) const { return !is_centre(t) || centre_open(co, ci); }
 };
 
 Conv make_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, std::string_view mask_type,
                int64_t data_channels, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D [batch, channels, height, width], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [out_channels, in_channels, kh, kw], got ",
-              weight.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": the CPU kernel takes float32 and float64, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": input and weight must share a dtype, got input ",
-              x.scalar_type(), ", weight ", weight.scalar_type());
-  TORCH_CHECK(mask_type == "A" || mask_type == "B", op, ": mask_type must be 'A' or 'B', got '", mask_type, "'");
-  TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, op, ": padding and dilation must have 2 entries, got ",
-              padding, " and ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble), op,
+              ": the CPU kernel takes 4-D float32 and float64 input, got ", x.scalar_type(), " ", x.sizes());
   Conv c;
-  c.B = x.size(0), c.Ci = x.size(1), c.H = x.size(2), c.W = x.size(3);
-  c.Co = weight.size(0), c.kh = weight.size(2), c.kw = weight.size(3);
-  TORCH_CHECK(weight.size(1) == c.Ci, op, ": input has ", c.Ci, " channels but weight expects ", weight.size(1));
-  TORCH_CHECK(c.kh % 2 == 1 && c.kw % 2 == 1, op, ": kernel size must be odd in both dimensions, got (", c.kh,
-              ", ", c.kw, ")");
-  TORCH_CHECK(data_channels >= 1 && c.Ci % data_channels == 0 && c.Co % data_channels == 0, op,
-              ": in_channels (", c.Ci, ") and out_channels (", c.Co, ") must both be divisible by data_channels (",
-              data_channels, ")");
-  c.ph = padding[0], c.pw = padding[1], c.dh = dilation[0], c.dw = dilation[1];
-  c.Ho = c.H + 2 * c.ph - c.dh * (c.kh - 1);
-  c.Wo = c.W + 2 * c.pw - c.dw * (c.kw - 1);
-  TORCH_CHECK(c.Ho >= 1 && c.Wo >= 1, op, ": input (", c.H, ", ", c.W, ") is too small for kernel (", c.kh, ", ",
-              c.kw, ") with padding ", padding, " and dilation ", dilation);
-  c.mask_a = mask_type == "A";
-  c.dc = data_channels;
+  static_cast<fastgen::MaskedConvShape&>(c) =
+      fastgen::masked_conv_shape(op, x, weight, mask_type, data_channels, padding, dilation);
   const int64_t ch = c.kh / 2, cw = c.kw / 2;
   for (int64_t i = 0; i < ch; ++i)
     for (int64_t j = 0; j < c.kw; ++j) c.taps.push_back({i, j});
   for (int64_t j = 0; j < cw; ++j) c.taps.push_back({ch, j});
   // The centre is fully hidden only for mask A with one colour block.
-  if (!(c.mask_a && c.dc == 1)) c.taps.push_back({ch, cw});
+  if (!(c.strict && c.data_channels == 1)) c.taps.push_back({ch, cw});
   return c;
 }
 
 // ---- geometry shared by the kernels ------------------------------------------------------------------
 
-// The layout rule (the fake implementations in Python follow it): a tensor that
-// is channels_last-contiguous and not contiguous is read, and answered, in
-// channels_last; anything else is read as (made) NCHW-contiguous.
-bool channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
 
 // One direction of the convolution: output pixel (oy, ox) of an [Hout, Wout]
 // image reads input pixel (oy + dy[t], ox + dx[t]) of an [Hin, Win] image at tap

@@ -4,18 +4,13 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "masked_conv_shape.h"
+
 namespace fastgen {
 namespace cuda {
 
-// One masked convolution, NCHW contiguous tensors, stride 1, groups 1.
-// Visible taps: rows i < kh/2; row kh/2 with j < kw/2; the centre (kh/2, kw/2)
-// where in-block h and out-block g (data_channels blocks) have h < g (mask A,
-// strict) or h <= g (mask B). See fastgen/ref/masked_conv.py.
-struct MaskedConvShape {
-  int64_t B, Ci, H, W, Co, kh, kw, Ho, Wo, ph, pw, dh, dw;
-  int64_t data_channels;
-  bool strict;  // mask A
-};
+// NCHW-contiguous tensors; the geometry and the mask rule: csrc/masked_conv_shape.h.
+using fastgen::MaskedConvShape;
 
 // T: float, double, __half or __nv_bfloat16 (the last two accumulate in float).
 // The launchers only enqueue work on `stream`; they return the launch error, if any.

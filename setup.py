@@ -12,7 +12,8 @@ import os
 
 from setuptools import setup
 
-packages = ["fastgen", "fastgen.data", "fastgen.nn", "fastgen.ops", "fastgen.ref", "fastgen.kernels"]
+packages = ["fastgen", "fastgen.data", "fastgen.models", "fastgen.nn", "fastgen.ops", "fastgen.ref", "fastgen.sampling",
+            "fastgen.kernels"]
 package_dir = {"fastgen": "fastgen", "fastgen.kernels": "kernels"}
 
 

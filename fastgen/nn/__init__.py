@@ -1,3 +1,4 @@
+from fastgen.nn.gated import GatedMaskedConv2d
 from fastgen.nn.masked_conv import MaskedConv2d
 
-__all__ = ["MaskedConv2d"]
+__all__ = ["MaskedConv2d", "GatedMaskedConv2d"]

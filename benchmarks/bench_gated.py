@@ -1,0 +1,208 @@
+"""Gated PixelCNN: fastgen beside the plain-PyTorch Gated PixelCNN.
+
+Contenders, same weights and inputs (fastgen.testing.make_gated):
+
+* ``common``           the layer as it is commonly written: padded convolutions
+                       cropped to the causal window, a mask multiply for the
+                       mask-A pixel, ``chunk``, ``tanh * sigmoid``
+                       (fastgen.testing.PlainGatedMaskedConv2d);
+* ``compile(common)``  ``torch.compile`` of it (compile time excluded, reported apart);
+* ``fastgen``          fastgen.GatedMaskedConv2d with the dispatch default;
+* ``fastgen[triton]``  forced onto the Triton kernels (GPU only).
+
+Groups:
+* ``layer``: one mask-B GatedMaskedConv2d with residual, ``fwd`` (no grad) and
+  ``fwd+bwd`` (outputs v, h, skip; gradients of both inputs and every weight);
+* ``model``: one training step (loss, backward, Adam) of a whole GatedPixelCNN
+  against the same network built from the common layers (steps/s = 1 / median).
+
+Every contender is checked against the float64 reference (fastgen's layer or
+model forced onto backend 'ref') before it is timed. Memory: peak allocated on
+a GPU, a fresh subprocess's peak RSS on the CPU (fwd+bwd, real runs).
+"""
+import functools
+import time
+
+import pytest
+import torch
+
+from fastgen.ops.gated import CONV, make_conv_call
+from fastgen.testing import (OtherLoad, gated_inputs, gated_step, make_gated, peak_rss, relative_error,
+                             tolerance)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# layer: (batch, channels, hw, kernel); model: (batch, data_channels, hw, channels, layers, likelihood)
+SHAPES = {
+    "cpu": {"layer": [(16, 64, 28, 3), (32, 128, 32, 3)], "model": [(16, 1, 28, 64, 8, "bernoulli")]},
+    "cuda": {"layer": [(64, 128, 32, 3), (128, 256, 32, 3)],
+             "model": [(64, 1, 28, 128, 12, "bernoulli"), (32, 3, 32, 128, 12, "categorical")]},
+}
+SMOKE = {"layer": [(2, 8, 10, 3)], "model": [(2, 1, 8, 8, 2, "bernoulli")]}
+DTYPES = {"cpu": [torch.float32], "cuda": [torch.float32, torch.bfloat16]}
+CONTENDERS = ["common", "compile(common)", "fastgen", "fastgen[triton]"]
+
+
+def shape_id(kind, shape):
+    if kind == "layer":
+        b, c, hw, k = shape
+        return f"layer {b}x{c}x{hw}x{hw} k{k}"
+    b, dc, hw, c, n, lik = shape
+    return f"model {b}x{dc}x{hw}x{hw} {c}ch {n}layers {lik}"
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    smoke = bool(metafunc.config.getoption("benchmark_disable", False))
+    shapes = SMOKE if smoke else SHAPES[DEVICE]
+    cases, ids = [], []
+    for kind in ("layer", "model"):
+        for shape in shapes[kind]:
+            for dtype in DTYPES[DEVICE]:
+                for mode in (["fwd", "fwd+bwd"] if kind == "layer" else ["train"]):
+                    for contender in CONTENDERS:
+                        if contender == "compile(common)" and kind == "model" and DEVICE == "cpu":
+                            continue  # compiling the whole model takes minutes on 2 cores; the layer shows it
+                        cases.append((kind, shape, dtype, mode, contender))
+                        ids.append(f"{DEVICE}-{str(dtype)[6:]}-{shape_id(kind, shape).replace(' ', '-')}-{mode}-"
+                                   f"{contender}")
+    metafunc.parametrize("case", cases, ids=ids)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _grads(mod):
+    """Parameter gradients by name; the mask-buffer 1x1 convs' masked taps (whose
+    gradient they leave for the next forward's mask multiply to discard) masked."""
+    mod = getattr(mod, "_orig_mod", mod)
+    buffers = dict(mod.named_buffers())
+    out = {}
+    for name, p in mod.named_parameters():
+        g = p.grad
+        mask = buffers.get(name.rsplit(".", 1)[0] + ".mask")
+        if g is not None and mask is not None and name.endswith("weight") and mask.shape == g.shape:
+            g = g * mask
+        out[name] = g
+    return out
+
+
+def outcome(kind, mod, inputs, mode):
+    """What the check compares: outputs and every gradient (one step, no optimizer)."""
+    step = gated_step(kind, mod, inputs, "fwd" if mode == "fwd" else "fwd+bwd", optimizer=False)
+    res = step()
+    if kind == "layer":
+        if mode == "fwd":
+            return {n: o for n, o in zip(("v", "h", "skip"), res)}
+        outs, gv, gh = res
+        got = {n: o.detach() for n, o in zip(("v", "h", "skip"), outs)}
+        got.update(grad_v=gv, grad_h=gh)
+    else:
+        got = {"loss": res.detach()}
+    got.update({f"grad {n}": g for n, g in _grads(mod).items()})
+    return got
+
+
+@functools.lru_cache(maxsize=4)
+def reference(kind, shape, mode, dtype):
+    """The float64 outcome, and the error of the reference run in ``dtype`` (the tolerance rule)."""
+    runs = {}
+    for run_dtype in (torch.float64, dtype):
+        mod = make_gated(kind, "fastgen[ref]", shape, DEVICE, run_dtype)
+        inputs = [t if not t.is_floating_point() else t.to(run_dtype) for t in gated_inputs(kind, shape, DEVICE, dtype)]
+        runs[run_dtype] = outcome(kind, mod, inputs, mode)
+    want = runs[torch.float64]
+    return want, {n: relative_error(runs[dtype][n], want[n]) for n in want}
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_gated(benchmark, smoke, bench_results, case):
+    kind, shape, dtype, mode, contender = case
+    group = f"{DEVICE} {str(dtype)[6:]} {shape_id(kind, shape)} {mode}"
+    benchmark.group = group
+    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+                                 "dtype": str(dtype)[6:], "shape": shape_id(kind, shape), "mode": mode,
+                                 "contender": contender, "torch": torch.__version__,
+                                 "threads": torch.get_num_threads()})
+    record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+    if contender == "fastgen[triton]":
+        if DEVICE == "cpu":
+            pytest.skip("triton on CPU runs only in the interpreter: not a speed contender")
+        probe = make_conv_call(torch.empty(1, 2, 4, 4, device=DEVICE, dtype=dtype),
+                               torch.empty(4, 2, 1, 2, device=DEVICE, dtype=dtype), None, None, "horizontal", "B", 1)
+        why = CONV.reason("triton", probe)
+        if why:
+            pytest.skip(f"backend triton: {why}")
+    if contender.startswith("fastgen"):
+        probe = make_conv_call(torch.empty(1, 2, 4, 4, device=DEVICE, dtype=dtype),
+                               torch.empty(4, 2, 1, 2, device=DEVICE, dtype=dtype), None, None, "horizontal", "B", 1)
+        benchmark.extra_info["backend"] = contender[8:-1] if "[" in contender else CONV.choose(probe, DEVICE)
+    if contender == "compile(common)":
+        torch._dynamo.reset()
+
+    inputs = gated_inputs(kind, shape, DEVICE, dtype)
+    mod = make_gated(kind, contender, shape, DEVICE, dtype)
+    t0 = time.perf_counter()
+    try:
+        got = outcome(kind, mod, inputs, mode)
+        sync()
+    except Exception as e:  # noqa: BLE001
+        record["extra_info"]["status"] = "error"
+        bench_results.append(record)
+        if contender.startswith("fastgen"):
+            raise
+        pytest.xfail(f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    first_call_s = time.perf_counter() - t0
+    want, ref_err = reference(kind, shape, mode, dtype)
+    errors = {n: relative_error(got.get(n), want[n]) for n in want}
+    wrong = {n: (e, tolerance(dtype, ref_err[n])) for n, e in errors.items() if not e <= tolerance(dtype, ref_err[n])}
+    benchmark.extra_info["max_rel_error"] = max(errors.values())
+    if wrong:
+        record["extra_info"]["status"] = "WRONG"
+        bench_results.append(record)
+        msg = f"{contender} is WRONG on {group}: " + ", ".join(f"{n} rel. error {e:.3g} > tol {t:.3g}"
+                                                              for n, (e, t) in wrong.items())
+        if contender.startswith("fastgen"):
+            pytest.fail(msg)
+        pytest.xfail(msg)
+
+    step = gated_step(kind, mod, inputs, "fwd" if mode == "fwd" else "fwd+bwd")
+
+    def timed():
+        step()
+        sync()
+
+    with OtherLoad() as load:
+        benchmark(timed)
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    record["median_s"], record["min_s"] = median, benchmark.stats.stats.min
+    if kind == "model":
+        benchmark.extra_info["steps_per_s"] = round(1 / median, 2)
+    if load.fraction is not None:
+        benchmark.extra_info["other_load"] = round(load.fraction, 3)
+    if contender == "compile(common)":
+        benchmark.extra_info["compile_s"] = round(max(first_call_s - median, 0.0), 3)
+    common = next((r["median_s"] for r in bench_results if r["group"] == group and r["contender"] == "common"
+                   and r["median_s"]), None)
+    if common and contender != "common":
+        benchmark.extra_info["speedup_vs_common"] = round(common / median, 3)
+    if DEVICE == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        timed()
+        peak = torch.cuda.max_memory_allocated()
+        benchmark.extra_info["peak_alloc_mb"] = round(peak / 2**20, 1)
+        benchmark.extra_info["peak_alloc_extra_mb"] = round((peak - before) / 2**20, 1)
+    elif mode != "fwd" and not smoke:
+        rss = peak_rss(contender, shape, "fwd+bwd" if mode == "fwd+bwd" else "train", dtype=str(dtype)[6:],
+                       threads=torch.get_num_threads(), builder="fastgen.testing:gated_rss_step", kind=kind)
+        benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
+        benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+    bench_results.append(record)

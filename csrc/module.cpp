@@ -11,6 +11,10 @@ TORCH_LIBRARY(fastgen, m) {
   // Entries not asked for in output_mask come back empty.
   m.def("masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, str mask_type, int data_channels, "
         "int[] padding, int[] dilation, bool[] output_mask) -> (Tensor, Tensor, Tensor)");
+  // gated_activation: tanh(f + cf) * sigmoid(g + cg), see fastgen/ref/gated.py; backward -> (grad_x, grad_cond).
+  m.def("gated_activation_forward(Tensor x, Tensor? cond, int data_channels) -> Tensor");
+  m.def("gated_activation_backward(Tensor grad_out, Tensor x, Tensor? cond, int data_channels, "
+        "bool[] output_mask) -> (Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

@@ -358,3 +358,17 @@ def test_triton_half_precision_rule(dtype, stack, kernel):
     floor = 2e-3 if dtype == torch.float16 else 1e-2
     for name, gt, sm, wt in zip(("out", "grad_x", "grad_w", "grad_cond"), got, same, want):
         assert relative_error(gt, wt) <= max(floor, 2 * relative_error(sm, wt)), (name, relative_error(gt, wt), relative_error(sm, wt))
+
+
+@pytest.mark.parametrize("backend", ["cpp", TRITON])
+def test_gated_activation_opcheck_conditioning_map_layouts(backend):
+    """A conditioning map in another layout than x: the kernels see both in x's layout."""
+    require_backend(ops.ACT, backend)
+    dev = device_for(backend)
+    x = torch.randn(2, 8, 3, 5, device=dev).contiguous(memory_format=torch.channels_last).requires_grad_()
+    cond = torch.randn(2, 8, 3, 5, device=dev, requires_grad=True)
+    y = gated_activation(x, cond, backend=backend)
+    y.sum().backward()
+    torch.testing.assert_close(cond.grad, x.grad)
+    torch.library.opcheck(ops.gated_activation_op, (x, cond.detach().contiguous(memory_format=torch.channels_last)
+                                                    .requires_grad_(), 1, backend))

@@ -297,12 +297,20 @@ def _composed(c):
 ACT_PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["ref"]}
 CONV_PREFERENCE = {"cpu": ["composed", "ref"], "cuda": ["composed", "ref"]}
 
+def _act_kernel_runner(backend):
+    def run(c):
+        cond = c.cond
+        if cond is not None and cond.dim() == 4:  # a conditioning map in x's layout: one layout rule for all kernels
+            cond = cond.contiguous(memory_format=_kernel_layout(c.x))
+        return gated_activation_op(c.x, cond, c.data_channels, backend)
+    return run
+
+
 ACT = new_op("gated_activation", ACT_PREFERENCE)
 ACT.register("ref", lambda c: ref.gated_activation(*c))
-ACT.register("cpp", lambda c: gated_activation_op(c.x, c.cond, c.data_channels, "cpp"),
-             why_not=_takes("cpp", "cpu", F32_F64), unavailable=_cpp_unavailable)
-ACT.register("triton", lambda c: gated_activation_op(c.x, c.cond, c.data_channels, "triton"),
-             why_not=_triton_why_not(TRITON_DTYPES), unavailable=_ext.triton_unavailable)
+ACT.register("cpp", _act_kernel_runner("cpp"), why_not=_takes("cpp", "cpu", F32_F64), unavailable=_cpp_unavailable)
+ACT.register("triton", _act_kernel_runner("triton"), why_not=_triton_why_not(TRITON_DTYPES),
+             unavailable=_ext.triton_unavailable)
 
 CONV = new_op("gated_conv2d", CONV_PREFERENCE)
 CONV.register("ref", lambda c: ref.gated_conv2d(*c))

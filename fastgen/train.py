@@ -1,0 +1,639 @@
+"""Training of fastgen's pixel models: ``python -m fastgen train MODEL --data NAME ...``.
+
+One function, :func:`train`, runs a whole training job from a :class:`TrainConfig`:
+data (``fastgen.data.load_dataset``), model (``PixelCNN`` / ``GatedPixelCNN``,
+likelihood from the data: Bernoulli for 2-level data, a categorical over the
+data's levels otherwise), Adam with linear warm-up and cosine decay, periodic
+evaluation on the test split, checkpoints with exact resume, metrics
+(``metrics.jsonl``), a summary (``summary.json``) and a PNG grid of samples.
+
+Data parallel: launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK set), every
+process trains on its shard of each epoch (DistributedSampler) with a
+DDP-wrapped model; evaluation is summed over the ranks; only rank 0 prints and
+writes files. ``--batch`` is per process.
+
+Reproducibility: the model is initialised from ``seed``; epoch e's data order
+comes from (seed, e) and the dynamic binarization of step s from (seed, s,
+rank), never from a generator shared with anything else. So a run repeats
+exactly on CPU, and a resumed run continues the uninterrupted run's data
+stream, with or without DataLoader workers (same world size).
+
+Files in ``out``: checkpoint.pt (model state_dict, model constructor config,
+optimizer, scheduler, step, RNG states, the run's arguments; rebuilt by
+:func:`load_model`), metrics.jsonl, summary.json, samples.png.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fastgen._progress import Progress
+from fastgen.models import GatedPixelCNN, PixelCNN
+
+MODELS = {"pixelcnn": PixelCNN, "gated-pixelcnn": GatedPixelCNN}
+DEPTH_ARG = {"pixelcnn": "blocks", "gated-pixelcnn": "layers"}  # what --layers/--blocks sets
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainError(ValueError):
+    """A training job that cannot run as asked (bad argument, mismatched checkpoint or data)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of one training run. ``None`` means "the default", or, when
+    resuming, "the checkpoint's value" (see RESUMABLE and DEFAULTS)."""
+    model: Optional[str] = None  # 'pixelcnn' or 'gated-pixelcnn'
+    data: Optional[str] = None  # a name of fastgen.data.load_dataset
+    root: Optional[str] = None
+    steps: Optional[int] = None  # total optimizer steps; else epochs
+    epochs: Optional[float] = None  # default 1 epoch when neither is given
+    batch: Optional[int] = None  # per process
+    lr: Optional[float] = None
+    channels: Optional[int] = None
+    depth: Optional[int] = None  # gated layers or residual blocks; None: the model's default
+    kernel_size: Optional[int] = None
+    conditional: Optional[bool] = None
+    seed: Optional[int] = None
+    out: str = "train_out"
+    resume: bool = False
+    eval_every: Optional[int] = None  # 0: evaluate at the end only
+    ckpt_every: Optional[int] = None  # 0: checkpoint at the end only
+    eval_batches: Optional[int] = None  # None: the whole test split
+    samples: Optional[int] = None
+    backend: Optional[str] = None
+    num_workers: Optional[int] = None
+    device: Optional[str] = None  # None: cuda if available, else cpu
+    amp: Optional[bool] = None  # None: on for CUDA, off for CPU
+    max_minutes: Optional[float] = None
+    stop_at: Optional[int] = None  # pause at this step (checkpoint only), to be resumed
+    log_every: Optional[int] = None
+    quiet: bool = False  # no progress bar (the summary lines are still printed)
+
+
+DEFAULTS = {"batch": 32, "lr": 1e-3, "channels": 64, "kernel_size": 3, "conditional": False, "seed": 0,
+            "eval_every": 0, "ckpt_every": 1000, "samples": 64, "num_workers": 0, "log_every": 10}
+# options that define the run: a resumed run takes them from the checkpoint, and may not change them
+FIXED_ON_RESUME = ("model", "data", "batch", "lr", "channels", "depth", "kernel_size", "conditional", "seed")
+# options a resumed run takes from the checkpoint unless given again (not: device, backend, workers, stops)
+INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "ckpt_every", "eval_batches", "samples", "log_every")
+
+
+# ---- models and checkpoints ------------------------------------------------------------------------------------
+
+def build_model(config, backend=None):
+    """A model from its constructor config {"name": ..., "kwargs": {...}} (as stored in checkpoints)."""
+    name = config["name"]
+    if name not in MODELS:
+        raise TrainError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    kwargs = dict(config["kwargs"])
+    kwargs["image_shape"] = tuple(kwargs["image_shape"])
+    return MODELS[name](**kwargs, backend=backend)
+
+
+def model_config(name, data, channels, depth, kernel_size, conditional):
+    """The constructor config of ``name`` for a loaded dataset: the likelihood
+    and image shape come from the data."""
+    binary = data.levels == 2
+    kwargs = {"image_shape": list(data.shape), "channels": channels, "kernel_size": kernel_size,
+              "likelihood": "bernoulli" if binary else "categorical", "levels": data.levels,
+              "num_classes": data.num_classes if conditional else None}
+    if depth is not None:
+        kwargs[DEPTH_ARG[name]] = depth
+    return {"name": name, "kwargs": kwargs}
+
+
+def read_checkpoint(path):
+    """The checkpoint dict at ``path`` (tensors on the CPU). Only plain data is
+    stored, so it loads with weights_only=True (no code runs)."""
+    if not os.path.isfile(path):
+        raise TrainError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path} is not a fastgen training checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def load_model(path, *, device="cpu", backend=None):
+    """The trained model of a checkpoint (a file, or a run folder holding
+    checkpoint.pt), rebuilt from its stored constructor config, in eval mode."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    ckpt = read_checkpoint(path)
+    model = build_model(ckpt["model_config"], backend=backend)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def _rng_state(device):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _atomic_save(obj, path):
+    tmp = path + ".tmp"  # a crash while writing must not destroy the previous checkpoint
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def weights_digest(model):
+    """sha256 of the model's parameters and buffers (to check that DDP replicas agree)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- distributed ------------------------------------------------------------------------------------------------
+
+class Dist:
+    """Rank, world size and device of this process; a process group when torchrun launched it."""
+
+    def __init__(self, device_arg):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        cuda = torch.cuda.is_available()
+        if device_arg is None:
+            device_arg = "cuda" if cuda else "cpu"
+        try:
+            device = torch.device(device_arg)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise TrainError(f"--device must be cpu or cuda[:N], got {device_arg!r}")
+        if device.type == "cuda":
+            if not cuda:
+                raise TrainError("--device cuda: no CUDA device is available (this torch "
+                                 f"{'has no CUDA' if torch.version.cuda is None else 'sees no GPU'})")
+            if device.index is None:
+                device = torch.device("cuda", self.local_rank if self.launched else torch.cuda.current_device())
+            torch.cuda.set_device(device)
+        self.device = device
+        self.group = False
+        if self.launched:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.group = True
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def sum(self, tensor):
+        """Sum over the ranks, in place (a no-op in a single process)."""
+        if self.group:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.group:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self):
+        if self.group:
+            dist.destroy_process_group()
+            self.group = False
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Whole batches keyed by (step, indices): the binarization draw of a
+    dynamic split comes from a generator seeded by (seed, step, rank), so a
+    batch is the same whichever process or worker makes it, and whenever."""
+
+    def __init__(self, data, seed, rank):
+        self.data, self.seed, self.rank = data, seed, rank
+
+    def __getitem__(self, key):
+        step, index = key
+        gen = None
+        if self.data.dynamic:
+            gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 4096 + self.rank) % 2 ** 63)
+        return self.data.draw(index, gen), self.data.labels[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def _epoch_batches(sampler, epoch, first_batch, batch, steps_per_epoch):
+    """The keys (global step, index tensor) of one epoch's batches for this rank, from batch ``first_batch`` on."""
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.int64)
+    return [(epoch * steps_per_epoch + b, order[b * batch:(b + 1) * batch])
+            for b in range(first_batch, steps_per_epoch)]
+
+
+def _load_data(cfg, expect_shape=None):
+    from fastgen.data import load_dataset
+    try:
+        train = load_dataset(cfg.data, "train", root=cfg.root, expect_shape=expect_shape)
+        test = load_dataset(cfg.data, "test", root=cfg.root, expect_shape=train.shape,
+                            num_classes=train.num_classes)
+    except TrainError:
+        raise
+    except ValueError as e:  # bad name, split, shape or labels: the loader's message says which
+        raise TrainError(f"{e} (the checkpoint's model takes that shape)" if expect_shape and "shape" in str(e)
+                         else str(e)) from None
+    if test.levels != train.levels:
+        raise TrainError(f"dataset {cfg.data!r}: train has {train.levels} levels, test {test.levels}")
+    return train, test
+
+
+# ---- evaluation and sampling -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, data, batch, *, device, amp=False, conditional=False, max_batches=None, dist_=None):
+    """(mean NLL in nats per image, number of images) of ``model`` on ``data``
+    (.images: the fixed binarization for binarized MNIST), over its first
+    ``max_batches`` batches of ``batch`` images (None: all). Under torchrun
+    each rank takes every world-th batch and the sums are reduced."""
+    rank, world = (dist_.rank, dist_.world) if dist_ is not None else (0, 1)
+    n_batches = math.ceil(len(data) / batch)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # nats, images
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(rank, n_batches, world):
+            images = data.images[b * batch:(b + 1) * batch].to(device)
+            labels = data.labels[b * batch:(b + 1) * batch].to(device) if conditional else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                log_prob = model.log_prob(images, labels)
+            total[0] -= log_prob.double().sum()
+            total[1] += len(images)
+    finally:
+        model.train(was_training)
+    if dist_ is not None:
+        dist_.sum(total)
+    return (total[0] / total[1]).item(), int(total[1].item())
+
+
+def sample_grid(model, n, path, *, seed=0, progress=False):
+    """Draw ``n`` samples with model.sample and write them as a PNG grid; a
+    class-conditional model gets one row per class (n // classes each, at least 1)."""
+    from fastgen.data import save_grid
+    device = next(model.parameters()).device
+    if model.num_classes:
+        per_class = max(1, n // model.num_classes)
+        labels = torch.arange(model.num_classes, device=device).repeat_interleave(per_class)
+        nrow = per_class
+    else:
+        labels, nrow = None, math.ceil(math.sqrt(n))
+    images = model.sample(n if labels is None else len(labels), labels, seed=seed, progress=progress)
+    save_grid(images.cpu(), path, nrow=nrow, levels=model.levels)
+    return images
+
+
+def describe_nll(nats, bits_per_dim, binary):
+    """Binarized data: nats per image first (the literature's metric); else bits/dim first."""
+    if binary:
+        return f"{nats:.2f} nats/image ({bits_per_dim:.4f} bits/dim)"
+    return f"{bits_per_dim:.4f} bits/dim ({nats:.1f} nats/image)"
+
+
+# ---- the training job ---------------------------------------------------------------------------------------------
+
+def lr_factor(step, total, warmup):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 5% of the peak at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_steps(total):
+    return max(1, min(500, total // 20))
+
+
+class _Loss(torch.nn.Module):
+    """The loss as a module, so that DDP wraps the call that computes it (its hooks see the forward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, labels):
+        return self.model.loss(images, labels)
+
+
+def _resolve(cfg, saved=None):
+    """cfg with every None filled: from the checkpoint's arguments when resuming, else DEFAULTS."""
+    values = dataclasses.asdict(cfg)
+    if saved is not None:
+        for key in FIXED_ON_RESUME:
+            given, stored = values[key], saved.get(key)
+            if given is not None and given != stored:
+                raise TrainError(f"--resume: the checkpoint was trained with {key}={stored!r}; got {key}={given!r} "
+                                 f"(a resumed run keeps the options that define it)")
+        for key in INHERITED:
+            if values[key] is None:
+                values[key] = saved.get(key)
+        if cfg.steps is None and cfg.epochs is None:  # keep the checkpoint's length
+            values["steps"], values["epochs"] = saved.get("steps"), saved.get("epochs")
+    for key, default in DEFAULTS.items():
+        if values[key] is None:
+            values[key] = default
+    return TrainConfig(**values)
+
+
+def _check(cfg):
+    if cfg.model not in MODELS:
+        raise TrainError(f"unknown model {cfg.model!r}; known models: {', '.join(MODELS)}")
+    if cfg.data is None:
+        raise TrainError("no dataset given (--data)")
+    if cfg.backend is not None:
+        from fastgen._dispatch import OPS
+        known = sorted({name for op in OPS.values() for name in op.backends})
+        if cfg.backend not in known:
+            raise TrainError(f"unknown backend {cfg.backend!r}; fastgen's backends: {', '.join(known)}")
+    for key in ("batch", "channels", "kernel_size", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise TrainError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("steps", "depth", "eval_batches", "stop_at"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise TrainError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("eval_every", "ckpt_every", "samples", "num_workers"):
+        if getattr(cfg, key) < 0:
+            raise TrainError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise TrainError("give --steps or --epochs, not both")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise TrainError(f"epochs must be > 0, got {cfg.epochs}")
+    if not cfg.lr > 0:
+        raise TrainError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise TrainError(f"max_minutes must be > 0, got {cfg.max_minutes}")
+
+
+def _machine(dist_):
+    import fastgen
+    info = {"fastgen": fastgen.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(dist_.device),
+            "world_size": dist_.world}
+    if dist_.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dist_.device)
+    return info
+
+
+def train(cfg: TrainConfig, *, out=None):
+    """Run one training job (see the module docstring). Returns the summary
+    dict on rank 0 (None on other ranks). Raises TrainError for a job that
+    cannot run as asked, fastgen.data.DatasetMissingError for missing data,
+    fastgen.BackendError for a forced backend that cannot run."""
+    dist_ = Dist(cfg.device)
+    try:
+        return _train(cfg, dist_, out or sys.stdout)
+    finally:
+        dist_.close()
+
+
+def _train(cfg, dist_, out):
+    t_start = time.perf_counter()
+    device, main = dist_.device, dist_.main
+
+    def say(msg):
+        if main:
+            print(msg, file=out, flush=True)
+
+    ckpt_path = os.path.join(cfg.out, CHECKPOINT)
+    ckpt = read_checkpoint(ckpt_path) if cfg.resume else None
+    cfg = _resolve(cfg, ckpt["args"] if ckpt else None)
+    _check(cfg)
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    cfg = dataclasses.replace(cfg, amp=amp, device=str(device))  # record what ran
+
+    shape = ckpt["model_config"]["kwargs"]["image_shape"] if ckpt else None
+    train_data, test_data = _load_data(cfg, expect_shape=shape)
+    steps_per_epoch = (len(train_data) // dist_.world) // cfg.batch
+    if steps_per_epoch < 1:
+        raise TrainError(f"batch {cfg.batch} x {dist_.world} process(es) is larger than the {len(train_data)} "
+                         f"training images of {cfg.data!r}")
+    total = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 1) * steps_per_epoch))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
+    random.seed(cfg.seed)
+    config = ckpt["model_config"] if ckpt else model_config(cfg.model, train_data, cfg.channels, cfg.depth,
+                                                            cfg.kernel_size, cfg.conditional)
+    try:
+        model = build_model(config, backend=cfg.backend).to(device)
+    except ValueError as e:  # e.g. channels not a multiple of the colour channels, unknown backend
+        raise TrainError(str(e)) from None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    warmup = warmup_steps(total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+
+    step = 0
+    if ckpt:  # every rank reads the checkpoint: --resume needs OUT on a folder all ranks see
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step = ckpt["step"]
+        rngs = ckpt["rng"]
+        if len(rngs) != dist_.world:
+            say(f"note: the checkpoint was written by {len(rngs)} process(es), this run has {dist_.world}: "
+                f"the data order from here differs from an uninterrupted run")
+        _set_rng_state(rngs[dist_.rank % len(rngs)], device)
+    net = _Loss(model)
+    if dist_.group:
+        # static_graph: the last gated layer's unused outputs leave some parameters without gradients, the
+        # same ones at every step
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if main:
+        _trim_metrics(metrics_path, step)
+
+    def log(record):
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    binary = model.likelihood == "bernoulli"
+    kw = config["kwargs"]
+    depth_name = DEPTH_ARG[cfg.model]
+    depth = kw.get(depth_name, len(model.layers) if cfg.model == "gated-pixelcnn" else len(model.blocks))
+    say(f"data: {cfg.data}, {len(train_data)} train / {len(test_data)} test images of "
+        f"{'x'.join(map(str, train_data.shape))}, {train_data.levels} levels"
+        f"{', dynamic binarization' if train_data.dynamic else ''}")
+    say(f"model: {cfg.model}, {depth_name}={depth}, channels={cfg.channels}, kernel_size={cfg.kernel_size}, "
+        f"{'Bernoulli' if binary else f'{model.levels}-way categorical'}"
+        f"{f', {model.num_classes} classes' if model.num_classes else ''}; {n_params / 1e3:.1f}k parameters")
+    say(f"device: {device}{f' x {dist_.world} processes' if dist_.world > 1 else ''}, "
+        f"{torch.get_num_threads()} threads, amp {'bf16' if amp else 'off'}, backend {cfg.backend or 'dispatch'}")
+    say(f"{'resuming at' if step else 'training'} step {step} of {total} ({total / steps_per_epoch:.2f} epochs of "
+        f"{steps_per_epoch} steps), batch {cfg.batch}{f' x {dist_.world}' if dist_.world > 1 else ''}, "
+        f"Adam lr {cfg.lr:g} ({warmup} warm-up steps, cosine decay)")
+
+    def save_checkpoint():
+        rngs = dist_.gather(_rng_state(device))  # every rank's generators, for an exact resume
+        if main:
+            _atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": config,
+                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                          "train_s": before_s + train_s,
+                          "rng": rngs, "args": dataclasses.asdict(cfg),
+                          "data": {"name": cfg.data, "shape": list(train_data.shape), "levels": train_data.levels,
+                                   "num_classes": train_data.num_classes}}, ckpt_path)
+
+    def run_eval():
+        t0 = time.perf_counter()
+        nats, n = evaluate(model, test_data, cfg.batch, device=device, amp=amp, conditional=cfg.conditional,
+                           max_batches=cfg.eval_batches, dist_=dist_)
+        bpd = model.bits_per_dim(nats)
+        log({"step": step, "kind": "eval", "test_nats": round(nats, 5), "test_bits_per_dim": round(bpd, 6),
+             "images": n, "eval_s": round(time.perf_counter() - t0, 2)})
+        say(f"step {step}: test {describe_nll(nats, bpd, binary)} on {n} test images "
+            f"({time.perf_counter() - t0:.0f} s)")
+        return nats, bpd, n
+
+    sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=dist_.world, rank=dist_.rank,
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    batches = _StepBatches(train_data, cfg.seed, dist_.rank)
+    start_step, saved_step = step, (step if ckpt else None)
+    bar = Progress(total - start_step, "train", enabled=main and not cfg.quiet)
+    window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps since the last log
+    train_s, stop, last = 0.0, None, None
+    before_s = ckpt.get("train_s", 0.0) if ckpt else 0.0  # training seconds of the runs before a resume
+    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
+    model.train()
+    while step < total and stop is None:
+        epoch, first = divmod(step, steps_per_epoch)
+        keys = _epoch_batches(sampler, epoch, first, cfg.batch, steps_per_epoch)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=keys, num_workers=cfg.num_workers,
+                                             pin_memory=device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+        tick = time.perf_counter()  # training time counts data loading, not evaluation or checkpoints
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True) if cfg.conditional else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = net(images, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            window[0] += loss.detach().double()
+            window[1] += 1
+            if step % cfg.log_every == 0 or step == total:
+                dist_.sum(window)
+                nats = (window[0] / window[1]).item()
+                last = (nats, model.bits_per_dim(nats))
+                window.zero_()
+                log({"step": step, "kind": "train", "loss_nats": round(nats, 5), "bits_per_dim": round(last[1], 6),
+                     "lr": opt.param_groups[0]["lr"],
+                     "time_s": round(before_s + train_s + time.perf_counter() - tick, 2)})
+                bar.postfix = f"loss {nats:.2f} nats {last[1]:.4f} bits/dim"
+                if deadline is not None:  # rank 0's clock decides, so that every rank stops at the same step
+                    late = torch.tensor([float(main and time.perf_counter() > deadline)], device=device)
+                    if dist_.sum(late).item() > 0:
+                        stop = "max-minutes"
+            if cfg.stop_at is not None and cfg.stop_at <= step < total:
+                stop = "stop-at"
+            train_s += time.perf_counter() - tick
+            bar.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total and stop is None:
+                run_eval()
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop is not None:
+                save_checkpoint()
+                saved_step = step
+            tick = time.perf_counter()
+            if stop is not None or step >= total:
+                break
+    bar.close()
+
+    steps_run = step - start_step
+    if stop == "stop-at":
+        say(f"paused at step {step} of {total}: checkpoint in {ckpt_path}; continue with --resume")
+    elif stop == "max-minutes":
+        say(f"stopped at step {step} of {total} after --max-minutes {cfg.max_minutes:g}")
+    if steps_run:
+        say(f"trained {steps_run} steps in {train_s:.0f} s ({steps_run / train_s:.2f} steps/s, "
+            f"{steps_run * cfg.batch * dist_.world / train_s:.0f} images/s)"
+            + (f"; last train loss {describe_nll(*last, binary)}" if last else ""))
+
+    result = {"test_nats": None, "test_bits_per_dim": None, "test_images": None}
+    if stop != "stop-at":
+        nats, bpd, n = run_eval()
+        result = {"test_nats": round(nats, 4), "test_bits_per_dim": round(bpd, 5), "test_images": n}
+    if saved_step != step:
+        save_checkpoint()
+    digests = dist_.gather(weights_digest(model))
+    if main and len(set(digests)) > 1:
+        say(f"warning: the {dist_.world} replicas' weights differ at the end")
+
+    written = [ckpt_path, metrics_path]
+    if main and cfg.samples and stop != "stop-at":
+        t0 = time.perf_counter()
+        path = os.path.join(cfg.out, "samples.png")
+        sample_grid(model, cfg.samples, path, seed=cfg.seed, progress=not cfg.quiet)
+        result["sample_s"] = round(time.perf_counter() - t0, 1)
+        written.append(path)
+    if not main:
+        return None
+    summary = {
+        "config": dataclasses.asdict(cfg), "model_config": config, "parameters": n_params,
+        "machine": _machine(dist_),
+        "data": {"name": cfg.data, "train_images": len(train_data), "test_images": len(test_data),
+                 "shape": list(train_data.shape), "levels": train_data.levels},
+        "step": step, "total_steps": total, "finished": step >= total, "stopped_by": stop,
+        "steps_this_run": steps_run, "train_s": round(train_s, 2), "train_s_all_runs": round(before_s + train_s, 2),
+        "steps_per_s": round(steps_run / train_s, 3) if train_s > 0 else None,
+        "images_per_s": round(steps_run * cfg.batch * dist_.world / train_s, 1) if train_s > 0 else None,
+        "final_train_nats": round(last[0], 4) if last else None,
+        **result,
+        "weights_sha256": digests,
+        "total_s": round(time.perf_counter() - t_start, 2),
+    }
+    path = os.path.join(cfg.out, "summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    written.append(path)
+    say(f"wrote {', '.join(written)} ({summary['total_s']:.0f} s in all)")
+    return summary
+
+
+def _trim_metrics(path, step):
+    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                pass
+    with open(path, "w") as f:
+        f.writelines(keep)

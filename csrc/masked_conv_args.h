@@ -18,15 +18,18 @@ inline bool channels_last(const at::Tensor& t) {
 }
 
 // Checks shapes and arguments with a clear message; returns the call's geometry.
+// allow_vertical: the kernel knows mask_type 'V' (see masked_conv_shape.h).
 inline MaskedConvShape masked_conv_shape(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                          std::string_view mask_type, int64_t data_channels, at::IntArrayRef padding,
-                                         at::IntArrayRef dilation) {
+                                         at::IntArrayRef dilation, bool allow_vertical = false) {
   TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D [batch, channels, height, width], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [out_channels, in_channels, kh, kw], got ",
               weight.sizes());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": input and weight must share a dtype, got input ",
               x.scalar_type(), ", weight ", weight.scalar_type());
-  TORCH_CHECK(mask_type == "A" || mask_type == "B", op, ": mask_type must be 'A' or 'B', got '", mask_type, "'");
+  const bool vertical = mask_type == "V";
+  TORCH_CHECK(mask_type == "A" || mask_type == "B" || (vertical && allow_vertical), op, ": mask_type must be 'A' or 'B'",
+              allow_vertical ? " (or 'V')" : "", ", got '", mask_type, "'");
   TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, op, ": padding and dilation must have 2 entries, got ",
               padding, " and ", dilation);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
@@ -35,18 +38,19 @@ inline MaskedConvShape masked_conv_shape(const char* op, const at::Tensor& x, co
   s.B = x.size(0), s.Ci = x.size(1), s.H = x.size(2), s.W = x.size(3);
   s.Co = weight.size(0), s.kh = weight.size(2), s.kw = weight.size(3);
   TORCH_CHECK(weight.size(1) == s.Ci, op, ": input has ", s.Ci, " channels but weight expects ", weight.size(1));
-  TORCH_CHECK(s.kh % 2 == 1 && s.kw % 2 == 1, op, ": kernel size must be odd in both dimensions, got (", s.kh,
-              ", ", s.kw, ")");
+  TORCH_CHECK(vertical || (s.kh % 2 == 1 && s.kw % 2 == 1), op, ": kernel size must be odd in both dimensions, got (",
+              s.kh, ", ", s.kw, ")");
   TORCH_CHECK(data_channels >= 1 && s.Ci % data_channels == 0 && s.Co % data_channels == 0, op,
               ": in_channels (", s.Ci, ") and out_channels (", s.Co, ") must both be divisible by data_channels (",
               data_channels, ")");
   s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];
-  s.Ho = s.H + 2 * s.ph - s.dh * (s.kh - 1);
+  s.Ho = vertical ? s.H : s.H + 2 * s.ph - s.dh * (s.kh - 1);
   s.Wo = s.W + 2 * s.pw - s.dw * (s.kw - 1);
   TORCH_CHECK(s.Ho >= 1 && s.Wo >= 1, op, ": input (", s.H, ", ", s.W, ") is too small for kernel (", s.kh, ", ",
               s.kw, ") with padding ", padding, " and dilation ", dilation);
   s.data_channels = data_channels;
   s.strict = mask_type == "A";
+  s.vertical = vertical;
   return s;
 }
 

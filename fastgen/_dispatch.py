@@ -11,6 +11,8 @@ Order of choice for one call:
 """
 import os
 
+import torch
+
 
 class BackendError(RuntimeError):
     """An explicitly requested backend cannot take the call."""
@@ -72,3 +74,14 @@ def new_op(name, preference):
     op = Op(name, preference)
     OPS[name] = op
     return op
+
+
+def autocast(device_type, *tensors):
+    """Under torch.autocast for ``device_type``, floating tensors cast to the
+    autocast dtype (as F.conv2d's inputs are), so that fastgen's ops, whose
+    tensors must share one dtype, take mixed float32 weights and bf16
+    activations; otherwise the tensors as they are. None stays None."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

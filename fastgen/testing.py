@@ -108,7 +108,7 @@ class PlainGatedMaskedConv2d(nn.Module):
     names as fastgen.GatedMaskedConv2d (its state_dict loads; the mask is a buffer)."""
 
     def __init__(self, in_channels, channels, kernel_size=3, mask_type="B", data_channels=1, num_classes=None,
-                 residual=None):
+                 residual=None, last=False):
         super().__init__()
         k, half = kernel_size, kernel_size // 2 + 1
         self.channels, self.mask_type, self.data_channels = channels, mask_type, data_channels
@@ -119,10 +119,13 @@ class PlainGatedMaskedConv2d(nn.Module):
         mask[:, :, 0, -1] = centre_channel_mask(2 * channels, in_channels, mask_type, data_channels)
         self.register_buffer("h_mask", mask)
         self.link = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)
-        self.res = RefMaskedConv2d("B", channels, channels, 1, data_channels=data_channels)
+        self.last = last
+        if not last:
+            self.res = RefMaskedConv2d("B", channels, channels, 1, data_channels=data_channels)
         self.skip = RefMaskedConv2d("B", channels, channels, 1, data_channels=data_channels)
         if num_classes is not None:
-            self.label_v = nn.Embedding(num_classes, 2 * channels)
+            if not last:
+                self.label_v = nn.Embedding(num_classes, 2 * channels)
             self.label_h = nn.Embedding(num_classes, 2 * channels)
 
     def gate(self, x):
@@ -141,9 +144,12 @@ class PlainGatedMaskedConv2d(nn.Module):
         shifted = F.pad(v_pre, (0, 0, 1, 0))[:, :, :height]
         h_pre = h_pre + self.link(shifted)
         if label is not None:
-            v_pre = v_pre + self.label_v(label)[:, :, None, None]
             h_pre = h_pre + self.label_h(label)[:, :, None, None]
         gated = self.gate(h_pre)
+        if self.last:
+            return None, None, self.skip(gated)
+        if label is not None:
+            v_pre = v_pre + self.label_v(label)[:, :, None, None]
         h_out = self.res(gated)
         if self.residual:
             h_out = h_out + h
@@ -159,7 +165,7 @@ def plain_gated_pixelcnn(model):
     dc = model.data_channels
     for i, layer in enumerate(model.layers):
         plain.layers[i] = PlainGatedMaskedConv2d(layer.in_channels, layer.channels, layer.kernel_size,
-                                                 layer.mask_type, dc, layer.num_classes, layer.residual)
+                                                 layer.mask_type, dc, layer.num_classes, layer.residual, layer.last)
     for i, m in enumerate(model.head):
         if isinstance(m, nn.Conv2d):
             plain.head[i] = RefMaskedConv2d("B", m.in_channels, m.out_channels, 1, data_channels=dc)

@@ -372,3 +372,68 @@ def test_gated_activation_opcheck_conditioning_map_layouts(backend):
     torch.testing.assert_close(cond.grad, x.grad)
     torch.library.opcheck(ops.gated_activation_op, (x, cond.detach().contiguous(memory_format=torch.channels_last)
                                                     .requires_grad_(), 1, backend))
+
+
+# ---- the vertical stack's convolution -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["ref", "cpp"])
+@pytest.mark.parametrize("kernel, shift", [((2, 3), 0), ((4, 7), 0), ((1, 1), 1), ((3, 5), 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vertical_conv2d_matches_ref(backend, kernel, shift, channels_last):
+    require_backend(ops.VERTICAL, backend)
+    from fastgen.functional import vertical_conv2d
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    w = torch.randn(8, 5, *kernel, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    kh, kw = kernel
+
+    def spec(xx, ww, bb):  # row y reads rows y-shift-kh+1 .. y-shift: a shifted zero-padded conv
+        rows = torch.nn.functional.pad(xx, (kw // 2, kw // 2, kh - 1 + shift, 0))[:, :, :xx.shape[2] + kh - 1]
+        return torch.nn.functional.conv2d(rows, ww, bb)
+
+    want, want_g = grads_of(spec, [leaf(t, torch.float64, "cpu") for t in (x, w, b)])
+    got, got_g = grads_of(lambda xx, ww, bb: vertical_conv2d(xx, ww, bb, shift=shift, backend=backend),
+                          [leaf(x, torch.float64, "cpu", channels_last), leaf(w, torch.float64, "cpu"),
+                           leaf(b, torch.float64, "cpu")])
+    torch.testing.assert_close(got, want)
+    for g, wg in zip(got_g, want_g):
+        torch.testing.assert_close(g, wg)
+    if backend == "cpp":
+        torch.library.opcheck(ops.masked_conv2d_op, (leaf(x, torch.float64, "cpu"), w, b, "V", 1,
+                                                     [kh - 1 + shift, kw // 2], [1, 1], "cpp"))
+
+
+def test_vertical_conv2d_errors():
+    from fastgen.functional import vertical_conv2d
+    with pytest.raises(ValueError, match="kernel width must be odd"):
+        vertical_conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 2, 2))
+    with pytest.raises(ValueError, match="shift must be an int >= 0"):
+        vertical_conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 2, 3), shift=-1)
+    with pytest.raises(ValueError, match="matching Cin"):
+        vertical_conv2d(torch.randn(1, 3, 4, 4), torch.randn(3, 2, 2, 3))
+    with pytest.raises(ValueError, match="mask_type must be 'A' or 'B'"):  # 'V' is internal to the cpp kernel
+        fastgen.functional.masked_conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3), mask_type="V")
+
+
+def test_last_layer_has_only_a_skip_output():
+    layer = fastgen.GatedMaskedConv2d(4, 4, 3, "B", num_classes=3, last=True)
+    assert not hasattr(layer, "res") and not hasattr(layer, "label_v")
+    v, h, skip = layer(torch.randn(2, 4, 5, 5), label=torch.tensor([0, 2]))
+    assert v is None and h is None and skip.shape == (2, 4, 5, 5)
+    skip.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())  # nothing unused (DDP needs no special mode)
+
+
+def test_gated_pixelcnn_under_autocast():
+    """bf16 autocast (what training on a GPU uses): mixed float32 weights and bf16 activations work."""
+    from fastgen.models import GatedPixelCNN
+    torch.manual_seed(0)
+    m = GatedPixelCNN((1, 6, 6), channels=8, layers=3, likelihood="bernoulli", num_classes=2)
+    x = (torch.rand(2, 1, 6, 6) < 0.5).to(torch.uint8)
+    label = torch.tensor([0, 1])
+    want = m.loss(x, label)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.loss(x, label)
+    got.backward()
+    assert abs(got.item() - want.item()) < 0.05 * abs(want.item())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())

@@ -4,6 +4,8 @@
 // the kernel rows above the centre, the centre row left of the centre, and the
 // centre itself for the channel pairs the colour rule opens (mask A: input
 // colour block < output block; mask B: <=). See fastgen/ref/masked_conv.py.
+// mask_type 'V' runs every tap with an output as tall as the input (the Gated
+// PixelCNN's vertical stack and its down-shifted link: csrc/masked_conv_shape.h).
 //
 // Design (AVX-512): direct convolutions whose accumulators are vectors of
 // output channels (16 floats / 8 doubles), so that every sum over input
@@ -70,7 +72,7 @@ struct Tap {
 struct Conv : fastgen::MaskedConvShape {
   std::vector<Tap> taps;  // the visible taps in raster order (the centre last, if any of it is visible)
 
-  bool is_centre(const Tap& t) const { return t.i == kh / 2 && t.j == kw / 2; }
+  bool is_centre(const Tap& t) const { return !vertical && t.i == kh / 2 && t.j == kw / 2; }
   // The colour rule at the centre tap (every other visible tap sees all channel pairs).
   bool centre_open(int64_t co, int64_t ci) const {
     int64_t g = co / (Co / data_channels), h = ci / (Ci / data_channels);
@@ -85,7 +87,12 @@ Conv make_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, st
               ": the CPU kernel takes 4-D float32 and float64 input, got ", x.scalar_type(), " ", x.sizes());
   Conv c;
   static_cast<fastgen::MaskedConvShape&>(c) =
-      fastgen::masked_conv_shape(op, x, weight, mask_type, data_channels, padding, dilation);
+      fastgen::masked_conv_shape(op, x, weight, mask_type, data_channels, padding, dilation, /*allow_vertical=*/true);
+  if (c.vertical) {  // every tap, in raster order
+    for (int64_t i = 0; i < c.kh; ++i)
+      for (int64_t j = 0; j < c.kw; ++j) c.taps.push_back({i, j});
+    return c;
+  }
   const int64_t ch = c.kh / 2, cw = c.kw / 2;
   for (int64_t i = 0; i < ch; ++i)
     for (int64_t j = 0; j < c.kw; ++j) c.taps.push_back({i, j});
@@ -542,11 +549,22 @@ Padded<T> pad_channels_last(const at::Tensor& x, const Geo& geo, int64_t ld) {
   const int64_t B = x.size(0), C = x.size(1), H = geo.Hin, W = geo.Win, Hp = geo.Hp(), Wp = geo.Wp();
   const bool cl = channels_last(x);
   const at::Tensor xc = cl ? x : x.contiguous();
-  at::Tensor buf = at::zeros({B * Hp * Wp * ld}, x.options());
+  at::Tensor buf = at::empty({B * Hp * Wp * ld}, x.options());
   T* dst = buf.data_ptr<T>();
   const T* src = xc.data_ptr<T>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      // zero only what the copy below does not write: border rows and columns, and lanes C..ld
+      T* img = dst + b * Hp * Wp * ld;
+      std::fill(img, img + geo.top * Wp * ld, T(0));
+      std::fill(img + (geo.top + H) * Wp * ld, img + Hp * Wp * ld, T(0));
+      for (int64_t r = geo.top; r < geo.top + H; ++r) {
+        T* row = img + r * Wp * ld;
+        std::fill(row, row + geo.left * ld, T(0));
+        std::fill(row + (geo.left + W) * ld, row + Wp * ld, T(0));
+        if (ld > C)
+          for (int64_t q = geo.left; q < geo.left + W; ++q) std::fill(row + q * ld + C, row + (q + 1) * ld, T(0));
+      }
       T* d = dst + ((b * Hp + geo.top) * Wp + geo.left) * ld;
       if (!cl) {
         to_channels_last_padded(src + b * C * H * W, C, H, W, d, Wp, ld);

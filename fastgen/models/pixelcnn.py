@@ -177,10 +177,11 @@ class GatedPixelCNN(AutoregressiveImageModel):
             raise ValueError(f"GatedPixelCNN: channels ({channels}) must be a multiple of data_channels ({dc})")
         if layers < 1:
             raise ValueError(f"GatedPixelCNN: layers must be >= 1, got {layers}")
+        # the last layer's only output is its skip (no res conv, no vertical gate)
         self.layers = nn.ModuleList(
-            [GatedMaskedConv2d(dc, channels, first_kernel, "A", dc, num_classes, backend=backend)]
-            + [GatedMaskedConv2d(channels, channels, kernel_size, "B", dc, num_classes, backend=backend)
-               for _ in range(layers - 1)])
+            [GatedMaskedConv2d(dc, channels, first_kernel, "A", dc, num_classes, last=layers == 1, backend=backend)]
+            + [GatedMaskedConv2d(channels, channels, kernel_size, "B", dc, num_classes, last=i == layers - 2,
+                                 backend=backend) for i in range(layers - 1)])
         self.head = _output_head(channels, self.out_channels, dc, backend if backend in MASKED_CONV.backends else None)
 
     def forward(self, x, label=None):

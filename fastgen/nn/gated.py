@@ -1,13 +1,12 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastgen.nn.masked_conv import MaskedConv2d
 from fastgen.ops import gated as gated_ops
 from fastgen.ops import masked_conv as masked_conv_ops
-from fastgen.ops.gated import gated_activation, gated_conv2d, stack_conv2d
+from fastgen.ops.gated import gated_activation, gated_conv2d, vertical_conv2d
 
-_OPS = (gated_ops.ACT, gated_ops.CONV, masked_conv_ops.OP)
+_OPS = (gated_ops.ACT, gated_ops.CONV, gated_ops.VERTICAL, masked_conv_ops.OP)
 
 
 class GatedMaskedConv2d(nn.Module):
@@ -33,12 +32,15 @@ class GatedMaskedConv2d(nn.Module):
     ``backend``: force one backend name on each fastgen op of the layer that
     has it (e.g. 'ref' or 'triton'; see ``fastgen.backends()``); default: dispatch.
 
+    ``last=True``: the last layer of a stack, whose only output is ``skip``
+    (no ``res`` convolution, no vertical gate or vertical conditioning).
+
     ``forward(v, h=None, label=None, cond=None) -> (v, h, skip)``; the first
-    layer takes the image as ``v`` (and ``h``).
+    layer takes the image as ``v`` (and ``h``); a last layer returns (None, None, skip).
     """
 
     def __init__(self, in_channels, channels, kernel_size=3, mask_type="B", data_channels=1, num_classes=None,
-                 cond_channels=None, residual=None, backend=None):
+                 cond_channels=None, residual=None, last=False, backend=None):
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"GatedMaskedConv2d: kernel_size must be an odd positive int, got {kernel_size!r}")
@@ -59,23 +61,27 @@ class GatedMaskedConv2d(nn.Module):
                              "pixel itself) and in_channels == channels")
         self.in_channels, self.channels, self.kernel_size = in_channels, channels, kernel_size
         self.mask_type, self.data_channels, self.residual, self.backend = mask_type, data_channels, residual, backend
+        self.last = last
         half = kernel_size // 2 + 1
         self.v_conv = nn.Conv2d(in_channels, 2 * channels, (half, kernel_size))
         self.h_conv = nn.Conv2d(in_channels, 2 * channels, (1, half))
         self.link = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)
         conv_backend = self._backend(masked_conv_ops.OP)
-        self.res = MaskedConv2d(channels, channels, 1, mask_type="B", data_channels=data_channels,
-                                backend=conv_backend)
+        if not last:
+            self.res = MaskedConv2d(channels, channels, 1, mask_type="B", data_channels=data_channels,
+                                    backend=conv_backend)
         self.skip = MaskedConv2d(channels, channels, 1, mask_type="B", data_channels=data_channels,
                                  backend=conv_backend)
         self.num_classes, self.cond_channels = num_classes, cond_channels
         if num_classes is not None:
-            self.label_v = nn.Embedding(num_classes, 2 * channels)
+            if not last:
+                self.label_v = nn.Embedding(num_classes, 2 * channels)
+                nn.init.zeros_(self.label_v.weight)
             self.label_h = nn.Embedding(num_classes, 2 * channels)
-            nn.init.zeros_(self.label_v.weight)
             nn.init.zeros_(self.label_h.weight)
         if cond_channels is not None:
-            self.cond_v = nn.Conv2d(cond_channels, 2 * channels, 1, bias=False)
+            if not last:
+                self.cond_v = nn.Conv2d(cond_channels, 2 * channels, 1, bias=False)
             self.cond_h = nn.Conv2d(cond_channels, 2 * channels, 1, bias=False)
 
     def _backend(self, op):
@@ -96,15 +102,17 @@ class GatedMaskedConv2d(nn.Module):
             if label.numel() and (label.min() < 0 or label.max() >= self.num_classes):
                 raise ValueError(f"GatedMaskedConv2d: labels must be in 0..{self.num_classes - 1}, got "
                                  f"{label.min().item()}..{label.max().item()}")
-            cv, ch = self.label_v(label), self.label_h(label)
+            cv, ch = None if self.last else self.label_v(label), self.label_h(label)
         if cond is not None:
             if self.cond_channels is None:
                 raise ValueError("GatedMaskedConv2d: a conditioning map was given but the layer has no cond_channels")
             if cond.dim() != 4 or cond.shape[0] != b or cond.shape[1] != self.cond_channels or cond.shape[2:] != hw:
                 raise ValueError(f"GatedMaskedConv2d: cond must be [{b}, {self.cond_channels}, {hw[0]}, {hw[1]}], "
                                  f"got {tuple(cond.shape)}")
-            mv, mh = self.cond_v(cond), self.cond_h(cond)
-            cv = mv if cv is None else mv + cv[:, :, None, None]
+            mh = self.cond_h(cond)
+            if not self.last:
+                mv = self.cond_v(cond)
+                cv = mv if cv is None else mv + cv[:, :, None, None]
             ch = mh if ch is None else mh + ch[:, :, None, None]
         return cv, ch
 
@@ -116,17 +124,17 @@ class GatedMaskedConv2d(nn.Module):
         b, _, height, width = v.shape
         cv, ch = self._conditioning(label, cond, b, (height, width))
         dc = self.data_channels
-        v_pre = stack_conv2d(v, self.v_conv.weight, self.v_conv.bias, "vertical")
-        v_out = gated_activation(v_pre, cv, data_channels=dc, backend=self._backend(gated_ops.ACT))
+        vb = self._backend(gated_ops.VERTICAL)
+        v_pre = vertical_conv2d(v, self.v_conv.weight, self.v_conv.bias, backend=vb)
+        v_out = None if self.last else gated_activation(v_pre, cv, data_channels=dc, backend=self._backend(gated_ops.ACT))
         # row y of the horizontal stack reads the vertical pre-activation of row y-1 (row 0: nothing)
-        if height > 1:
-            link = F.pad(self.link(v_pre[:, :, :-1]), (0, 0, 1, 0))
-        else:
-            link = v_pre.new_zeros(v_pre.shape)
+        link = vertical_conv2d(v_pre, self.link.weight, shift=1, backend=vb)
         if ch is not None:
             link = link + (ch if ch.dim() == 4 else ch[:, :, None, None])
         gated = gated_conv2d(h, self.h_conv.weight, self.h_conv.bias, link, stack="horizontal",
                              mask_type=self.mask_type, data_channels=dc, backend=self._backend(gated_ops.CONV))
+        if self.last:
+            return None, None, self.skip(gated)
         h_out = self.res(gated)
         if self.residual:
             h_out = h_out + h
@@ -134,4 +142,4 @@ class GatedMaskedConv2d(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.channels}, kernel_size={self.kernel_size}, mask_type={self.mask_type!r}, "
-                f"data_channels={self.data_channels}, residual={self.residual}")
+                f"data_channels={self.data_channels}, residual={self.residual}" + (", last=True" if self.last else ""))

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import new_op
-from fastgen.ops.masked_conv import FLOAT_DTYPES, _kernel_layout, _takes, masked_conv2d
+from fastgen._dispatch import autocast, new_op
+from fastgen.ops.masked_conv import _CPP_FAST, FLOAT_DTYPES, _kernel_layout, _takes, masked_conv2d, masked_conv2d_op
 from fastgen.ref import gated as ref
 from fastgen.ref.gated import STACKS
 
@@ -122,13 +122,57 @@ def stack_conv2d(x, weight, bias=None, stack="horizontal", mask_type="B", data_c
     """The ungated convolution of one stack (see fastgen.ref.gated), output the
     size of the input. The horizontal 1 x kc kernel is a masked convolution of
     width 2kc-1 whose right half is masked: it runs on masked_conv2d's backends,
-    which compute only the visible taps."""
+    which compute only the visible taps. The vertical one is vertical_conv2d."""
     if stack == "vertical":
-        kh, kw = weight.shape[2:]
-        return F.conv2d(F.pad(x, (kw // 2, kw // 2, kh - 1, 0)), weight, bias)
+        return vertical_conv2d(x, weight, bias)
     kc = weight.shape[3]
     return masked_conv2d(x, F.pad(weight, (0, kc - 1)), bias, (0, kc - 1), mask_type=mask_type,
                          data_channels=data_channels, backend=backend)
+
+
+class VCall(NamedTuple):
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    shift: int
+
+
+def make_vertical_call(x, weight, bias, shift):
+    op = "vertical_conv2d"
+    _check_float(op, [("input", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else []))
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: input [B, Cin, H, W] and weight [Cout, Cin, kh, kw] must be 4-D with matching Cin, "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.shape[3] % 2 == 0:
+        raise ValueError(f"{op}: the kernel width must be odd (centred on the column), got {weight.shape[3]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"{op}: shift must be an int >= 0, got {shift!r}")
+    return VCall(x, weight, bias, shift)
+
+
+def _vertical_ref(c):
+    kh, kw = c.weight.shape[2:]
+    return F.conv2d(F.pad(c.x, (kw // 2, kw // 2, kh - 1 + c.shift, -c.shift)), c.weight, c.bias)
+
+
+def _vertical_cpp(c):
+    kh, kw = c.weight.shape[2:]
+    return masked_conv2d_op(c.x, c.weight, c.bias, "V", 1, [kh - 1 + c.shift, kw // 2], [1, 1], "cpp")
+
+
+def vertical_conv2d(input, weight, bias=None, *, shift=0, backend=None):
+    """The vertical stack's convolution: every tap of a [Cout, Cin, kh, kw]
+    kernel (kw odd), output the size of the input, output row y reading input
+    rows y-shift-kh+1 .. y-shift. ``shift=0``: the stack itself (rows up to its
+    own); ``shift=1`` with a 1x1 kernel: the link to the horizontal stack, which
+    reads the row above. Backends: ``ref`` (zero-pad, conv2d) and ``cpp`` (the
+    masked-conv CPU kernel in its 'V' mode: no padded copy, no crop)."""
+    if isinstance(input, torch.Tensor):
+        input, weight, bias = autocast(input.device.type, input, weight, bias)
+    c = make_vertical_call(input, weight, bias, shift)
+    return VERTICAL.run(c, input.device.type, backend)
 
 
 # ---- registered kernel ops with autograd -----------------------------------------------------------------------
@@ -296,6 +340,7 @@ def _composed(c):
 # ops (ref / composed) until the Triton kernels have been timed there.
 ACT_PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["ref"]}
 CONV_PREFERENCE = {"cpu": ["composed", "ref"], "cuda": ["composed", "ref"]}
+VERTICAL_PREFERENCE = {"cpu": (["cpp"] if _CPP_FAST else []) + ["ref"], "cuda": ["ref"]}
 
 def _act_kernel_runner(backend):
     def run(c):
@@ -312,6 +357,10 @@ ACT.register("cpp", _act_kernel_runner("cpp"), why_not=_takes("cpp", "cpu", F32_
 ACT.register("triton", _act_kernel_runner("triton"), why_not=_triton_why_not(TRITON_DTYPES),
              unavailable=_ext.triton_unavailable)
 
+VERTICAL = new_op("vertical_conv2d", VERTICAL_PREFERENCE)
+VERTICAL.register("ref", _vertical_ref)
+VERTICAL.register("cpp", _vertical_cpp, why_not=_takes("cpp", "cpu", F32_F64), unavailable=_ext.cpp_unavailable)
+
 CONV = new_op("gated_conv2d", CONV_PREFERENCE)
 CONV.register("ref", lambda c: ref.gated_conv2d(*c))
 CONV.register("composed", _composed)
@@ -324,6 +373,8 @@ def gated_activation(input, cond=None, *, data_channels=1, backend=None):
     ``cond``: None, [B, 2C] (a bias per sample and channel, e.g. a class
     embedding) or input's shape (a conditioning map). With ``data_channels``
     colour blocks, each block is split into its f and g halves (fastgen.ref.gated)."""
+    if isinstance(input, torch.Tensor):
+        input, cond = autocast(input.device.type, input, cond)
     c = make_act_call(input, cond, data_channels)
     return ACT.run(c, input.device.type, backend)
 
@@ -335,5 +386,7 @@ def gated_conv2d(input, weight, bias=None, cond=None, *, stack="horizontal", mas
     weight of 2C output channels. ``stack``: 'vertical' (weight [2C, Cin, kv, kw],
     rows y-kv+1..y) or 'horizontal' (weight [2C, Cin, 1, kc], the kc-1 pixels to
     the left and the pixel itself under ``mask_type``). See fastgen.ref.gated."""
+    if isinstance(input, torch.Tensor):
+        input, weight, bias, cond = autocast(input.device.type, input, weight, bias, cond)
     c = make_conv_call(input, weight, bias, cond, stack, mask_type, data_channels)
     return CONV.run(c, input.device.type, backend)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import new_op
+from fastgen._dispatch import autocast, new_op
 from fastgen.ref import masked_conv as ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -212,8 +212,10 @@ def _kernel_layout(x):
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _fake_output(x, weight, padding, dilation):
+def _fake_output(x, weight, padding, dilation, mask_type="B"):
     ho, wo = out_size(x.shape, weight.shape[2:], padding, dilation)
+    if mask_type == "V":  # the vertical stack's mode of the cpp kernel: as tall as the input (fastgen.ops.gated)
+        ho = x.shape[2]
     return torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                        memory_format=_kernel_layout(x))
 
@@ -228,7 +230,7 @@ def _fake_grads(x, weight, output_mask):
 
 @masked_conv2d_op.register_fake
 def _(x, weight, bias, mask_type, data_channels, padding, dilation, backend):
-    return _fake_output(x, weight, padding, dilation)
+    return _fake_output(x, weight, padding, dilation, mask_type)
 
 
 @torch.library.custom_op("fastgen::masked_conv2d_grad", mutates_args=())
@@ -272,7 +274,7 @@ def _register_kernel_fakes():
     """Fake (shape-only) versions of the C++ ops, for torch.compile and opcheck."""
     @torch.library.register_fake("fastgen::masked_conv2d_forward")
     def _(x, weight, bias, mask_type, data_channels, padding, dilation):
-        return _fake_output(x, weight, padding, dilation)
+        return _fake_output(x, weight, padding, dilation, mask_type)
 
     @torch.library.register_fake("fastgen::masked_conv2d_backward")
     def _(grad_out, x, weight, mask_type, data_channels, padding, dilation, output_mask):
@@ -341,5 +343,7 @@ def masked_conv2d(input, weight, bias=None, padding=0, dilation=1, *, mask_type=
     dilation=dilation)`` computing only the taps the mask keeps. Masked entries of
     ``weight`` are ignored and get zero gradient. ``padding="same"`` gives
     the causal same-size output (the fast path). See fastgen.ref.masked_conv for the mask."""
+    if isinstance(input, torch.Tensor):
+        input, weight, bias = autocast(input.device.type, input, weight, bias)
     c = make_call(input, weight, bias, mask_type, data_channels, padding, dilation, stride, groups)
     return OP.run(c, input.device.type, backend)

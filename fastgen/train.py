@@ -463,10 +463,9 @@ def _train(cfg, dist_, out):
         _set_rng_state(rngs[dist_.rank % len(rngs)], device)
     net = _Loss(model)
     if dist_.group:
-        # static_graph: the last gated layer's unused outputs leave some parameters without gradients, the
-        # same ones at every step
+        # every parameter gets a gradient at every step (the last gated layer has no unused outputs)
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
+            net, device_ids=[device.index] if device.type == "cuda" else None)
     if main:
         os.makedirs(cfg.out, exist_ok=True)
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")

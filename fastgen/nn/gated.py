@@ -126,7 +126,9 @@ class GatedMaskedConv2d(nn.Module):
         dc = self.data_channels
         vb = self._backend(gated_ops.VERTICAL)
         v_pre = vertical_conv2d(v, self.v_conv.weight, self.v_conv.bias, backend=vb)
-        v_out = None if self.last else gated_activation(v_pre, cv, data_channels=dc, backend=self._backend(gated_ops.ACT))
+        v_out = None
+        if not self.last:  # a last layer only needs v_pre, for the link
+            v_out = gated_activation(v_pre, cv, data_channels=dc, backend=self._backend(gated_ops.ACT))
         # row y of the horizontal stack reads the vertical pre-activation of row y-1 (row 0: nothing)
         link = vertical_conv2d(v_pre, self.link.weight, shift=1, backend=vb)
         if ch is not None:

@@ -55,8 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .masked_conv import (INTERPRET, SUPPORTED_DTYPES, _Geometry, _channel_block, _grad_input, _grad_weight,
-                          _launch, _like_input, _mma, _needs_int64, _round_out)
+from .masked_conv import (INTERPRET, SUPPORTED_DTYPES, _Geometry, _channel_block, _grad_input, _grad_weight, _launch,
+                          _like_input, _mma, _needs_int64, _round_out, check_conv_tensors)
 
 STACKS = ("vertical", "horizontal")
 _SLOT_M = 32  # rows per partial-sum slot of the conv backward; every BLOCK_M is a multiple of it
@@ -505,16 +505,7 @@ class _StackGeometry(_Geometry):
 
     def __init__(self, x, weight, stack, mask_type, data_channels):
         who = "gated_conv2d (triton)"
-        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-            raise ValueError(f"{who}: input and weight must be tensors")
-        if x.dim() != 4 or weight.dim() != 4:
-            raise ValueError(f"{who}: input and weight must be 4-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
-        if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
-            raise ValueError(f"{who}: input and weight must share one of float16, bfloat16, float32, got "
-                             f"{x.dtype} and {weight.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"{who}: input on {x.device} but weight on {weight.device}")
-        _check_device(who, x)
+        check_conv_tensors(who, x, weight)
         if stack not in STACKS:
             raise ValueError(f"{who}: stack must be 'vertical' or 'horizontal', got {stack!r}")
         if mask_type not in ("A", "B"):

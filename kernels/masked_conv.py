@@ -323,23 +323,28 @@ def _pair(v, name):
     raise ValueError(f"masked_conv2d (triton): {name} must be an int or two ints, got {v!r}")
 
 
+def check_conv_tensors(who, x, weight):
+    """The input/weight checks every convolution launcher needs (4-D, one dtype and device Triton runs)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{who}: input and weight must be tensors")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"{who}: input and weight must be 4-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"{who}: input and weight must share one of float16, bfloat16, float32, got "
+                         f"{x.dtype} and {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{who}: input on {x.device} but weight on {weight.device}")
+    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
+        raise ValueError(f"{who}: needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 set before "
+                         f"importing fastgen), got {x.device.type}")
+
+
 class _Geometry:
     """Shapes, the visible-tap plan and the checks shared by forward and backward."""
 
     def __init__(self, x, weight, mask_type, data_channels, padding, dilation):
         who = "masked_conv2d (triton)"
-        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-            raise ValueError(f"{who}: input and weight must be tensors")
-        if x.dim() != 4 or weight.dim() != 4:
-            raise ValueError(f"{who}: input and weight must be 4-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
-        if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
-            raise ValueError(f"{who}: input and weight must share one of float16, bfloat16, float32, got "
-                             f"{x.dtype} and {weight.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"{who}: input on {x.device} but weight on {weight.device}")
-        if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
-            raise ValueError(f"{who}: needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 set before "
-                             f"importing fastgen), got {x.device.type}")
+        check_conv_tensors(who, x, weight)
         if mask_type not in ("A", "B"):
             raise ValueError(f"{who}: mask_type must be 'A' or 'B', got {mask_type!r}")
         self.B, self.Ci, self.H, self.W = x.shape

@@ -64,10 +64,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTGEN_GATED_AVX512 1
-#include <immintrin.h>
-#endif
+#include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 
 // The per-vector math must inline into the row loops (GCC keeps the gate out of line otherwise).
 #define FASTGEN_INLINE inline __attribute__((always_inline))
@@ -115,7 +112,7 @@ constexpr double kInvFact[11] = {1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800,
                                  1.0 / 5040,      1.0 / 720,      1.0 / 120,     1.0 / 24,     1.0 / 6,
                                  1.0 / 2};  // 1/k!, k = 12 .. 2
 
-#ifdef FASTGEN_GATED_AVX512
+#ifdef FASTGEN_AVX512
 // ---- AVX-512 kernels (this section only is compiled for AVX-512F) ---------------------------------------
 #pragma GCC push_options
 #pragma GCC target("avx512f")
@@ -396,18 +393,9 @@ TileFn<T> kernel(bool backward, Cond cm) {
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
-#endif  // FASTGEN_GATED_AVX512
+#endif  // FASTGEN_AVX512
 
-bool use_avx512() {
-#ifdef FASTGEN_GATED_AVX512
-  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");  // "generic": the portable path (for tests)
-  if (forced && std::string_view(forced) == "generic") return false;
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
+using fastgen::use_avx512;
 
 // ---- portable path: the same math on scalars, in loops the compiler vectorises --------------------------
 //
@@ -619,7 +607,7 @@ TileFn<T> kernel(bool backward, Cond cm) {
 
 template <class T>
 TileFn<T> pick_kernel(bool backward, Cond cm) {
-#ifdef FASTGEN_GATED_AVX512
+#ifdef FASTGEN_AVX512
   if (use_avx512()) return avx512::kernel<T>(backward, cm);
 #endif
   return portable::kernel<T>(backward, cm);

@@ -53,10 +53,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTGEN_MC_AVX512 1
-#include <immintrin.h>
-#endif
+#include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 
 namespace {
 
@@ -256,7 +253,7 @@ struct WgradArgs {
   int64_t rows_per_chunk;
 };
 
-#ifdef FASTGEN_MC_AVX512
+#ifdef FASTGEN_AVX512
 // ---- AVX-512 kernels (this section only is compiled for AVX-512F) ---------------------------------------
 #pragma GCC push_options
 #pragma GCC target("avx512f")
@@ -632,18 +629,9 @@ void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
-#endif  // FASTGEN_MC_AVX512
+#endif  // FASTGEN_AVX512
 
-bool use_avx512() {
-#ifdef FASTGEN_MC_AVX512
-  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");  // "generic": the portable path (for tests)
-  if (forced && std::string_view(forced) == "generic") return false;
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
+using fastgen::use_avx512;
 
 // ---- portable path (CPUs without AVX-512): one GEMM per tap through ATen ----------------------------------
 //
@@ -737,7 +725,7 @@ void backward_gemm(const Conv& c, const at::Tensor& grad_out, const at::Tensor& 
 template <class T>
 void forward_impl(const Conv& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
                   at::Tensor& out) {
-#ifdef FASTGEN_MC_AVX512
+#ifdef FASTGEN_AVX512
   if (use_avx512()) return avx512::forward<T>(c, x, weight, bias, out);
 #endif
   forward_gemm(c, x, weight, bias, out);
@@ -746,7 +734,7 @@ void forward_impl(const Conv& c, const at::Tensor& x, const at::Tensor& weight, 
 template <class T>
 void backward_impl(const Conv& c, const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::Tensor* gx,
                    at::Tensor* gw) {
-#ifdef FASTGEN_MC_AVX512
+#ifdef FASTGEN_AVX512
   if (use_avx512()) {
     constexpr int64_t L = avx512::Vec<T>::L;
     const int64_t Cop = (c.Co + L - 1) / L * L;

@@ -1,0 +1,27 @@
+// Run-time choice of the CPU kernels' AVX-512 paths, shared by csrc/cpu/*.cpp.
+// Each file compiles its AVX-512 section only where FASTGEN_AVX512 is defined
+// (x86-64 with GCC/Clang) and asks use_avx512() before running it.
+#pragma once
+#include <cstdlib>
+#include <string_view>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTGEN_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace fastgen {
+
+// FASTGEN_CPU_KERNEL=generic forces the portable paths (for tests).
+inline bool use_avx512() {
+#ifdef FASTGEN_AVX512
+  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");
+  if (forced && std::string_view(forced) == "generic") return false;
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace fastgen

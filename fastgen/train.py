@@ -214,6 +214,10 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def barrier(self):
+        if self.group:
+            dist.barrier()
+
     def close(self):
         if self.group:
             dist.destroy_process_group()
@@ -410,7 +414,10 @@ def train(cfg: TrainConfig, *, out=None):
     fastgen.BackendError for a forced backend that cannot run."""
     dist_ = Dist(cfg.device)
     try:
-        return _train(cfg, dist_, out or sys.stdout)
+        result = _train(cfg, dist_, out or sys.stdout)
+        # a finished run's ranks leave together: a rank tearing gloo down while another still talks to it aborts
+        dist_.barrier()
+        return result
     finally:
         dist_.close()
 

@@ -15,6 +15,11 @@ one stack of a Gated PixelCNN layer.
 * ``triton``    one implicit GEMM that computes f and g together, adds bias and
                 cond and writes only the gated C channels: the 2C pre-activation
                 never reaches memory; the backward recomputes it
+
+``vertical_conv2d(x, weight, bias, shift=0)``: the vertical stack's convolution
+(and, with shift=1 and a 1x1 kernel, its link to the horizontal stack).
+* ``ref``  zero-pad, conv2d
+* ``cpp``  the masked-conv CPU kernel in its 'V' mode (csrc/masked_conv_shape.h)
 """
 from typing import List, NamedTuple, Optional
 

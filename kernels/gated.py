@@ -89,13 +89,10 @@ def _gate_grad(f, g, go):
 
 
 @triton.jit
-def _act_fwd_kernel(x_ptr, cond_ptr, y_ptr, S, C, cg,
-                    sxb, sxc, sxs, scb, scc, scs, syb, syc, sys,
-                    COND: tl.constexpr, CAST_F32: tl.constexpr, INT64: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    # program = (sample, position tile) x gated-channel tile; COND: 0 none, 1 [B, 2C], 2 x's shape
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _act_tile(x_ptr, cond_ptr, pid_m, pid_n, S, C, cg, sxb, sxc, sxs, scb, scc, scs,
+              COND: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile of program (pid_m = sample x position tile, pid_n = gated-channel tile) that both gated
+    activation kernels start from: its indices and f, g (+ cond) in fp32. COND: 0 none, 1 [B, 2C], 2 x's shape."""
     n_st = tl.cdiv(S, BLOCK_S)
     b = pid_m // n_st
     offs_s = (pid_m - b * n_st) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -117,6 +114,18 @@ def _act_fwd_kernel(x_ptr, cond_ptr, y_ptr, S, C, cg,
         cs = cond_ptr + b * scb + offs_s[:, None] * scs
         f += tl.load(cs + fi[None, :] * scc, mask=ok, other=0.0).to(tl.float32)
         g += tl.load(cs + gi[None, :] * scc, mask=ok, other=0.0).to(tl.float32)
+    return b, offs_s, offs_c, c_ok, ok, fi, gi, f, g
+
+
+@triton.jit
+def _act_fwd_kernel(x_ptr, cond_ptr, y_ptr, S, C, cg,
+                    sxb, sxc, sxs, scb, scc, scs, syb, syc, sys,
+                    COND: tl.constexpr, CAST_F32: tl.constexpr, INT64: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (sample, position tile) x gated-channel tile; COND: 0 none, 1 [B, 2C], 2 x's shape
+    b, offs_s, offs_c, c_ok, ok, fi, gi, f, g = _act_tile(
+        x_ptr, cond_ptr, tl.program_id(0), tl.program_id(1), S, C, cg, sxb, sxc, sxs, scb, scc, scs,
+        COND, INT64, BLOCK_S, BLOCK_C)
     y = _tanh(f) * _sigmoid(g)
     tl.store(y_ptr + b * syb + offs_s[:, None] * sys + offs_c[None, :] * syc,
              _round_out(y, y_ptr.dtype.element_ty, CAST_F32), mask=ok)
@@ -129,29 +138,9 @@ def _act_bwd_kernel(go_ptr, x_ptr, cond_ptr, gx_ptr, gc_ptr, sums_ptr, S, C, cg,
                     CAST_F32: tl.constexpr, INT64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     # grad_x -> gx (strides sd*), a full-shape cond's grad -> gc (strides sq*), [B, 2C] cond -> sums[b, tile, :]
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_st = tl.cdiv(S, BLOCK_S)
-    b = pid_m // n_st
-    st = pid_m - b * n_st
-    offs_s = st * BLOCK_S + tl.arange(0, BLOCK_S)
-    if INT64:
-        b = b.to(tl.int64)
-        offs_s = offs_s.to(tl.int64)
-    offs_c = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    ok = (offs_s < S)[:, None] & c_ok[None, :]
-    fi = offs_c + (offs_c // cg) * cg
-    gi = fi + cg
-    xs = x_ptr + b * sxb + offs_s[:, None] * sxs
-    f = tl.load(xs + fi[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(xs + gi[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
-    if COND == 1:
-        f += tl.load(cond_ptr + b * scb + fi * scc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        g += tl.load(cond_ptr + b * scb + gi * scc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    if COND == 2:
-        cs = cond_ptr + b * scb + offs_s[:, None] * scs
-        f += tl.load(cs + fi[None, :] * scc, mask=ok, other=0.0).to(tl.float32)
-        g += tl.load(cs + gi[None, :] * scc, mask=ok, other=0.0).to(tl.float32)
+    b, offs_s, offs_c, c_ok, ok, fi, gi, f, g = _act_tile(
+        x_ptr, cond_ptr, pid_m, tl.program_id(1), S, C, cg, sxb, sxc, sxs, scb, scc, scs,
+        COND, INT64, BLOCK_S, BLOCK_C)
     go = tl.load(go_ptr + b * sgb + offs_s[:, None] * sgs + offs_c[None, :] * sgc, mask=ok, other=0.0)
     df, dg = _gate_grad(f, g, go.to(tl.float32))
     if WRITE_X:
@@ -163,7 +152,7 @@ def _act_bwd_kernel(go_ptr, x_ptr, cond_ptr, gx_ptr, gc_ptr, sums_ptr, S, C, cg,
         tl.store(qs + fi[None, :] * sqc, _round_out(df, gc_ptr.dtype.element_ty, CAST_F32), mask=ok)
         tl.store(qs + gi[None, :] * sqc, _round_out(dg, gc_ptr.dtype.element_ty, CAST_F32), mask=ok)
     if SUMS:
-        row = sums_ptr + (b * n_st + st) * (2 * C)
+        row = sums_ptr + pid_m.to(tl.int64) * (2 * C)  # pid_m = b * position tiles + tile
         tl.store(row + fi, tl.sum(tl.where(ok, df, 0.0), axis=0), mask=c_ok)
         tl.store(row + gi, tl.sum(tl.where(ok, dg, 0.0), axis=0), mask=c_ok)
 

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from fastgen.ops.gated import CONV, make_conv_call
-from fastgen.testing import (OtherLoad, gated_inputs, gated_step, make_gated, peak_rss, relative_error,
-                             tolerance)
+from fastgen.testing import (OtherLoad, gated_inputs, gated_step, make_gated, peak_rss, record_timing,
+                             relative_error, tolerance)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -129,17 +129,16 @@ def test_gated(benchmark, smoke, bench_results, case):
                                  "contender": contender, "torch": torch.__version__,
                                  "threads": torch.get_num_threads()})
     record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+    # a small call of the horizontal stack's op: which backend takes this device and dtype
+    probe = make_conv_call(torch.empty(1, 2, 4, 4, device=DEVICE, dtype=dtype),
+                           torch.empty(4, 2, 1, 2, device=DEVICE, dtype=dtype), None, None, "horizontal", "B", 1)
     if contender == "fastgen[triton]":
         if DEVICE == "cpu":
             pytest.skip("triton on CPU runs only in the interpreter: not a speed contender")
-        probe = make_conv_call(torch.empty(1, 2, 4, 4, device=DEVICE, dtype=dtype),
-                               torch.empty(4, 2, 1, 2, device=DEVICE, dtype=dtype), None, None, "horizontal", "B", 1)
         why = CONV.reason("triton", probe)
         if why:
             pytest.skip(f"backend triton: {why}")
     if contender.startswith("fastgen"):
-        probe = make_conv_call(torch.empty(1, 2, 4, 4, device=DEVICE, dtype=dtype),
-                               torch.empty(4, 2, 1, 2, device=DEVICE, dtype=dtype), None, None, "horizontal", "B", 1)
         benchmark.extra_info["backend"] = contender[8:-1] if "[" in contender else CONV.choose(probe, DEVICE)
     if contender == "compile(common)":
         torch._dynamo.reset()
@@ -180,27 +179,11 @@ def test_gated(benchmark, smoke, bench_results, case):
         benchmark(timed)
     if benchmark.disabled or benchmark.stats is None:
         return
-    median = benchmark.stats.stats.median
-    record["median_s"], record["min_s"] = median, benchmark.stats.stats.min
+    median = record_timing(benchmark, record, bench_results, load, timed,
+                           first_call_s if contender == "compile(common)" else None)
     if kind == "model":
         benchmark.extra_info["steps_per_s"] = round(1 / median, 2)
-    if load.fraction is not None:
-        benchmark.extra_info["other_load"] = round(load.fraction, 3)
-    if contender == "compile(common)":
-        benchmark.extra_info["compile_s"] = round(max(first_call_s - median, 0.0), 3)
-    common = next((r["median_s"] for r in bench_results if r["group"] == group and r["contender"] == "common"
-                   and r["median_s"]), None)
-    if common and contender != "common":
-        benchmark.extra_info["speedup_vs_common"] = round(common / median, 3)
-    if DEVICE == "cuda":
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        timed()
-        peak = torch.cuda.max_memory_allocated()
-        benchmark.extra_info["peak_alloc_mb"] = round(peak / 2**20, 1)
-        benchmark.extra_info["peak_alloc_extra_mb"] = round((peak - before) / 2**20, 1)
-    elif mode != "fwd" and not smoke:
+    if DEVICE == "cpu" and mode != "fwd" and not smoke:
         rss = peak_rss(contender, shape, "fwd+bwd" if mode == "fwd+bwd" else "train", dtype=str(dtype)[6:],
                        threads=torch.get_num_threads(), builder="fastgen.testing:gated_rss_step", kind=kind)
         benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]

@@ -35,8 +35,8 @@ import torch._inductor.config  # noqa: F401  (compile contender: caches off whil
 from fastgen.ops.masked_conv import OP, make_call
 from fastgen.ref.masked_conv import causal_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
-from fastgen.testing import (COMMON, COMPILED, OtherLoad, contender_names, make_masked_conv, peak_rss, relative_error,
-                             tolerance)
+from fastgen.testing import (COMMON, COMPILED, OtherLoad, contender_names, make_masked_conv, peak_rss, record_timing,
+                             relative_error, tolerance)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -219,25 +219,9 @@ def test_masked_conv(benchmark, smoke, bench_results, case):
 
     if benchmark.disabled or benchmark.stats is None:
         return
-    median = benchmark.stats.stats.median
-    record["median_s"], record["min_s"] = median, benchmark.stats.stats.min
-    if load.fraction is not None:
-        benchmark.extra_info["other_load"] = round(load.fraction, 3)
-    if contender == COMPILED:
-        benchmark.extra_info["compile_s"] = round(max(first_call_s - median, 0.0), 3)
-    common = next((r["median_s"] for r in bench_results if r["group"] == group and r["contender"] == COMMON
-                   and r["median_s"]), None)
-    if common and contender != COMMON:
-        benchmark.extra_info["speedup_vs_common"] = round(common / median, 3)
-    if DEVICE == "cuda":
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated()
-        benchmark.extra_info["peak_alloc_mb"] = round(peak / 2**20, 1)
-        benchmark.extra_info["peak_alloc_extra_mb"] = round((peak - before) / 2**20, 1)
-    elif mode == "fwd+bwd" and not smoke:
+    record_timing(benchmark, record, bench_results, load, step,
+                  first_call_s if contender == COMPILED else None, common=COMMON)
+    if DEVICE == "cpu" and mode == "fwd+bwd" and not smoke:
         rss = peak_rss(contender, shape, mode, dtype=str(dtype)[6:], threads=torch.get_num_threads())
         benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
         benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]

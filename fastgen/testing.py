@@ -449,6 +449,34 @@ class OtherLoad:
         return False
 
 
+def record_timing(benchmark, record, bench_results, load, step, first_call_s=None, common="common"):
+    """After ``benchmark(step)``: the median (and min) into ``record``, the other
+    processes' load, the compile time (``first_call_s`` minus the median, for a
+    compiled contender), the speedup against the group's ``common`` contender
+    and, on a GPU, the peak memory of one more ``step``. Returns the median."""
+    median = benchmark.stats.stats.median
+    record["median_s"], record["min_s"] = median, benchmark.stats.stats.min
+    info = benchmark.extra_info
+    if load.fraction is not None:
+        info["other_load"] = round(load.fraction, 3)
+    if first_call_s is not None:
+        info["compile_s"] = round(max(first_call_s - median, 0.0), 3)
+    base = next((r["median_s"] for r in bench_results if r["group"] == record["group"]
+                 and r["contender"] == common and r["median_s"]), None)
+    if base and record["contender"] != common:
+        info["speedup_vs_common"] = round(base / median, 3)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        info["peak_alloc_mb"] = round(peak / 2**20, 1)
+        info["peak_alloc_extra_mb"] = round((peak - before) / 2**20, 1)
+    return median
+
+
 # ---- the compact table -----------------------------------------------------------------------------------
 
 TABLE_COLUMNS = ("group", "contender", "backend", "median ms", "min ms", "vs common", "memory MB", "compile s",

@@ -54,4 +54,17 @@ inline MaskedConvShape masked_conv_shape(const char* op, const at::Tensor& x, co
   return s;
 }
 
+// The backward's own arguments: output_mask's length, grad_out's dtype, device and shape.
+inline void check_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                const MaskedConvShape& s, size_t output_mask_size) {
+  TORCH_CHECK(output_mask_size == 3, op, ": output_mask must have 3 entries (grad_x, grad_weight, grad_bias), got ",
+              output_mask_size);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
+              ": grad_out must have the input's dtype ", x.scalar_type(), " and device ", x.device(), ", got ",
+              grad_out.scalar_type(), " on ", grad_out.device());
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == s.B && grad_out.size(1) == s.Co &&
+                  grad_out.size(2) == s.Ho && grad_out.size(3) == s.Wo,
+              op, ": grad_out must have shape (", s.B, ", ", s.Co, ", ", s.Ho, ", ", s.Wo, "), got ", grad_out.sizes());
+}
+
 }  // namespace fastgen

@@ -776,13 +776,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   const char* op = "fastgen::masked_conv2d_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not recorded
   const Conv c = make_conv(op, x, weight, mask_type, data_channels, padding, dilation);
-  TORCH_CHECK(output_mask.size() == 3, op, ": output_mask must have 3 entries (grad_x, grad_weight, grad_bias), got ",
-              output_mask.size());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the input's dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == c.B && grad_out.size(1) == c.Co &&
-                  grad_out.size(2) == c.Ho && grad_out.size(3) == c.Wo,
-              op, ": grad_out must have shape (", c.B, ", ", c.Co, ", ", c.Ho, ", ", c.Wo, "), got ", grad_out.sizes());
+  fastgen::check_backward_args(op, grad_out, x, c, output_mask.size());
   // grad_out is read in place when channels_last (see channels_last()), else made NCHW-contiguous
   const at::Tensor g = channels_last(grad_out) ? grad_out : grad_out.contiguous();
   // entries not asked for come back empty; grad_x has x's layout; grad_weight is exactly zero at masked taps

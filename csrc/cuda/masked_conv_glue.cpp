@@ -95,13 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
   const char* op = "fastgen::masked_conv2d_backward (cuda)";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not recorded
   const MaskedConvShape s = shape_of(op, x_in, w_in, mask_type, data_channels, padding, dilation);
-  TORCH_CHECK(output_mask.size() == 3, op, ": output_mask must have 3 entries (grad_x, grad_weight, grad_bias), got ",
-              output_mask.size());
-  TORCH_CHECK(go_in.scalar_type() == x_in.scalar_type() && go_in.device() == x_in.device(), op,
-              ": grad_out must have the input's dtype and device");
-  TORCH_CHECK(go_in.dim() == 4 && go_in.size(0) == s.B && go_in.size(1) == s.Co && go_in.size(2) == s.Ho &&
-                  go_in.size(3) == s.Wo,
-              op, ": grad_out must have shape (", s.B, ", ", s.Co, ", ", s.Ho, ", ", s.Wo, "), got ", go_in.sizes());
+  fastgen::check_backward_args(op, go_in, x_in, s, output_mask.size());
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor go = go_in.contiguous(), x = x_in.contiguous(), w = w_in.contiguous();

@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from fastgen import functional  # noqa: E402
 from fastgen._dispatch import OPS, BackendError  # noqa: E402
 from fastgen.nn import GatedMaskedConv2d, MaskedConv2d  # noqa: E402
+from fastgen.sampling import sample  # noqa: E402
 
 
 def backends():
@@ -21,4 +22,4 @@ def backends():
     }
 
 
-__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "functional", "backends", "BackendError"]
+__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "functional", "sample", "backends", "BackendError"]

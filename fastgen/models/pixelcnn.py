@@ -18,6 +18,7 @@ then B given R and G), through ``data_channels``.
 import math
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,7 +73,7 @@ class AutoregressiveImageModel(nn.Module):
         self.check_label(label, images.shape[0])
 
     def check_label(self, label, batch):
-        if label is None:
+        if label is None or isinstance(label, torch.fx.Proxy):  # traced by the cached sampler
             return
         if self.num_classes is None:
             raise ValueError(f"{type(self).__name__}: a label was given but the model is not class-conditional "
@@ -104,12 +105,12 @@ class AutoregressiveImageModel(nn.Module):
         return nats_per_image / (math.prod(self.image_shape) * math.log(2))
 
     @torch.no_grad()
-    def sample(self, n, label=None, *, temperature=1.0, seed=None, progress=False):
-        """n images (integer values as int64 [n, C, H, W]) by naive pixel-by-pixel
-        generation: one full forward pass per pixel and colour channel."""
-        from fastgen.sampling.naive import naive_sample
-        return naive_sample(self, n, likelihood=self.likelihood, levels=self.levels, shape=self.image_shape,
-                            condition=label, temperature=temperature, seed=seed, progress=progress)
+    def sample(self, n, label=None, *, temperature=1.0, seed=None, method="cached", backend=None, progress=False):
+        """n images (integer values as int64 [n, C, H, W]): fastgen.sample with the
+        model's likelihood, levels and shape; ``label`` [n] for a class-conditional model."""
+        from fastgen.sampling import sample
+        return sample(self, n, condition=label, temperature=temperature, seed=seed, method=method,
+                      backend=backend, progress=progress)
 
 
 def _output_head(channels, out_channels, data_channels, backend):

@@ -1,4 +1,6 @@
-"""Pixel-by-pixel samplers for fastgen's autoregressive image models."""
-from fastgen.sampling.naive import naive_sample
+"""Pixel-by-pixel samplers for autoregressive image models: fastgen.sample
+(cached or naive) and the teacher-forced logits of the cached path."""
+from fastgen.sampling.api import cached_logits, sample
+from fastgen.sampling.program import CompileError
 
-__all__ = ["naive_sample"]
+__all__ = ["sample", "cached_logits", "CompileError"]

@@ -1,0 +1,166 @@
+"""fastgen.sample: naive or cached pixel-by-pixel generation, and the
+teacher-forced logits of the cached path (its exactness check).
+
+The cached engines are the backends of the op ``sample_cached``:
+* ``cpp``: the C++ engine (csrc/cpu/sampling.cpp): the whole generation loop in
+  one call per run of rows, float32 / float64 CPU tensors;
+* ``ref``: the torch executor (fastgen/sampling/cached.py), any device and dtype.
+"""
+import torch
+
+from fastgen import _ext
+from fastgen._dispatch import new_op
+from fastgen._progress import Progress
+from fastgen.sampling.cached import run_torch
+from fastgen.sampling.common import feed_table, uniforms
+from fastgen.sampling.naive import naive_sample
+from fastgen.sampling.program import compile_program
+
+LIKELIHOODS = ("bernoulli", "categorical")
+METHODS = ("cached", "naive")
+
+# The C++ engine is the CPU's only compiled engine (benchmarks/RESULTS.md, bench_sampling.py).
+OP = new_op("sample_cached", {"cpu": ["cpp"]})
+
+
+def _cpp_why_not(job):
+    prog = job["prog"]
+    if prog.device.type != "cpu":
+        return f"the C++ engine runs CPU models, got {prog.device.type}"
+    if prog.dtype not in (torch.float32, torch.float64):
+        return f"the C++ engine takes float32 or float64 models, got {prog.dtype}"
+    from fastgen import _C
+    if not hasattr(_C, "sample_cached"):
+        return "fastgen._C predates the cached-sampling engine: rebuild it (`make build`)"
+    return None
+
+
+def _run_cpp(job):
+    from fastgen import _C
+    prog = job["prog"]
+    slots, pixel, row, params, scalars = prog.encode()
+    c, h, w = prog.shape
+    bufs = [torch.zeros(prog.batch, s.rows, w + 2 * prog.pad, s.channels, dtype=prog.dtype) for s in prog.slots]
+    images = job["images"]
+    teacher = images is not None
+    out_images = images.long().contiguous() if teacher else torch.zeros(prog.batch, c, h, w, dtype=torch.long)
+    logits = torch.zeros(prog.batch, prog.slots[prog.output].channels, h, w, dtype=prog.dtype) if teacher \
+        else torch.empty(0, dtype=prog.dtype)
+    config = [c, h, w, prog.pad, prog.input, prog.output, int(job["likelihood"] == "categorical"), job["levels"]]
+    bar = Progress(h * w * c, "sampling (cached, C++)", enabled=job["progress"])
+    # one call for the whole image, or one per row to show progress
+    step = 1 if job["progress"] else h
+    try:
+        for y0 in range(0, h, step):
+            _C.sample_cached(slots, pixel, row, params, scalars, bufs, job["u"].cpu().contiguous(),
+                             job["feed"].cpu().contiguous(), out_images, logits, config, float(job["temperature"]),
+                             y0, min(h, y0 + step), teacher)
+            bar.update(min(h, y0 + step) * w * c - bar.n)
+    finally:
+        bar.close()
+    return out_images, (logits if teacher else None)
+
+
+def _run_ref(job):
+    return run_torch(job["prog"], job["u"], job["feed"], likelihood=job["likelihood"], levels=job["levels"],
+                     temperature=job["temperature"], images=job["images"], progress=job["progress"])
+
+
+OP.register("ref", _run_ref)
+OP.register("cpp", _run_cpp, why_not=_cpp_why_not, unavailable=_ext.cpp_unavailable)
+
+
+def _settings(model, likelihood, levels, shape):
+    """likelihood, levels, shape: given, else the model's (fastgen's models know theirs)."""
+    likelihood = likelihood or getattr(model, "likelihood", None) or "bernoulli"
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if likelihood == "bernoulli":
+        levels = 2
+    else:
+        levels = levels or getattr(model, "levels", None) or 256
+    if not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    shape = shape or getattr(model, "image_shape", None)
+    if shape is None:
+        raise ValueError("shape=(C, H, W) is required for a model that does not know its image shape")
+    shape = tuple(shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise ValueError(f"shape must be (channels, height, width) of positive ints, got {shape!r}")
+    return likelihood, levels, shape
+
+
+def _check_condition(model, condition, n):
+    if condition is not None and hasattr(model, "check_label"):
+        model.check_label(condition, n)
+
+
+def _engine_job(model, n, likelihood, levels, shape, condition, temperature, u, feed, images, progress, backend):
+    param = next(model.parameters())
+    prog = compile_program(model, shape=shape, batch=n, likelihood=likelihood, levels=levels, condition=condition)
+    job = dict(prog=prog, u=u, feed=feed_table(feed, likelihood, levels, param.dtype, param.device),
+               likelihood=likelihood, levels=levels, temperature=temperature, images=images, progress=progress)
+    return OP.run(job, prog.device.type, backend)
+
+
+@torch.no_grad()
+def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None, temperature=1.0, seed=None,
+           method="cached", backend=None, feed=None, progress=False):
+    """``n`` images [n, C, H, W] (int64 values) from an autoregressive image model.
+
+    ``model(x)`` (or ``model(x, condition)``) maps the image as fed, [n, C, H, W],
+    to Bernoulli logits [n, C, H, W] or categorical logits [n, C*levels, H, W]
+    with channel c's logits in block c. ``likelihood``, ``levels`` and ``shape``
+    = (C, H, W) default to the model's own (fastgen's models know them).
+    ``feed`` maps sampled values (a tensor) to the network's input, elementwise;
+    default binary as {0, 1}, categorical as value / (levels - 1).
+    ``method``: 'cached' computes each activation once (fastgen/sampling/program.py
+    says which networks it takes, and names any operation it cannot); 'naive'
+    runs the whole network per pixel and colour channel. Both read the same
+    uniforms: for one seed they give the same images (exactly in float64).
+    ``backend``: the cached engine, 'cpp' or 'ref' (torch); default: dispatch.
+    Colour images follow the sub-pixel order (R, then G, then B at each pixel).
+    """
+    likelihood, levels, shape = _settings(model, likelihood, levels, shape)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_condition(model, condition, n)
+    param = next(model.parameters())
+    u = uniforms(n, shape, seed, param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "naive":
+            return naive_sample(model, u, likelihood=likelihood, levels=levels, shape=shape, condition=condition,
+                                temperature=temperature,
+                                feed_table=feed_table(feed, likelihood, levels, param.dtype, param.device),
+                                progress=progress)
+        images, _ = _engine_job(model, n, likelihood, levels, shape, condition, temperature, u, feed, None,
+                                progress, backend)
+        return images
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def cached_logits(model, images, *, likelihood=None, levels=None, condition=None, backend=None, feed=None):
+    """Teacher forcing through the cached path: feed ``images`` (int values
+    [B, C, H, W]) pixel by pixel and return the logits each step computed,
+    [B, C_out, H, W] (channel c's block from the step of colour channel c).
+    Equals ``model(feed(images))`` for an exact cached path."""
+    likelihood, levels, shape = _settings(model, likelihood, levels, tuple(images.shape[1:]))
+    _check_condition(model, condition, images.shape[0])
+    param = next(model.parameters())
+    u = torch.zeros(shape[1], shape[2], shape[0], images.shape[0], dtype=torch.float64, device=param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        _, logits = _engine_job(model, images.shape[0], likelihood, levels, shape, condition, 1.0, u, feed, images,
+                                False, backend)
+        return logits
+    finally:
+        model.train(was_training)

@@ -1,0 +1,689 @@
+"""Compiling a network into the program that fastgen's cached samplers run.
+
+Cached generation (Ramachandran et al. 2017, generalised) computes every
+activation of the network once: at pixel (y, x), only the new position of each
+layer, from the values of earlier positions kept in per-layer caches. The
+network is traced with torch.fx and turned into a :class:`Program`: a list of
+instructions over *slots* (one per activation that must be stored). Both
+engines run the same program: the torch executor (fastgen/sampling/cached.py,
+any device) and the C++ engine (csrc/cpu/sampling.cpp).
+
+Every value has a *kind*:
+* ``pixel``: its value at (y, x) depends only on pixels before (y, x) in raster
+  order (and on the colour channels of (y, x) that the colour ordering
+  allows): computed in the *pixel pass*, once per pixel and colour channel;
+* ``row``: its value at row y depends on rows <= y, including pixels to the
+  right in row y (the vertical stack of the Gated PixelCNN): computed in the
+  *row pass*, once per row, after the row has been generated;
+* constants (labels, conditioning maps, parameters): evaluated once, before.
+A value read at a row above (the Gated PixelCNN's down-shifted link) is a pixel
+value again. The network's output must be a pixel value, or it would see the
+future, and every operation must be one whose cached form is exact: masked
+convolutions, the gated layer, 1x1 convolutions and position-wise operations.
+Anything else is a :class:`CompileError` that names the operation.
+
+Slots are rings of the last ``rows`` rows, [B, rows, W + 2 * pad, C]: ``pad``
+zero columns on each side, so that taps never need a column check; taps above
+row 0 are skipped.
+
+Colour images: the pixel pass runs once per colour channel c and recomputes
+every activation of the current position from the input as it stands (channels
+< c sampled, the rest zero), which is exact for any spatially causal network
+(the colour ordering only decides which logits are valid at step c).
+"""
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.nn import GatedMaskedConv2d, MaskedConv2d
+from fastgen.ops.masked_conv import same_padding
+from fastgen.ref.masked_conv import centre_channel_mask
+
+# opcodes, shared with csrc/cpu/sampling.cpp
+CONV, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY = range(1, 9)
+ACTS = ("identity", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "silu", "gelu", "softplus")
+
+
+class CompileError(ValueError):
+    """The network cannot be sampled exactly with cached generation."""
+
+
+@dataclass
+class Slot:
+    channels: int
+    kind: str        # 'pixel' or 'row'
+    name: str
+    rows: int = 1    # ring rows: 1 + the highest row above any reader looks at
+
+
+@dataclass
+class Instr:
+    """One instruction; fields by op (see Program.encode for the C++ layout)."""
+    op: int
+    out: int
+    a: int
+    b: int = -1                 # ADD, MUL: second operand slot
+    weight: Optional[torch.Tensor] = None   # CONV [T, Cin, Cout]
+    bias: Optional[torch.Tensor] = None     # CONV [Cout]
+    taps: Tuple[Tuple[int, int], ...] = ()  # CONV (dy, dx) per tap
+    accumulate: bool = False    # CONV: out += conv
+    act: str = "identity"       # ACT
+    param: float = 0.0          # ACT: slope / alpha; ADD: alpha (out = a + alpha * b)
+    scale: Optional[torch.Tensor] = None    # AFFINE [C]
+    shift: Optional[torch.Tensor] = None    # AFFINE [C]
+    const: Optional[torch.Tensor] = None    # CONST: [B, C] or a map [B, H, W, C]
+    multiply: bool = False      # CONST: out = a * const (else a + const)
+    data_channels: int = 1      # GATE
+    out_off: int = 0            # COPY: out[:, out_off:out_off+count] = a[:, in_off:in_off+count]
+    in_off: int = 0
+    count: int = 0
+
+
+@dataclass
+class Program:
+    batch: int
+    shape: Tuple[int, int, int]  # (C, H, W) of the image
+    dtype: torch.dtype
+    device: torch.device
+    slots: list = field(default_factory=list)
+    pixel: list = field(default_factory=list)   # the pixel pass, in order
+    post: list = field(default_factory=list)    # after a pixel's last draw: the pixel pass's instructions whose
+    #                                             value there depends on that pixel (see _Compiler.finish)
+    row: list = field(default_factory=list)     # the row pass, in order
+    input: int = 0                               # slot of the image as fed
+    output: int = 0                              # slot of the logits
+    pad: int = 0                                 # zero columns on each side of every slot
+
+    def encode(self):
+        """(slots, pixel code, post code, row code, params, scalars) for the C++ engine.
+
+        slots: [C0, rows0, C1, rows1, ...]. Code: instructions, each
+        [length, op, out, a, ...]: CONV [.., accumulate, w, bias(-1), T, dy.., dx..],
+        ACT [.., act, scalar], AFFINE [.., scale, shift], ADD [.., b, scalar],
+        MUL [.., b], CONST [.., const, multiply, is_map], GATE [.., data_channels],
+        COPY [.., out_off, in_off, count]; w, bias, scale, shift, const index
+        params, scalar indexes scalars."""
+        params, scalars = [], []
+
+        def param(t):
+            if t is None:
+                return -1
+            params.append(t.contiguous())
+            return len(params) - 1
+
+        def scalar(v):
+            scalars.append(float(v))
+            return len(scalars) - 1
+
+        def code(instrs):
+            out = []
+            for i in instrs:
+                body = [i.op, i.out, i.a]
+                if i.op == CONV:
+                    body += [int(i.accumulate), param(i.weight), param(i.bias), len(i.taps)]
+                    body += [t[0] for t in i.taps] + [t[1] for t in i.taps]
+                elif i.op == ACT:
+                    body += [ACTS.index(i.act), scalar(i.param)]
+                elif i.op == AFFINE:
+                    body += [param(i.scale), param(i.shift)]
+                elif i.op == ADD:
+                    body += [i.b, scalar(i.param)]
+                elif i.op == MUL:
+                    body += [i.b]
+                elif i.op == CONST:
+                    body += [param(i.const), int(i.multiply), int(i.const.dim() == 4)]
+                elif i.op == GATE:
+                    body += [i.data_channels]
+                elif i.op == COPY:
+                    body += [i.out_off, i.in_off, i.count]
+                out += [len(body) + 1] + body
+            return out
+
+        slots = [v for s in self.slots for v in (s.channels, s.rows)]
+        return slots, code(self.pixel), code(self.post), code(self.row), params, scalars
+
+
+# ---- tracing -------------------------------------------------------------------------------------------------------
+
+class _Tracer(torch.fx.Tracer):
+    """fastgen's layers are leaves: the compiler knows their cached form."""
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, (MaskedConv2d, GatedMaskedConv2d)) or super().is_leaf_module(m, qualname)
+
+
+def trace(model, has_condition):
+    """A GraphModule of ``model(x)`` or ``model(x, condition)``; further
+    arguments of forward take their defaults."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    if not params:
+        raise CompileError(f"{type(model).__name__}.forward takes no image argument")
+    concrete = {}
+    for i, p in enumerate(params[1:], 1):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (i == 1 and has_condition):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise CompileError(f"{type(model).__name__}.forward needs argument {p.name!r} beyond the image"
+                               + ("" if has_condition else " (pass it as condition=)"))
+        concrete[p.name] = p.default
+    try:
+        graph = _Tracer().trace(model, concrete_args=concrete)
+    except CompileError:
+        raise
+    except Exception as e:  # data-dependent control flow and the like
+        raise CompileError(f"cannot trace {type(model).__name__} with torch.fx for cached sampling ({e}); "
+                           f"use method='naive'") from e
+    gm = torch.fx.GraphModule(model, graph)
+    gm.graph.eliminate_dead_code()
+    return gm
+
+
+# ---- compiling ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Val:
+    """A traced tensor that depends on the image: its slot and kind."""
+    slot: int
+    kind: str
+    channels: int
+
+
+_UNARY_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu",
+    F.leaky_relu: "leaky_relu", F.elu: "elu", torch.tanh: "tanh", F.tanh: "tanh",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu", F.gelu: "gelu", F.softplus: "softplus",
+}
+_UNARY_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
+                  "sigmoid_": "sigmoid"}
+_IDENTITY_METHODS = ("contiguous", "clone", "detach")
+_ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Tanh: "tanh",
+                nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.GELU: "gelu", nn.Softplus: "softplus"}
+_ADD = (operator.add, operator.iadd, torch.add)
+_SUB = (operator.sub, operator.isub, torch.sub)
+_MUL = (operator.mul, operator.imul, torch.mul)
+_DIV = (operator.truediv, operator.itruediv, torch.div)
+_NEG = (operator.neg, torch.neg)
+_CAT = (torch.cat, torch.concat, torch.concatenate)
+_CAUSAL_OPS = ("fastgen.MaskedConv2d / GatedMaskedConv2d layers, 1x1 convolutions and position-wise operations "
+               "(activations, additions and products, eval-mode BatchNorm2d, dropout in eval mode, concatenation "
+               "and chunks along channels)")
+
+
+def _describe(node):
+    t = node.target
+    name = getattr(t, "__name__", None) or str(t)
+    if node.op == "call_method":
+        name = f"Tensor.{t}"
+    return f"`{name}` (graph node {node.name!r})"
+
+
+class _Compiler:
+    def __init__(self, gm, shape, batch, dtype, device, condition, has_condition):
+        self.gm, self.shape, self.batch = gm, tuple(shape), batch
+        self.dtype, self.device = dtype, device
+        self.prog = Program(batch=batch, shape=self.shape, dtype=dtype, device=device)
+        self.condition, self.has_condition = condition, has_condition
+        self.node = None
+
+    # -- helpers
+    def error(self, why):
+        where = f" at {_describe(self.node)}" if self.node is not None else ""
+        raise CompileError(f"cached sampling cannot run this network{where}: {why}")
+
+    def new_slot(self, channels, kind, name):
+        self.prog.slots.append(Slot(channels, kind, name))
+        return len(self.prog.slots) - 1
+
+    def emit(self, kind, instr):
+        (self.prog.row if kind == "row" else self.prog.pixel).append(instr)
+
+    def tensor(self, t):
+        return t.detach().to(device=self.device, dtype=self.dtype)
+
+    # -- constants
+    def const_layout(self, t, channels):
+        """A constant operand of a position-wise op with a [B, C, H, W] value:
+        ('scalar', float) | ('channel', [C]) | ('image', [B, C]) | ('map', [B, H, W, C])."""
+        if not isinstance(t, torch.Tensor):
+            return "scalar", float(t)
+        if t.numel() == 1:
+            return "scalar", float(t.reshape(()).item())
+        _, h, w = self.shape
+        if t.dim() > 4:
+            self.error(f"a constant of shape {tuple(t.shape)} cannot broadcast against a [B, C, H, W] activation")
+        t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+        full = (self.batch, channels, h, w)
+        if any(s not in (1, f) for s, f in zip(t4.shape, full)):
+            self.error(f"a constant of shape {tuple(t.shape)} does not broadcast to the activation "
+                       f"[{self.batch}, {channels}, {h}, {w}]")
+        t4 = self.tensor(t4)
+        if t4.shape[2] == 1 and t4.shape[3] == 1:
+            if t4.shape[0] == 1:
+                return "channel", t4.reshape(-1).expand(channels).contiguous()
+            return "image", t4.reshape(t4.shape[0], t4.shape[1]).expand(self.batch, channels).contiguous()
+        return "map", t4.expand(full).permute(0, 2, 3, 1).contiguous()
+
+    # -- emitting
+    def unary(self, a, act, param=0.0, inplace=False):
+        out = a.slot if inplace else self.new_slot(a.channels, a.kind, act)
+        self.emit(a.kind, Instr(ACT, out, a.slot, act=act, param=param))
+        return Val(out, a.kind, a.channels)
+
+    def affine(self, a, scale=1.0, shift=0.0, inplace=False):
+        c = a.channels
+        scale = torch.full((c,), scale, dtype=self.dtype, device=self.device) if not torch.is_tensor(scale) else scale
+        shift = torch.full((c,), shift, dtype=self.dtype, device=self.device) if not torch.is_tensor(shift) else shift
+        out = a.slot if inplace else self.new_slot(c, a.kind, "affine")
+        self.emit(a.kind, Instr(AFFINE, out, a.slot, scale=scale, shift=shift))
+        return Val(out, a.kind, c)
+
+    def with_const(self, a, t, multiply, inplace=False):
+        layout, v = self.const_layout(t, a.channels)
+        if layout in ("scalar", "channel"):
+            if multiply:
+                return self.affine(a, scale=v, inplace=inplace)
+            return self.affine(a, shift=v, inplace=inplace)
+        out = a.slot if inplace else self.new_slot(a.channels, a.kind, "const")
+        self.emit(a.kind, Instr(CONST, out, a.slot, const=v, multiply=multiply))
+        return Val(out, a.kind, a.channels)
+
+    def binary(self, a, b, op, alpha=1.0, inplace=False):
+        if a.channels != b.channels:
+            self.error(f"operands with {a.channels} and {b.channels} channels (broadcasting across channels is "
+                       f"not supported)")
+        kind = "row" if "row" in (a.kind, b.kind) else "pixel"
+        out = a.slot if inplace else self.new_slot(a.channels, kind, "add" if op == ADD else "mul")
+        self.emit(kind, Instr(op, out, a.slot, b=b.slot, param=alpha))
+        return Val(out, kind, a.channels)
+
+    def conv(self, a, weight, bias, taps, name, out=None):
+        """out [+]= sum over taps (dy, dx) of a(y+dy, x+dx) @ weight[t] + bias.
+        weight [T, Cout, Cin] (the layout of nn.Conv2d's taps)."""
+        if any(dy > 0 for dy, _ in taps):
+            self.error("a convolution tap below the current row")
+        sees_right = any(dy == 0 and dx > 0 for dy, dx in taps)
+        kind = "row" if sees_right or (a.kind == "row" and any(dy == 0 for dy, _ in taps)) else "pixel"
+        cout = weight.shape[1]
+        w = self.tensor(weight).transpose(1, 2).contiguous()  # [T, Cin, Cout]
+        b = None if bias is None else self.tensor(bias)
+        accumulate = out is not None
+        if accumulate:
+            if out.kind != kind or out.channels != cout:
+                self.error("internal: accumulating convolution of another kind")
+            slot = out.slot
+        else:
+            slot = self.new_slot(cout, kind, name)
+        self.emit(kind, Instr(CONV, slot, a.slot, weight=w, bias=b, taps=tuple(taps), accumulate=accumulate))
+        return Val(slot, kind, cout)
+
+    def masked_conv(self, m, a):
+        if a.channels != m.in_channels:
+            self.error(f"{m} takes {m.in_channels} channels, got {a.channels}")
+        kh, kw = m.kernel_size
+        dh, dw = m.dilation
+        if tuple(m.padding) != same_padding((kh, kw), (dh, dw)):
+            self.error(f"MaskedConv2d with padding {m.padding}: cached sampling needs the output the size of the "
+                       f"input (padding {same_padding((kh, kw), (dh, dw))})")
+        mask = m.mask()
+        wm = m.weight.detach() * mask
+        taps, ws = [], []
+        for i in range(kh):
+            for j in range(kw):
+                if mask[:, :, i, j].any():  # only the unmasked taps
+                    taps.append(((i - kh // 2) * dh, (j - kw // 2) * dw))
+                    ws.append(wm[:, :, i, j])
+        weight = torch.stack(ws) if ws else wm.new_zeros(0, m.out_channels, m.in_channels)
+        return self.conv(a, weight, m.bias, taps, "masked_conv")
+
+    def plain_conv(self, m, a):
+        if (m.kernel_size != (1, 1) or m.stride != (1, 1) or m.padding not in ((0, 0), "valid")
+                or m.groups != 1):
+            self.error(f"{m}: an ordinary convolution is causal only as a 1x1, stride 1, no padding, groups 1 "
+                       f"convolution (use fastgen.MaskedConv2d for a masked one)")
+        if a.channels != m.in_channels:
+            self.error(f"{m} takes {m.in_channels} channels, got {a.channels}")
+        return self.conv(a, m.weight.detach()[:, :, 0, 0][None], m.bias, [(0, 0)], "conv1x1")
+
+    def gate(self, a, data_channels, cond=None):
+        if a.channels % (2 * data_channels):
+            self.error(f"the gate needs channels divisible by 2 * data_channels, got {a.channels}")
+        if cond is not None:  # [B, 2C] (one bias per image) or a [B, 2C, H, W] map
+            a = self.with_const(a, cond[:, :, None, None] if cond.dim() == 2 else cond, multiply=False)
+        out = self.new_slot(a.channels // 2, a.kind, "gate")
+        self.emit(a.kind, Instr(GATE, out, a.slot, data_channels=data_channels))
+        return Val(out, a.kind, a.channels // 2)
+
+    def gated_layer(self, m, args, kwargs):
+        bound = inspect.signature(m.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        v, h, label, cond = (bound.arguments[k] for k in ("v", "h", "label", "cond"))
+        h = v if h is None else h
+        for t in (v, h):
+            if not isinstance(t, Val) or t.channels != m.in_channels:
+                self.error(f"GatedMaskedConv2d takes image-dependent v and h with {m.in_channels} channels")
+        if isinstance(label, Val) or isinstance(cond, Val):
+            self.error("a GatedMaskedConv2d conditioning input depends on the image")
+        _, height, width = self.shape
+        cv, ch = m._conditioning(label, cond, self.batch, (height, width))
+        dc, kv, kw = m.data_channels, m.v_conv.weight.shape[2], m.v_conv.weight.shape[3]
+        wv = m.v_conv.weight.detach()
+        # vertical stack: rows y-kv+1..y, every column within kw//2: a row value
+        v_taps = [(i - (kv - 1), j - kw // 2) for i in range(kv) for j in range(kw)]
+        v_pre = self.conv(v, torch.stack([wv[:, :, i, j] for i in range(kv) for j in range(kw)]),
+                          m.v_conv.bias, v_taps, "v_pre")
+        v_out = None if m.last else self.gate(v_pre, dc, cv)
+        # horizontal stack: its 1 x kc taps (the centre under the colour rule), then the link from row y-1
+        wh = m.h_conv.weight.detach()
+        kc = wh.shape[3]
+        centre = centre_channel_mask(wh.shape[0], wh.shape[1], m.mask_type, dc, wh.device, wh.dtype)
+        taps, ws = [], []
+        for j in range(kc):
+            wj = wh[:, :, 0, j] * (centre if j == kc - 1 else 1)
+            if j < kc - 1 or m.mask_type == "B" or dc > 1:
+                taps.append((0, j - (kc - 1)))
+                ws.append(wj)
+        weight = torch.stack(ws) if ws else wh.new_zeros(0, wh.shape[0], wh.shape[1])
+        h_pre = self.conv(h, weight, m.h_conv.bias, taps, "h_pre")
+        self.conv(v_pre, m.link.weight.detach()[:, :, 0, 0][None], None, [(-1, 0)], "link", out=h_pre)
+        gated = self.gate(h_pre, dc, ch)
+        skip = self.masked_conv(m.skip, gated)
+        if m.last:
+            return None, None, skip
+        h_out = self.masked_conv(m.res, gated)
+        if m.residual:
+            h_out = self.binary(h_out, h, ADD, inplace=True)
+        return v_out, h_out, skip
+
+    def channel_slice(self, a, start, stop):
+        out = self.new_slot(stop - start, a.kind, "slice")
+        self.emit(a.kind, Instr(COPY, out, a.slot, out_off=0, in_off=start, count=stop - start))
+        return Val(out, a.kind, stop - start)
+
+    def cat(self, vals):
+        if not all(isinstance(v, Val) for v in vals):
+            self.error("concatenating an image-dependent tensor with a constant")
+        kind = "row" if any(v.kind == "row" for v in vals) else "pixel"
+        out = self.new_slot(sum(v.channels for v in vals), kind, "cat")
+        off = 0
+        for v in vals:
+            self.emit(kind, Instr(COPY, out, v.slot, out_off=off, in_off=0, count=v.channels))
+            off += v.channels
+        return Val(out, kind, off)
+
+    def chunks(self, a, sizes):
+        bounds, start = [], 0
+        for s in sizes:
+            bounds.append((start, min(start + s, a.channels)))
+            start += s
+        return tuple(self.channel_slice(a, s, e) for s, e in bounds if e > s)
+
+    def channel_dim(self, dim):
+        if dim not in (1, -3):
+            self.error(f"only channel (dim=1) concatenation / chunking keeps positions apart, got dim={dim}")
+
+    # -- nodes
+    def run(self):
+        c, h, w = self.shape
+        env = {}
+        placeholders = 0
+        for node in self.gm.graph.nodes:
+            self.node = node
+            if node.op == "placeholder":
+                if placeholders == 0:
+                    slot = self.new_slot(c, "pixel", "input")
+                    self.prog.input = slot
+                    env[node] = Val(slot, "pixel", c)
+                elif placeholders == 1 and self.has_condition:
+                    env[node] = self.condition
+                else:
+                    env[node] = node.args[0] if node.args else None  # a specialised default
+                placeholders += 1
+                continue
+            if node.op == "output":
+                out = env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
+                if not isinstance(out, Val):
+                    self.error("the network's output must be one tensor computed from the image")
+                if out.kind != "pixel":
+                    self.error("the output at a pixel depends on pixels to its right in the same row "
+                               "(a vertical-stack value reaches the output without the one-row shift)")
+                if out.channels != c * (self.levels if self.likelihood == "categorical" else 1):
+                    want = f"[B, {c} * {self.levels}, H, W]" if self.likelihood == "categorical" else f"[B, {c}, H, W]"
+                    self.error(f"the network's output has {out.channels} channels; {self.likelihood} sampling of "
+                               f"{c}-channel images reads {want}")
+                self.prog.output = out.slot
+                break
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+            if node.op == "get_attr":
+                obj = self.gm
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                env[node] = obj
+                continue
+            if not _depends(args, kwargs):
+                env[node] = self.evaluate(node, args, kwargs)
+                continue
+            env[node] = self.translate(node, args, kwargs)
+        self.node = None
+        self.finish()
+        return self.prog
+
+    def evaluate(self, node, args, kwargs):
+        """A node that does not depend on the image: run it once."""
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        self.error("unexpected node")
+
+    def translate(self, node, args, kwargs):
+        if node.op == "call_module":
+            return self.module(self.gm.get_submodule(node.target), args, kwargs)
+        if node.op == "call_method":
+            return self.method(node.target, args, kwargs)
+        return self.function(node.target, args, kwargs)
+
+    def module(self, m, args, kwargs):
+        if isinstance(m, GatedMaskedConv2d):
+            return self.gated_layer(m, args, kwargs)
+        a = args[0] if args else None
+        if not isinstance(a, Val) or len(args) + len(kwargs) != 1:
+            self.error(f"{type(m).__name__} with arguments other than one image-dependent tensor")
+        if isinstance(m, MaskedConv2d):
+            return self.masked_conv(m, a)
+        if isinstance(m, nn.Conv2d):
+            return self.plain_conv(m, a)
+        if type(m) in _ACT_MODULES:
+            act = _ACT_MODULES[type(m)]
+            return self.activation(a, act, m.__dict__, getattr(m, "inplace", False))
+        if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d)):
+            if m.training and not isinstance(m, nn.Identity) and m.p > 0:
+                self.error("dropout in training mode (the sampler puts the model in eval mode)")
+            return a
+        if isinstance(m, nn.BatchNorm2d):
+            if m.training or m.running_mean is None:
+                self.error("BatchNorm2d in training mode or without running statistics normalises over positions")
+            scale = self.tensor(torch.rsqrt(m.running_var + m.eps))
+            if m.weight is not None:
+                scale = scale * self.tensor(m.weight)
+            shift = -self.tensor(m.running_mean) * scale
+            if m.bias is not None:
+                shift = shift + self.tensor(m.bias)
+            return self.affine(a, scale, shift)
+        self.error(f"the module {type(m).__name__} is not one cached sampling can run exactly; it supports "
+                   f"{_CAUSAL_OPS}. Use method='naive'")
+
+    def activation(self, a, act, params, inplace=False):
+        if act == "leaky_relu":
+            return self.unary(a, act, params.get("negative_slope", 0.01), inplace)
+        if act == "elu":
+            return self.unary(a, act, params.get("alpha", 1.0), inplace)
+        if act == "gelu" and params.get("approximate", "none") != "none":
+            self.error("gelu with approximate='tanh' (only the exact gelu is supported)")
+        if act == "softplus" and (params.get("beta", 1.0) != 1.0 or params.get("threshold", 20.0) != 20.0):
+            self.error("softplus with beta or threshold other than the defaults")
+        return self.unary(a, act, 0.0, inplace)
+
+    def function(self, f, args, kwargs):
+        from fastgen.ops.gated import gated_activation
+        if f in _UNARY_FUNCTIONS:
+            act = _UNARY_FUNCTIONS[f]
+            names = {F.leaky_relu: ("negative_slope",), F.elu: ("alpha",), F.gelu: (), F.softplus: ("beta", "threshold")}
+            params = dict(zip(names.get(f, ()), args[1:]))
+            params.update({k: v for k, v in kwargs.items() if k != "inplace"})
+            inplace = f in (F.relu_, torch.relu_) or bool(kwargs.get("inplace", False))
+            return self.activation(args[0], act, params, inplace)
+        if f in (F.dropout, F.dropout2d):
+            if kwargs.get("training", args[2] if len(args) > 2 else True) and \
+                    kwargs.get("p", args[1] if len(args) > 1 else 0.5) > 0:
+                self.error("dropout with training=True")
+            return args[0]
+        if f in _ADD + _SUB + _MUL + _DIV:
+            return self.arith(f, args, kwargs, inplace=f in (operator.iadd, operator.isub, operator.imul,
+                                                             operator.itruediv))
+        if f in _NEG:
+            return self.affine(args[0], scale=-1.0)
+        if f in _CAT:
+            self.channel_dim(kwargs.get("dim", args[1] if len(args) > 1 else 0))
+            return self.cat(list(args[0]))
+        if f in (torch.chunk, torch.split):
+            return self.method("chunk" if f is torch.chunk else "split", args, kwargs)
+        if f is operator.getitem:
+            return self.getitem(*args)
+        if f is getattr and args[1] in ("shape", "dtype", "device"):
+            return self.fake(args[0]).__getattribute__(args[1])
+        if f is gated_activation:
+            bound = inspect.signature(gated_activation).bind(*args, **kwargs)
+            bound.apply_defaults()
+            if isinstance(bound.arguments["cond"], Val):
+                self.error("gated_activation's cond depends on the image")
+            return self.gate(bound.arguments["x"], bound.arguments["data_channels"], bound.arguments["cond"])
+        self.error(f"it is not position-wise or causal; cached sampling supports {_CAUSAL_OPS}. "
+                   f"Use method='naive'")
+
+    def method(self, name, args, kwargs):
+        a = args[0]
+        if name in _UNARY_METHODS:
+            return self.activation(a, _UNARY_METHODS[name], {}, name.endswith("_"))
+        if name in _IDENTITY_METHODS:
+            return a
+        if name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"):
+            f = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[name.rstrip("_")]
+            return self.arith(f, args, kwargs, inplace=name.endswith("_"))
+        if name == "neg":
+            return self.affine(a, scale=-1.0)
+        if name in ("size", "dim"):
+            return getattr(self.fake(a), name)(*args[1:], **kwargs)
+        if name in ("chunk", "split"):
+            if not isinstance(a, Val):
+                self.error("chunk / split of a constant mixed with the image")
+            self.channel_dim(kwargs.get("dim", args[2] if len(args) > 2 else 0))
+            n = kwargs.get("chunks", kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1])))
+            if name == "chunk":
+                size = -(-a.channels // n)
+                return self.chunks(a, [size] * n)
+            return self.chunks(a, list(n) if isinstance(n, (list, tuple)) else [n] * -(-a.channels // n))
+        self.error(f"it is not position-wise or causal; cached sampling supports {_CAUSAL_OPS}. "
+                   f"Use method='naive'")
+
+    def fake(self, a):
+        """A meta tensor with a Val's full shape (for shape queries)."""
+        _, h, w = self.shape
+        return torch.empty(self.batch, a.channels, h, w, device="meta")
+
+    def arith(self, f, args, kwargs, inplace):
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        alpha = kwargs.get("alpha", 1.0)
+        if alpha != 1.0 and f not in (torch.add, torch.sub):
+            self.error("alpha= on an operation other than add / sub")
+        if f in _SUB:
+            alpha = -alpha
+        if isinstance(a, Val) and isinstance(b, Val):
+            if f in _DIV:
+                self.error("division by an image-dependent tensor")
+            return self.binary(a, b, MUL if f in _MUL else ADD, alpha, inplace)
+        if not isinstance(a, Val):  # const (op) val
+            if f in _DIV:
+                self.error("division by an image-dependent tensor")
+            if inplace:
+                self.error("an in-place operation on a constant with an image-dependent operand")
+            if f in _SUB:  # c - v = -v + c
+                return self.with_const(self.affine(b, scale=-1.0), a, multiply=False)
+            return self.with_const(b, a, multiply=f in _MUL)
+        if f in _DIV:
+            b = 1.0 / b
+        elif f in _ADD + _SUB and alpha != 1.0:
+            b = b * alpha
+        return self.with_const(a, b, multiply=f in _MUL + _DIV, inplace=inplace)
+
+    def getitem(self, a, index):
+        if isinstance(a, (tuple, list)):
+            return a[index]
+        if isinstance(a, Val):
+            if isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None) and \
+                    isinstance(index[1], slice) and all(i == slice(None) for i in index[2:]):
+                start, stop, step = index[1].indices(a.channels)
+                if step == 1 and stop > start:
+                    return self.channel_slice(a, start, stop)
+            self.error(f"indexing {index!r}: only channel slices x[:, a:b] keep positions apart")
+        return a[index]
+
+    def finish(self):
+        """Ring sizes and the column padding from the taps that read each slot;
+        the post list.
+
+        The pixel pass at (y, x) runs before the pixel's value is known (its
+        input there is zero, or holds the colour channels drawn so far), so the
+        slots whose value at (y, x) depends on the input at (y, x) (the input's
+        position-wise transforms, mask-B layers on them) must be computed again
+        once the pixel is complete, before later pixels read them: the post
+        list. A slot depends on it if an instruction writing it reads a
+        dependent slot at (y, x) (not through a tap elsewhere); every writer of
+        a dependent slot is in the post list, in program order, so in-place and
+        accumulating instructions replay in full."""
+        dependent, changed = {self.prog.input}, True
+        while changed:
+            changed = False
+            for i in self.prog.pixel:
+                reads = [i.a] if i.op != CONV or (0, 0) in i.taps else []
+                reads += [i.b] if i.b >= 0 else []
+                if i.out not in dependent and (any(r in dependent for r in reads)
+                                               or (i.op == COPY and i.a in dependent)):
+                    dependent.add(i.out)
+                    changed = True
+        self.prog.post = [i for i in self.prog.pixel if i.out in dependent]
+        pad = 0
+        for i in self.prog.pixel + self.prog.row:
+            if i.op == CONV:
+                for dy, dx in i.taps:
+                    slot = self.prog.slots[i.a]
+                    slot.rows = max(slot.rows, 1 - dy)
+                    pad = max(pad, abs(dx))
+        self.prog.pad = pad
+
+
+def _depends(args, kwargs):
+    found = []
+    torch.fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, Val) else None)
+    return bool(found)
+
+
+def compile_program(model, *, shape, batch, likelihood, levels, condition=None):
+    """The cached-sampling Program of ``model`` for ``batch`` images of ``shape``
+    (C, H, W); raises CompileError naming an operation it cannot run exactly."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    gm = trace(model, condition is not None)
+    comp = _Compiler(gm, shape, batch, dtype, device, condition, condition is not None)
+    comp.likelihood, comp.levels = likelihood, levels
+    with torch.no_grad():
+        return comp.run()

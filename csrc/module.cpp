@@ -17,6 +17,16 @@ TORCH_LIBRARY(fastgen, m) {
         "bool[] output_mask) -> (Tensor, Tensor)");
 }
 
+namespace fastgen {
+// csrc/cpu/sampling.cpp: the C++ engine of cached sampling (fastgen/sampling/api.py calls it).
+void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& pixel,
+                   const std::vector<int64_t>& post, const std::vector<int64_t>& row,
+                   const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
+                   const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
+                   at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
+                   int64_t y0, int64_t y1, bool teacher);
+}  // namespace fastgen
+
 static bool built_with_cuda() {
 #ifdef FASTGEN_WITH_CUDA
   return true;
@@ -28,4 +38,6 @@ static bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastgen C++/CUDA kernels (ops under torch.ops.fastgen)";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("sample_cached", &fastgen::sample_cached, "run a cached-sampling program over rows [y0, y1)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -38,9 +38,11 @@ def _cpp_why_not(job):
 def _run_cpp(job):
     from fastgen import _C
     prog = job["prog"]
-    slots, pixel, row, params, scalars = prog.encode()
+    slots, pixel, post, row, params, scalars = prog.encode()
     c, h, w = prog.shape
-    bufs = [torch.zeros(prog.batch, s.rows, w + 2 * prog.pad, s.channels, dtype=prog.dtype) for s in prog.slots]
+    # channels padded to 16: the engine's vectors never leave a position
+    bufs = [torch.zeros(prog.batch, s.rows, w + 2 * prog.pad, -(-s.channels // 16) * 16, dtype=prog.dtype)
+            for s in prog.slots]
     images = job["images"]
     teacher = images is not None
     out_images = images.long().contiguous() if teacher else torch.zeros(prog.batch, c, h, w, dtype=torch.long)
@@ -52,7 +54,7 @@ def _run_cpp(job):
     step = 1 if job["progress"] else h
     try:
         for y0 in range(0, h, step):
-            _C.sample_cached(slots, pixel, row, params, scalars, bufs, job["u"].cpu().contiguous(),
+            _C.sample_cached(slots, pixel, post, row, params, scalars, bufs, job["u"].cpu().contiguous(),
                              job["feed"].cpu().contiguous(), out_images, logits, config, float(job["temperature"]),
                              y0, min(h, y0 + step), teacher)
             bar.update(min(h, y0 + step) * w * c - bar.n)

@@ -1,0 +1,351 @@
+// The C++ engine of cached sampling: runs a Program compiled by
+// fastgen/sampling/program.py (the instruction set and its encoding are
+// documented there, in Program.encode) for the rows [y0, y1) of the image, with
+// no Python per pixel: the pixel pass, the draw from the logits, the feed and
+// the post pass at every pixel and colour channel, the row pass after every row.
+//
+// Threads split the batch: each runs the whole loop for its own images, so the
+// loop needs no synchronisation (a batch smaller than the thread count leaves
+// threads idle). Slots are rings [B, rows, W + 2 pad, Cp] allocated by the
+// caller (Cp: channels rounded up to 16, so the micro-kernel's vectors never
+// leave a position; the extra channels stay zero). Draws read the caller's
+// uniforms u [H, W, C, B] (float64) exactly as the torch samplers do.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
+
+namespace {
+
+#ifdef FASTGEN_AVX512
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+#include "cpu/sampling_conv.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+namespace portable {
+#include "cpu/sampling_conv.h"
+}  // namespace portable
+
+enum Op { CONV = 1, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY };
+enum Act { IDENTITY, RELU, LEAKY_RELU, ELU, TANH, SIGMOID, SILU, GELU, SOFTPLUS };
+
+template <class T>
+struct Instr {
+  int64_t op = 0, out = 0, a = 0, b = -1;
+  // CONV: weights repacked [taps][cin][ldw] and bias [ldw], zero beyond cout
+  bool accumulate = false;
+  int64_t taps = 0, cin = 0, ldw = 0;
+  std::vector<int64_t> dy, dx;
+  std::vector<T> w, bias;
+  bool has_bias = false;
+  int64_t act = 0;
+  T param = 0;
+  const T* scale = nullptr;
+  const T* shift = nullptr;
+  const T* cst = nullptr;  // CONST: [B, C] or [B, H, W, C]
+  bool multiply = false, is_map = false;
+  int64_t dc = 1, out_off = 0, in_off = 0, count = 0;
+};
+
+struct Slot {
+  int64_t C, R, Cp;
+};
+
+template <class T>
+struct Engine {
+  int64_t B, C, H, W, P, in_slot, out_slot, L;
+  bool categorical;
+  T temperature;
+  std::vector<Slot> slots;
+  std::vector<T*> data;
+  std::vector<T> zeros;  // a tap above row 0 reads zeros
+  bool avx512;
+
+  T* at(int64_t s, int64_t b, int64_t y, int64_t x) const {
+    const Slot& sl = slots[s];
+    return data[s] + ((b * sl.R + y % sl.R) * (W + 2 * P) + x + P) * sl.Cp;
+  }
+
+  void conv(const Instr<T>& in, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1) const {
+    const int64_t rows = (b1 - b0) * (x1 - x0);
+    std::vector<const T*> src(rows * in.taps);
+    std::vector<T*> out(rows);
+    int64_t r = 0;
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t x = x0; x < x1; ++x, ++r) {
+        out[r] = at(in.out, b, y, x);
+        for (int64_t t = 0; t < in.taps; ++t)
+          src[r * in.taps + t] = y + in.dy[t] < 0 ? zeros.data() : at(in.a, b, y + in.dy[t], x + in.dx[t]);
+      }
+    const T* bias = in.has_bias ? in.bias.data() : nullptr;
+#ifdef FASTGEN_AVX512
+    if (avx512)
+      return avx512::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, out.data(), bias,
+                                  in.accumulate);
+#endif
+    portable::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, out.data(), bias, in.accumulate);
+  }
+
+  static T activate(int64_t act, T v, T p) {
+    switch (act) {
+      case RELU: return v > 0 ? v : T(0);
+      case LEAKY_RELU: return v > 0 ? v : v * p;
+      case ELU: return v > 0 ? v : p * std::expm1(v);
+      case TANH: return std::tanh(v);
+      case SIGMOID: return T(1) / (T(1) + std::exp(-v));
+      case SILU: return v / (T(1) + std::exp(-v));
+      case GELU: return T(0.5) * v * (T(1) + std::erf(v * T(0.70710678118654752440)));
+      case SOFTPLUS: return v > T(20) ? v : std::log1p(std::exp(v));
+      default: return v;
+    }
+  }
+
+  // One instruction at one position (the non-convolution ops).
+  void pointwise(const Instr<T>& in, int64_t b, int64_t y, int64_t x) const {
+    T* o = at(in.out, b, y, x);
+    const T* a = at(in.a, b, y, x);
+    const int64_t c = slots[in.out].C;
+    switch (in.op) {
+      case ACT:
+        for (int64_t i = 0; i < c; ++i) o[i] = activate(in.act, a[i], in.param);
+        break;
+      case AFFINE:
+        for (int64_t i = 0; i < c; ++i) o[i] = a[i] * in.scale[i] + in.shift[i];
+        break;
+      case ADD: {
+        const T* q = at(in.b, b, y, x);
+        if (in.param == T(1))
+          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + q[i];
+        else
+          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + in.param * q[i];
+        break;
+      }
+      case MUL: {
+        const T* q = at(in.b, b, y, x);
+        for (int64_t i = 0; i < c; ++i) o[i] = a[i] * q[i];
+        break;
+      }
+      case CONST: {
+        const T* k = in.is_map ? in.cst + ((b * H + y) * W + x) * c : in.cst + b * c;
+        if (in.multiply)
+          for (int64_t i = 0; i < c; ++i) o[i] = a[i] * k[i];
+        else
+          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + k[i];
+        break;
+      }
+      case GATE: {
+        const int64_t cd = c / in.dc;
+        for (int64_t d = 0; d < in.dc; ++d)
+          for (int64_t j = 0; j < cd; ++j) {
+            const T f = a[2 * d * cd + j], g = a[2 * d * cd + cd + j];
+            o[d * cd + j] = std::tanh(f) / (T(1) + std::exp(-g));
+          }
+        break;
+      }
+      case COPY:
+        std::memmove(o + in.out_off, a + in.in_off, in.count * sizeof(T));
+        break;
+    }
+  }
+
+  void run(const std::vector<Instr<T>>& code, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1) const {
+    for (const auto& in : code) {
+      if (in.op == CONV) {
+        conv(in, b0, b1, y, x0, x1);
+      } else {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t x = x0; x < x1; ++x) pointwise(in, b, y, x);
+      }
+    }
+  }
+};
+
+template <class T>
+std::vector<Instr<T>> decode(const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
+                             const std::vector<double>& scalars, const std::vector<Slot>& slots) {
+  std::vector<Instr<T>> out;
+  auto ptr = [&](int64_t i) -> const T* {
+    TORCH_CHECK(i >= 0 && i < (int64_t)params.size(), "sample_cached: bad parameter index ", i);
+    return params[i].data_ptr<T>();
+  };
+  for (size_t pos = 0; pos < code.size();) {
+    const int64_t len = code[pos];
+    TORCH_CHECK(len >= 4 && pos + len <= code.size(), "sample_cached: malformed program");
+    const int64_t* c = code.data() + pos + 1;
+    Instr<T> in;
+    in.op = c[0], in.out = c[1], in.a = c[2];
+    TORCH_CHECK(in.out >= 0 && in.out < (int64_t)slots.size() && in.a >= 0 && in.a < (int64_t)slots.size(),
+                "sample_cached: bad slot index");
+    switch (in.op) {
+      case CONV: {
+        in.accumulate = c[3] != 0;
+        in.taps = c[6];
+        in.dy.assign(c + 7, c + 7 + in.taps);
+        in.dx.assign(c + 7 + in.taps, c + 7 + 2 * in.taps);
+        const at::Tensor& w = params[c[4]];  // [taps, cin, cout]
+        in.cin = w.size(1);
+        const int64_t cout = w.size(2);
+        TORCH_CHECK(w.size(0) == in.taps && in.cin == slots[in.a].C && cout == slots[in.out].C,
+                    "sample_cached: convolution weight does not match its slots");
+        in.ldw = slots[in.out].Cp;
+        in.w.assign(in.taps * in.cin * in.ldw, T(0));
+        const T* wp = ptr(c[4]);
+        for (int64_t t = 0; t < in.taps * in.cin; ++t) std::copy(wp + t * cout, wp + (t + 1) * cout,
+                                                                 in.w.begin() + t * in.ldw);
+        in.has_bias = c[5] >= 0;
+        if (in.has_bias) {
+          in.bias.assign(in.ldw, T(0));
+          std::copy(ptr(c[5]), ptr(c[5]) + cout, in.bias.begin());
+        }
+        break;
+      }
+      case ACT: in.act = c[3], in.param = static_cast<T>(scalars.at(c[4])); break;
+      case AFFINE: in.scale = ptr(c[3]), in.shift = ptr(c[4]); break;
+      case ADD: in.b = c[3], in.param = static_cast<T>(scalars.at(c[4])); break;
+      case MUL: in.b = c[3]; break;
+      case CONST: in.cst = ptr(c[3]), in.multiply = c[4] != 0, in.is_map = c[5] != 0; break;
+      case GATE: in.dc = c[3]; break;
+      case COPY: in.out_off = c[3], in.in_off = c[4], in.count = c[5]; break;
+      default: TORCH_CHECK(false, "sample_cached: unknown opcode ", in.op);
+    }
+    out.push_back(std::move(in));
+    pos += len;
+  }
+  return out;
+}
+
+// The draw of one value from the logits at one position (double math, as fastgen.sampling.common.draw).
+template <class T>
+int64_t draw(const T* logits, int64_t L, bool categorical, double temperature, double u) {
+  if (!categorical) return u < 1.0 / (1.0 + std::exp(-double(logits[0]) / temperature)) ? 1 : 0;
+  double m = -INFINITY;
+  for (int64_t i = 0; i < L; ++i) m = std::max(m, double(logits[i]) / temperature);
+  double s = 0;
+  std::vector<double> e(L);
+  for (int64_t i = 0; i < L; ++i) s += (e[i] = std::exp(double(logits[i]) / temperature - m));
+  double cdf = 0;
+  int64_t v = 0;
+  for (int64_t i = 0; i < L; ++i) v += (cdf += e[i] / s) < u;
+  return std::min(v, L - 1);
+}
+
+template <class T>
+void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& pixel_code,
+              const std::vector<int64_t>& post_code, const std::vector<int64_t>& row_code,
+              const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
+              const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed, at::Tensor& images,
+              at::Tensor& logits, const std::vector<int64_t>& config, double temperature, int64_t y0, int64_t y1,
+              bool teacher) {
+  Engine<T> e;
+  e.C = config[0], e.H = config[1], e.W = config[2], e.P = config[3];
+  e.in_slot = config[4], e.out_slot = config[5], e.categorical = config[6] != 0, e.L = config[7];
+  e.B = images.size(0);
+  e.slots = slots;
+  e.avx512 = fastgen::use_avx512();
+  int64_t cmax = 0;
+  for (size_t s = 0; s < bufs.size(); ++s) {
+    e.data.push_back(bufs[s].data_ptr<T>());
+    cmax = std::max(cmax, slots[s].Cp);
+  }
+  e.zeros.assign(cmax, T(0));
+  const auto pixel = decode<T>(pixel_code, params, scalars, slots);
+  const auto post = decode<T>(post_code, params, scalars, slots);
+  const auto row = decode<T>(row_code, params, scalars, slots);
+  const double* uu = u.data_ptr<double>();
+  const T* table = feed.data_ptr<T>();
+  int64_t* img = images.data_ptr<int64_t>();
+  T* lg = teacher ? logits.data_ptr<T>() : nullptr;
+  const int64_t C = e.C, H = e.H, W = e.W, B = e.B, L = e.L;
+  const int64_t per = e.categorical ? L : 1;  // logits per colour channel
+  const int64_t cout = slots[e.out_slot].C;
+
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t x = 0; x < W; ++x) {
+        for (int64_t b = b0; b < b1; ++b)  // the ring row still holds row y - rows
+          std::fill_n(e.at(e.in_slot, b, y, x), slots[e.in_slot].Cp, T(0));
+        for (int64_t c = 0; c < C; ++c) {
+          e.run(pixel, b0, b1, y, x, x + 1);
+          for (int64_t b = b0; b < b1; ++b) {
+            const T* lo = e.at(e.out_slot, b, y, x) + c * per;
+            int64_t* v = img + ((b * C + c) * H + y) * W + x;
+            if (teacher) {
+              for (int64_t i = 0; i < per; ++i) lg[((b * cout + c * per + i) * H + y) * W + x] = lo[i];
+            } else {
+              *v = draw<T>(lo, L, e.categorical, temperature, uu[((y * W + x) * C + c) * B + b]);
+            }
+            e.at(e.in_slot, b, y, x)[c] = table[*v];
+          }
+        }
+        e.run(post, b0, b1, y, x, x + 1);
+      }
+      if (y + 1 < H) e.run(row, b0, b1, y, 0, W);
+    }
+  });
+}
+
+}  // namespace
+
+namespace fastgen {
+
+void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& pixel,
+                   const std::vector<int64_t>& post, const std::vector<int64_t>& row,
+                   const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
+                   const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
+                   at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
+                   int64_t y0, int64_t y1, bool teacher) {
+  TORCH_CHECK(config.size() == 8, "sample_cached: config must be [C, H, W, pad, input, output, categorical, L]");
+  TORCH_CHECK(slot_info.size() == 2 * bufs.size(), "sample_cached: one buffer per slot");
+  const at::ScalarType dt = feed.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "sample_cached: float32 or float64 only, got ", dt);
+  const int64_t C = config[0], H = config[1], W = config[2], P = config[3];
+  TORCH_CHECK(images.dim() == 4 && images.scalar_type() == at::kLong && images.is_contiguous() &&
+                  images.size(1) == C && images.size(2) == H && images.size(3) == W,
+              "sample_cached: images must be contiguous int64 [B, C, H, W]");
+  const int64_t B = images.size(0);
+  TORCH_CHECK(u.scalar_type() == at::kDouble && u.is_contiguous() && u.numel() == H * W * C * B,
+              "sample_cached: u must be contiguous float64 [H, W, C, B]");
+  TORCH_CHECK(0 <= y0 && y0 <= y1 && y1 <= H, "sample_cached: bad row range");
+  std::vector<Slot> slots;
+  for (size_t s = 0; s < bufs.size(); ++s) {
+    const at::Tensor& t = bufs[s];
+    const int64_t c = slot_info[2 * s], r = slot_info[2 * s + 1];
+    TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.dim() == 4 && t.size(0) == B && t.size(1) == r &&
+                    t.size(2) == W + 2 * P && t.size(3) >= c && t.size(3) % 16 == 0,
+                "sample_cached: slot ", s, " must be contiguous [B, rows, W + 2 pad, Cp] with Cp >= C, a multiple "
+                "of 16");
+    slots.push_back({c, r, t.size(3)});
+  }
+  for (const auto& p : params)
+    TORCH_CHECK(p.scalar_type() == dt && p.is_contiguous(), "sample_cached: parameters must be contiguous ", dt);
+  const int64_t levels = config[6] ? config[7] : 2;
+  TORCH_CHECK(feed.numel() == levels && feed.is_contiguous(), "sample_cached: feed table of ", levels, " values");
+  TORCH_CHECK(slots[config[5]].C == C * (config[6] ? config[7] : 1), "sample_cached: output slot channels");
+  if (teacher) {
+    TORCH_CHECK(logits.scalar_type() == dt && logits.is_contiguous() && logits.dim() == 4 &&
+                    logits.size(0) == B && logits.size(1) == slots[config[5]].C && logits.size(2) == H &&
+                    logits.size(3) == W,
+                "sample_cached: teacher forcing needs contiguous logits [B, C_out, H, W]");
+    TORCH_CHECK(images.numel() == 0 || (images.min().item<int64_t>() >= 0 &&
+                                         images.max().item<int64_t>() < levels),
+                "sample_cached: teacher images must hold values 0..", levels - 1);
+  }
+  if (dt == at::kFloat)
+    generate<float>(slots, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config, temperature,
+                    y0, y1, teacher);
+  else
+    generate<double>(slots, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config, temperature,
+                     y0, y1, teacher);
+}
+
+}  // namespace fastgen

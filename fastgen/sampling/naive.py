@@ -8,12 +8,14 @@ from fastgen.sampling.common import draw
 
 
 @torch.no_grad()
-def naive_sample(model, u, *, likelihood, levels, shape, condition=None, temperature=1.0, feed_table, progress=False):
+def naive_sample(model, u, *, likelihood, levels, shape, condition=None, temperature=1.0, feed_table, progress=False,
+                 max_steps=None):
     """Images [n, C, H, W] (int64) from ``model``, whose output is Bernoulli
     logits [n, C, H, W] or categorical logits [n, C*levels, H, W] (channel c's
     logits in block c). ``u`` [H, W, C, n]: the uniforms of the draws;
     ``condition``: the model's second argument when given; ``feed_table``: the
-    network input of each value (see common.feed_table)."""
+    network input of each value (see common.feed_table); ``max_steps``: stop
+    after that many pixel steps (benchmarks time a prefix and extrapolate)."""
     c, h, w = shape
     n = u.shape[-1]
     param = next(model.parameters())
@@ -21,10 +23,13 @@ def naive_sample(model, u, *, likelihood, levels, shape, condition=None, tempera
     images = torch.zeros(n, c, h, w, dtype=torch.long, device=device)
     x = torch.zeros(n, c, h, w, dtype=dtype, device=device)
     bar = Progress(h * w * c, "sampling (naive)", enabled=progress)
+    steps = h * w * c if max_steps is None else max_steps
     try:
         for y in range(h):
             for col in range(w):
                 for ch in range(c):
+                    if bar.n >= steps:
+                        return images
                     logits = model(x) if condition is None else model(x, condition)
                     if likelihood == "bernoulli":
                         block = logits[:, ch, y, col]

@@ -152,7 +152,11 @@ class Program:
 # ---- tracing -------------------------------------------------------------------------------------------------------
 
 class _Tracer(torch.fx.Tracer):
-    """fastgen's layers are leaves: the compiler knows their cached form."""
+    """fastgen's layers and gated_activation are leaves: the compiler knows their cached form."""
+
+    def __init__(self):
+        from fastgen.ops.gated import gated_activation
+        super().__init__(autowrap_functions=(gated_activation,))
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, (MaskedConv2d, GatedMaskedConv2d)) or super().is_leaf_module(m, qualname)
@@ -565,7 +569,7 @@ class _Compiler:
             bound.apply_defaults()
             if isinstance(bound.arguments["cond"], Val):
                 self.error("gated_activation's cond depends on the image")
-            return self.gate(bound.arguments["x"], bound.arguments["data_channels"], bound.arguments["cond"])
+            return self.gate(bound.arguments["input"], bound.arguments["data_channels"], bound.arguments["cond"])
         self.error(f"it is not position-wise or causal; cached sampling supports {_CAUSAL_OPS}. "
                    f"Use method='naive'")
 

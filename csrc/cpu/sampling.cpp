@@ -2,7 +2,8 @@
 // fastgen/sampling/program.py (the instruction set and its encoding are
 // documented there, in Program.encode) for the rows [y0, y1) of the image, with
 // no Python per pixel: the pixel pass, the draw from the logits, the feed and
-// the post pass at every pixel and colour channel, the row pass after every row.
+// the post pass at every pixel and colour channel (colour block by block when
+// Program.blocks = C), the row pass after every row.
 //
 // Threads split the batch: each runs the whole loop for its own images, so the
 // loop needs no synchronisation (a batch smaller than the thread count leaves
@@ -43,7 +44,6 @@ template <class T>
 struct Instr {
   int64_t op = 0, out = 0, a = 0, b = -1;
   // CONV: weights repacked [taps][cin][ldw] and bias [ldw], zero beyond cout
-  bool accumulate = false;
   int64_t taps = 0, cin = 0, ldw = 0;
   std::vector<int64_t> dy, dx;
   std::vector<T> w, bias;
@@ -63,7 +63,7 @@ struct Slot {
 
 template <class T>
 struct Engine {
-  int64_t B, C, H, W, P, in_slot, out_slot, L;
+  int64_t B, C, H, W, P, in_slot, out_slot, L, blocks;
   bool categorical;
   T temperature;
   std::vector<Slot> slots;
@@ -76,24 +76,36 @@ struct Engine {
     return data[s] + ((b * sl.R + y % sl.R) * (W + 2 * P) + x + P) * sl.Cp;
   }
 
-  void conv(const Instr<T>& in, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1) const {
+  // Output channels [lo, hi). The kernel works in whole vectors: a colour
+  // block that does not start and end on one goes through a scratch buffer, so
+  // that the other blocks' channels (which in-place instructions may have
+  // updated since) are left alone.
+  void conv(const Instr<T>& in, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1, int64_t lo,
+            int64_t hi) const {
+    constexpr int64_t n = 64 / sizeof(T);
     const int64_t rows = (b1 - b0) * (x1 - x0);
+    const int64_t co0 = lo / n * n, co1 = std::min(in.ldw, (hi + n - 1) / n * n);
+    const bool exact = co0 == lo && (co1 == hi || hi == slots[in.out].C);
     std::vector<const T*> src(rows * in.taps);
-    std::vector<T*> out(rows);
+    std::vector<T*> out(rows), dst(exact ? 0 : rows);
+    std::vector<T> scratch(exact ? 0 : rows * in.ldw);
     int64_t r = 0;
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t x = x0; x < x1; ++x, ++r) {
         out[r] = at(in.out, b, y, x);
+        if (!exact) dst[r] = out[r], out[r] = scratch.data() + r * in.ldw;
         for (int64_t t = 0; t < in.taps; ++t)
           src[r * in.taps + t] = y + in.dy[t] < 0 ? zeros.data() : at(in.a, b, y + in.dy[t], x + in.dx[t]);
       }
     const T* bias = in.has_bias ? in.bias.data() : nullptr;
 #ifdef FASTGEN_AVX512
     if (avx512)
-      return avx512::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, out.data(), bias,
-                                  in.accumulate);
+      avx512::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, co0, co1, out.data(), bias);
+    else
 #endif
-    portable::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, out.data(), bias, in.accumulate);
+      portable::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, co0, co1, out.data(), bias);
+    if (!exact)
+      for (int64_t r = 0; r < rows; ++r) std::copy(out[r] + lo, out[r] + hi, dst[r] + lo);
   }
 
   static T activate(int64_t act, T v, T p) {
@@ -110,42 +122,42 @@ struct Engine {
     }
   }
 
-  // One instruction at one position (the non-convolution ops).
-  void pointwise(const Instr<T>& in, int64_t b, int64_t y, int64_t x) const {
+  // One instruction at one position, output channels [lo, hi) (the non-convolution ops).
+  void pointwise(const Instr<T>& in, int64_t b, int64_t y, int64_t x, int64_t lo, int64_t hi) const {
     T* o = at(in.out, b, y, x);
     const T* a = at(in.a, b, y, x);
     const int64_t c = slots[in.out].C;
     switch (in.op) {
       case ACT:
-        for (int64_t i = 0; i < c; ++i) o[i] = activate(in.act, a[i], in.param);
+        for (int64_t i = lo; i < hi; ++i) o[i] = activate(in.act, a[i], in.param);
         break;
       case AFFINE:
-        for (int64_t i = 0; i < c; ++i) o[i] = a[i] * in.scale[i] + in.shift[i];
+        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * in.scale[i] + in.shift[i];
         break;
       case ADD: {
         const T* q = at(in.b, b, y, x);
         if (in.param == T(1))
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + q[i];
+          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + q[i];
         else
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + in.param * q[i];
+          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + in.param * q[i];
         break;
       }
       case MUL: {
         const T* q = at(in.b, b, y, x);
-        for (int64_t i = 0; i < c; ++i) o[i] = a[i] * q[i];
+        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * q[i];
         break;
       }
       case CONST: {
         const T* k = in.is_map ? in.cst + ((b * H + y) * W + x) * c : in.cst + b * c;
         if (in.multiply)
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] * k[i];
+          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * k[i];
         else
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + k[i];
+          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + k[i];
         break;
       }
-      case GATE: {
+      case GATE: {  // [lo, hi) is whole gate blocks (all of them, or colour block lo / cd)
         const int64_t cd = c / in.dc;
-        for (int64_t d = 0; d < in.dc; ++d)
+        for (int64_t d = lo / cd; d < hi / cd; ++d)
           for (int64_t j = 0; j < cd; ++j) {
             const T f = a[2 * d * cd + j], g = a[2 * d * cd + cd + j];
             o[d * cd + j] = std::tanh(f) / (T(1) + std::exp(-g));
@@ -158,13 +170,17 @@ struct Engine {
     }
   }
 
-  void run(const std::vector<Instr<T>>& code, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1) const {
+  // The instructions at row y, columns [x0, x1): all output channels, or colour block `block` (>= 0).
+  void run(const std::vector<Instr<T>>& code, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1,
+           int64_t block = -1) const {
     for (const auto& in : code) {
+      int64_t lo = 0, hi = slots[in.out].C;
+      if (block >= 0) lo = block * hi / blocks, hi = (block + 1) * hi / blocks;
       if (in.op == CONV) {
-        conv(in, b0, b1, y, x0, x1);
+        conv(in, b0, b1, y, x0, x1, lo, hi);
       } else {
         for (int64_t b = b0; b < b1; ++b)
-          for (int64_t x = x0; x < x1; ++x) pointwise(in, b, y, x);
+          for (int64_t x = x0; x < x1; ++x) pointwise(in, b, y, x, lo, hi);
       }
     }
   }
@@ -188,24 +204,25 @@ std::vector<Instr<T>> decode(const std::vector<int64_t>& code, const std::vector
                 "sample_cached: bad slot index");
     switch (in.op) {
       case CONV: {
-        in.accumulate = c[3] != 0;
-        in.taps = c[6];
-        in.dy.assign(c + 7, c + 7 + in.taps);
-        in.dx.assign(c + 7 + in.taps, c + 7 + 2 * in.taps);
-        const at::Tensor& w = params[c[4]];  // [taps, cin, cout]
+        in.taps = c[5];
+        TORCH_CHECK(len == 7 + 2 * in.taps, "sample_cached: malformed convolution");
+        in.dy.assign(c + 6, c + 6 + in.taps);
+        in.dx.assign(c + 6 + in.taps, c + 6 + 2 * in.taps);
+        TORCH_CHECK(c[3] >= 0 && c[3] < (int64_t)params.size(), "sample_cached: bad parameter index");
+        const at::Tensor& w = params[c[3]];  // [taps, cin, cout]
         in.cin = w.size(1);
         const int64_t cout = w.size(2);
         TORCH_CHECK(w.size(0) == in.taps && in.cin == slots[in.a].C && cout == slots[in.out].C,
                     "sample_cached: convolution weight does not match its slots");
         in.ldw = slots[in.out].Cp;
         in.w.assign(in.taps * in.cin * in.ldw, T(0));
-        const T* wp = ptr(c[4]);
+        const T* wp = ptr(c[3]);
         for (int64_t t = 0; t < in.taps * in.cin; ++t) std::copy(wp + t * cout, wp + (t + 1) * cout,
                                                                  in.w.begin() + t * in.ldw);
-        in.has_bias = c[5] >= 0;
+        in.has_bias = c[4] >= 0;
         if (in.has_bias) {
           in.bias.assign(in.ldw, T(0));
-          std::copy(ptr(c[5]), ptr(c[5]) + cout, in.bias.begin());
+          std::copy(ptr(c[4]), ptr(c[4]) + cout, in.bias.begin());
         }
         break;
       }
@@ -249,6 +266,7 @@ void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& pixel_
   Engine<T> e;
   e.C = config[0], e.H = config[1], e.W = config[2], e.P = config[3];
   e.in_slot = config[4], e.out_slot = config[5], e.categorical = config[6] != 0, e.L = config[7];
+  e.blocks = config[8];
   e.B = images.size(0);
   e.slots = slots;
   e.avx512 = fastgen::use_avx512();
@@ -275,7 +293,8 @@ void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& pixel_
         for (int64_t b = b0; b < b1; ++b)  // the ring row still holds row y - rows
           std::fill_n(e.at(e.in_slot, b, y, x), slots[e.in_slot].Cp, T(0));
         for (int64_t c = 0; c < C; ++c) {
-          e.run(pixel, b0, b1, y, x, x + 1);
+          const int64_t block = e.blocks > 1 ? c : -1;
+          e.run(pixel, b0, b1, y, x, x + 1, block);
           for (int64_t b = b0; b < b1; ++b) {
             const T* lo = e.at(e.out_slot, b, y, x) + c * per;
             int64_t* v = img + ((b * C + c) * H + y) * W + x;
@@ -286,8 +305,9 @@ void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& pixel_
             }
             e.at(e.in_slot, b, y, x)[c] = table[*v];
           }
+          if (block >= 0) e.run(post, b0, b1, y, x, x + 1, block);  // block c of what depends on the pixel
         }
-        e.run(post, b0, b1, y, x, x + 1);
+        if (e.blocks == 1) e.run(post, b0, b1, y, x, x + 1);
       }
       if (y + 1 < H) e.run(row, b0, b1, y, 0, W);
     }
@@ -304,7 +324,9 @@ void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int6
                    const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
                    at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
                    int64_t y0, int64_t y1, bool teacher) {
-  TORCH_CHECK(config.size() == 8, "sample_cached: config must be [C, H, W, pad, input, output, categorical, L]");
+  TORCH_CHECK(config.size() == 9,
+              "sample_cached: config must be [C, H, W, pad, input, output, categorical, L, blocks]");
+  TORCH_CHECK(config[8] == 1 || config[8] == config[0], "sample_cached: blocks must be 1 or C");
   TORCH_CHECK(slot_info.size() == 2 * bufs.size(), "sample_cached: one buffer per slot");
   const at::ScalarType dt = feed.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "sample_cached: float32 or float64 only, got ", dt);

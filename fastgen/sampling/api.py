@@ -48,7 +48,8 @@ def _run_cpp(job):
     out_images = images.long().contiguous() if teacher else torch.zeros(prog.batch, c, h, w, dtype=torch.long)
     logits = torch.zeros(prog.batch, prog.slots[prog.output].channels, h, w, dtype=prog.dtype) if teacher \
         else torch.empty(0, dtype=prog.dtype)
-    config = [c, h, w, prog.pad, prog.input, prog.output, int(job["likelihood"] == "categorical"), job["levels"]]
+    config = [c, h, w, prog.pad, prog.input, prog.output, int(job["likelihood"] == "categorical"), job["levels"],
+              prog.blocks]
     bar = Progress(h * w * c, "sampling (cached, C++)", enabled=job["progress"])
     # one call for the whole image, or one per row to show progress
     step = 1 if job["progress"] else h

@@ -41,38 +41,41 @@ class TorchEngine:
         buf = self.bufs[slot]
         return buf[:, r % buf.shape[1], x0 + dx + self.pad:x1 + dx + self.pad]
 
-    def run(self, instrs, y, x0, x1):
+    def run(self, instrs, y, x0, x1, block=None):
+        """Each instruction at row y, columns [x0, x1): all its output channels,
+        or only colour block ``block`` of them (Program.blocks)."""
+        nb = self.prog.blocks
         for i in instrs:
             out = self.at(i.out, y, x0, x1)
             a = self.at(i.a, y, x0, x1)
+            lo, hi = 0, out.shape[-1]
+            if block is not None:
+                lo, hi = block * hi // nb, (block + 1) * hi // nb
+            o = out[..., lo:hi]
             if i.op == CONV:
-                if i.accumulate:
-                    acc = out.clone()
-                elif i.bias is not None:
-                    acc = i.bias.expand(out.shape).clone()
-                else:
-                    acc = torch.zeros_like(out)
+                acc = torch.zeros_like(o) if i.bias is None else i.bias[lo:hi].expand(o.shape).clone()
                 for t, (dy, dx) in enumerate(i.taps):
                     src = self.at(i.a, y, x0, x1, dy, dx)
                     if src is not None:
-                        acc += src @ i.weight[t]
-                out.copy_(acc)
+                        acc += src @ i.weight[t][:, lo:hi]
+                o.copy_(acc)
             elif i.op == ACT:
-                out.copy_(_ACT_FNS[i.act](a, i.param))
+                o.copy_(_ACT_FNS[i.act](a[..., lo:hi], i.param))
             elif i.op == AFFINE:
-                out.copy_(a * i.scale + i.shift)
+                o.copy_(a[..., lo:hi] * i.scale[lo:hi] + i.shift[lo:hi])
             elif i.op == ADD:
-                b = self.at(i.b, y, x0, x1)
-                out.copy_(a + b if i.param == 1.0 else a + i.param * b)
+                b = self.at(i.b, y, x0, x1)[..., lo:hi]
+                o.copy_(a[..., lo:hi] + b if i.param == 1.0 else a[..., lo:hi] + i.param * b)
             elif i.op == MUL:
-                out.copy_(a * self.at(i.b, y, x0, x1))
+                o.copy_(a[..., lo:hi] * self.at(i.b, y, x0, x1)[..., lo:hi])
             elif i.op == CONST:
-                c = i.const[:, None, :] if i.const.dim() == 2 else i.const[:, y, x0:x1]
-                out.copy_(a * c if i.multiply else a + c)
-            elif i.op == GATE:
-                b, n, c2 = a.shape
-                blocks = a.reshape(b, n, i.data_channels, 2, c2 // (2 * i.data_channels))
-                out.copy_((torch.tanh(blocks[:, :, :, 0]) * torch.sigmoid(blocks[:, :, :, 1])).reshape(b, n, c2 // 2))
+                c = i.const[:, None, lo:hi] if i.const.dim() == 2 else i.const[:, y, x0:x1, lo:hi]
+                o.copy_(a[..., lo:hi] * c if i.multiply else a[..., lo:hi] + c)
+            elif i.op == GATE:  # out channels [lo, hi) are whole gate blocks of the input's [2 lo, 2 hi)
+                g = a[..., 2 * lo:2 * hi]
+                dc = i.data_channels if block is None else 1
+                blocks = g.reshape(*g.shape[:2], dc, 2, (hi - lo) // dc)
+                o.copy_((torch.tanh(blocks[:, :, :, 0]) * torch.sigmoid(blocks[:, :, :, 1])).reshape(o.shape))
             elif i.op == COPY:
                 out[..., i.out_off:i.out_off + i.count].copy_(a[..., i.in_off:i.in_off + i.count])
             else:
@@ -101,19 +104,23 @@ def run_torch(prog, u, feed_table, *, likelihood, levels, temperature=1.0, image
             for x in range(w):
                 inp[:, y % rows_in, x + pad].zero_()  # the ring row still holds row y - rows
                 for ch in range(c):
-                    eng.run(prog.pixel, y, x, x + 1)
+                    block = ch if prog.blocks > 1 else None
+                    eng.run(prog.pixel, y, x, x + 1, block)
                     logits = eng.at(prog.output, y, x, x + 1)[:, 0]
                     sl = slice(ch, ch + 1) if likelihood == "bernoulli" else slice(ch * levels, (ch + 1) * levels)
                     if images is not None:
                         v = images[:, ch, y, x]
                         logits_out[:, sl, y, x] = logits[:, sl]
                     else:
-                        block = logits[:, ch] if likelihood == "bernoulli" else logits[:, sl]
-                        v = draw(block, likelihood, temperature, u[y, x, ch])
+                        mine = logits[:, ch] if likelihood == "bernoulli" else logits[:, sl]
+                        v = draw(mine, likelihood, temperature, u[y, x, ch])
                     out_images[:, ch, y, x] = v
                     inp[:, y % rows_in, x + pad, ch] = feed_table[v]
                     bar.update()
-                eng.run(prog.post, y, x, x + 1)
+                    if block is not None:  # colour block by block: block ch of what depends on the pixel
+                        eng.run(prog.post, y, x, x + 1, block)
+                if prog.blocks == 1:
+                    eng.run(prog.post, y, x, x + 1)
             if y + 1 < h:
                 eng.run(prog.row, y, 0, w)
     finally:

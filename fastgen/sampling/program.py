@@ -26,10 +26,14 @@ Slots are rings of the last ``rows`` rows, [B, rows, W + 2 * pad, C]: ``pad``
 zero columns on each side, so that taps never need a column check; taps above
 row 0 are skipped.
 
-Colour images: the pixel pass runs once per colour channel c and recomputes
-every activation of the current position from the input as it stands (channels
-< c sampled, the rest zero), which is exact for any spatially causal network
-(the colour ordering only decides which logits are valid at step c).
+Colour images (C channels): when every pixel-pass slot splits into C colour
+blocks and every instruction keeps them (the masked convolutions' centre taps
+let block c see blocks <= c only, position-wise operations and the gate map
+block c to block c), the pixel pass for colour channel c computes block c of
+each activation, once (``Program.blocks = C``). Otherwise (a plain 1x1
+convolution mixing the blocks, a concatenation) it recomputes every activation
+of the position from the input as it stands (channels < c drawn, the rest
+zero), which is exact for any spatially causal network.
 """
 import inspect
 import operator
@@ -72,7 +76,6 @@ class Instr:
     weight: Optional[torch.Tensor] = None   # CONV [T, Cin, Cout]
     bias: Optional[torch.Tensor] = None     # CONV [Cout]
     taps: Tuple[Tuple[int, int], ...] = ()  # CONV (dy, dx) per tap
-    accumulate: bool = False    # CONV: out += conv
     act: str = "identity"       # ACT
     param: float = 0.0          # ACT: slope / alpha; ADD: alpha (out = a + alpha * b)
     scale: Optional[torch.Tensor] = None    # AFFINE [C]
@@ -99,12 +102,13 @@ class Program:
     input: int = 0                               # slot of the image as fed
     output: int = 0                              # slot of the logits
     pad: int = 0                                 # zero columns on each side of every slot
+    blocks: int = 1                              # C: the pixel pass runs colour block by colour block
 
     def encode(self):
         """(slots, pixel code, post code, row code, params, scalars) for the C++ engine.
 
         slots: [C0, rows0, C1, rows1, ...]. Code: instructions, each
-        [length, op, out, a, ...]: CONV [.., accumulate, w, bias(-1), T, dy.., dx..],
+        [length, op, out, a, ...]: CONV [.., w, bias(-1), T, dy.., dx..],
         ACT [.., act, scalar], AFFINE [.., scale, shift], ADD [.., b, scalar],
         MUL [.., b], CONST [.., const, multiply, is_map], GATE [.., data_channels],
         COPY [.., out_off, in_off, count]; w, bias, scale, shift, const index
@@ -126,7 +130,7 @@ class Program:
             for i in instrs:
                 body = [i.op, i.out, i.a]
                 if i.op == CONV:
-                    body += [int(i.accumulate), param(i.weight), param(i.bias), len(i.taps)]
+                    body += [param(i.weight), param(i.bias), len(i.taps)]
                     body += [t[0] for t in i.taps] + [t[1] for t in i.taps]
                 elif i.op == ACT:
                     body += [ACTS.index(i.act), scalar(i.param)]
@@ -306,8 +310,8 @@ class _Compiler:
         self.emit(kind, Instr(op, out, a.slot, b=b.slot, param=alpha))
         return Val(out, kind, a.channels)
 
-    def conv(self, a, weight, bias, taps, name, out=None):
-        """out [+]= sum over taps (dy, dx) of a(y+dy, x+dx) @ weight[t] + bias.
+    def conv(self, a, weight, bias, taps, name):
+        """sum over taps (dy, dx) of a(y+dy, x+dx) @ weight[t] + bias.
         weight [T, Cout, Cin] (the layout of nn.Conv2d's taps)."""
         if any(dy > 0 for dy, _ in taps):
             self.error("a convolution tap below the current row")
@@ -316,14 +320,8 @@ class _Compiler:
         cout = weight.shape[1]
         w = self.tensor(weight).transpose(1, 2).contiguous()  # [T, Cin, Cout]
         b = None if bias is None else self.tensor(bias)
-        accumulate = out is not None
-        if accumulate:
-            if out.kind != kind or out.channels != cout:
-                self.error("internal: accumulating convolution of another kind")
-            slot = out.slot
-        else:
-            slot = self.new_slot(cout, kind, name)
-        self.emit(kind, Instr(CONV, slot, a.slot, weight=w, bias=b, taps=tuple(taps), accumulate=accumulate))
+        slot = self.new_slot(cout, kind, name)
+        self.emit(kind, Instr(CONV, slot, a.slot, weight=w, bias=b, taps=tuple(taps)))
         return Val(slot, kind, cout)
 
     def masked_conv(self, m, a):
@@ -394,8 +392,8 @@ class _Compiler:
                 ws.append(wj)
         weight = torch.stack(ws) if ws else wh.new_zeros(0, wh.shape[0], wh.shape[1])
         h_pre = self.conv(h, weight, m.h_conv.bias, taps, "h_pre")
-        self.conv(v_pre, m.link.weight.detach()[:, :, 0, 0][None], None, [(-1, 0)], "link", out=h_pre)
-        gated = self.gate(h_pre, dc, ch)
+        link = self.conv(v_pre, m.link.weight.detach()[:, :, 0, 0][None], None, [(-1, 0)], "link")
+        gated = self.gate(self.binary(h_pre, link, ADD, inplace=True), dc, ch)
         skip = self.masked_conv(m.skip, gated)
         if m.last:
             return None, None, skip
@@ -664,6 +662,7 @@ class _Compiler:
                     dependent.add(i.out)
                     changed = True
         self.prog.post = [i for i in self.prog.pixel if i.out in dependent]
+        self.prog.blocks = self.shape[0] if self.keeps_colour_blocks() else 1
         pad = 0
         for i in self.prog.pixel + self.prog.row:
             if i.op == CONV:
@@ -672,6 +671,24 @@ class _Compiler:
                     slot.rows = max(slot.rows, 1 - dy)
                     pad = max(pad, abs(dx))
         self.prog.pad = pad
+
+
+    def keeps_colour_blocks(self):
+        """Whether the pixel pass can run colour block by colour block (module docstring)."""
+        c = self.shape[0]
+        if c == 1:
+            return False
+        slots = self.prog.slots
+        for i in self.prog.pixel:
+            if slots[i.out].channels % c or i.op == COPY or (i.op == GATE and i.data_channels != c):
+                return False
+            if i.op == CONV and (0, 0) in i.taps and slots[i.a].kind == "pixel":
+                w = i.weight[i.taps.index((0, 0))]  # [Cin, Cout]
+                blk_in = torch.arange(w.shape[0], device=w.device) // (w.shape[0] // c)
+                blk_out = torch.arange(w.shape[1], device=w.device) // (w.shape[1] // c)
+                if w.shape[0] % c or (w[blk_in[:, None] > blk_out[None, :]] != 0).any():
+                    return False
+        return True
 
 
 def _depends(args, kwargs):

@@ -1,16 +1,20 @@
-"""Command line: ``python -m fastgen train | demo | backends``.
+"""Command line: ``python -m fastgen train | sample | demo | backends``.
 
 ``train`` trains a PixelCNN or Gated PixelCNN on a dataset (see fastgen.train);
 under torchrun it trains data-parallel.
+``sample`` draws images from a trained checkpoint (cached or naive sampling)
+and writes them as a PNG grid.
 ``demo`` trains a small Gated PixelCNN on binarized MNIST on the CPU, reports
-the test NLL in nats, writes a grid of samples, and times training steps of
-fastgen's model against the same network in plain PyTorch with identical weights.
+the test NLL in nats, writes a grid of samples, times cached sampling against
+naive sampling, and times training steps of fastgen's model against the same
+network in plain PyTorch with identical weights.
 ``backends`` prints what is built and usable, and why anything is not.
 """
 import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -77,6 +81,106 @@ def train_command(args):
     train(TrainConfig(**fields))
 
 
+# ---- sample --------------------------------------------------------------------------------------------------------
+
+class SampleError(ValueError):
+    """A sampling job that cannot run as asked (bad argument, missing checkpoint)."""
+
+
+def add_sample_parser(sub):
+    from fastgen.sampling.api import METHODS
+    p = sub.add_parser(
+        "sample", help="draw images from a trained checkpoint into a PNG grid",
+        description="Draw images from a checkpoint of `python -m fastgen train` and write them as a PNG grid. "
+                    "A class-conditional model gives every image --label, or else labels cycling through its "
+                    "classes (one class per column).")
+    p.add_argument("checkpoint", help="a checkpoint file, or a run folder holding checkpoint.pt")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
+    p.add_argument("--method", choices=METHODS, default="cached",
+                   help="cached: each activation computed once (default); naive: the whole network per pixel")
+    p.add_argument("--label", type=int, help="class of every image (class-conditional models only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0): same seed, same images")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1)")
+    p.add_argument("--backend", help="force one fastgen backend on each op that has it: the model's layers and "
+                                     "the cached engine (cpp or ref); default: dispatch")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--nrow", type=int, help="images per row of the grid (default: square, or one class per column)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _engine_backend(backend):
+    """``backend`` if the cached engine has it, else None (dispatch): like the
+    layers, a forced name applies to each op that has it."""
+    from fastgen.sampling.api import OP
+    return backend if backend in OP.backends else None
+
+
+def _sample_device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SampleError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError("--device cuda: no CUDA device is available")
+    return device
+
+
+def sample_command(args):
+    from fastgen._dispatch import OPS
+    from fastgen.data import save_grid
+    from fastgen.train import load_model
+    # check the arguments before the (slower) model load
+    if args.n < 1:
+        raise SampleError(f"--n must be >= 1, got {args.n}")
+    if not args.temperature > 0:
+        raise SampleError(f"--temperature must be > 0, got {args.temperature}")
+    if args.nrow is not None and args.nrow < 1:
+        raise SampleError(f"--nrow must be >= 1, got {args.nrow}")
+    if args.backend is not None:
+        known = sorted({name for op in OPS.values() for name in op.backends})
+        if args.backend not in known:
+            raise SampleError(f"unknown backend {args.backend!r}; fastgen's backends: {', '.join(known)}")
+    if not os.path.exists(args.checkpoint):
+        raise SampleError(f"no checkpoint file or run folder at {args.checkpoint}")
+    device = _sample_device(args.device)
+    try:
+        model = load_model(args.checkpoint, device=device, backend=args.backend)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # torch.load of a file that is no checkpoint
+        raise SampleError(f"{args.checkpoint} is not a fastgen training checkpoint (torch.load cannot read it: "
+                          f"{type(e).__name__})") from None
+
+    classes = model.num_classes
+    labels, nrow = None, math.ceil(math.sqrt(args.n))
+    if args.label is not None:
+        if not classes:
+            raise SampleError(f"--label {args.label}: the model in {args.checkpoint} is not class-conditional")
+        if not 0 <= args.label < classes:
+            raise SampleError(f"--label {args.label} is out of range: the model has {classes} classes "
+                              f"(0..{classes - 1})")
+        labels = torch.full((args.n,), args.label, dtype=torch.long, device=device)
+    elif classes:  # labels 0, 1, ..., classes-1, 0, 1, ...: one class per column of the grid
+        labels = torch.arange(args.n, device=device) % classes
+        nrow = min(args.n, classes)
+
+    t0 = time.perf_counter()
+    images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, method=args.method,
+                          backend=_engine_backend(args.backend), progress=not args.quiet)
+    images = images.cpu()  # waits for a GPU to finish: the time is the whole sampling
+    seconds = time.perf_counter() - t0
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    save_grid(images, args.out, nrow=args.nrow or nrow, levels=model.levels)
+    print(f"sampled {args.n} images ({args.method}) in {seconds:.2f} s: {args.n / seconds:.1f} images/s; "
+          f"wrote {args.out}")
+    return images
+
+
 # ---- demo ----------------------------------------------------------------------------------------------------------
 
 def _time_training(models, batches, steps, lr, chunk=4):
@@ -109,11 +213,47 @@ def _time_training(models, batches, steps, lr, chunk=4):
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, first_loss
 
 
+NAIVE_ROWS = 2  # the demo times naive sampling over this many image rows and extrapolates (it is that slow)
+
+
+def _time_sampling(model, n, seed, backend=None):
+    """Seconds of cached sampling of ``n`` whole images, and of naive sampling
+    of the same images over the first NAIVE_ROWS rows' pixel steps, from the
+    same uniforms (fastgen.sample's); and how many values of the naive prefix
+    differ from the cached images (none should: same seed, same pixels)."""
+    from fastgen.sampling.common import feed_table, uniforms
+    from fastgen.sampling.naive import naive_sample
+    c, h, w = model.image_shape
+    total = c * h * w
+    prefix = min(total, NAIVE_ROWS * w * c)
+    param = next(model.parameters())
+    t0 = time.perf_counter()
+    cached = model.sample(n, seed=seed, method="cached", backend=_engine_backend(backend))
+    cached_s = time.perf_counter() - t0
+
+    u = uniforms(n, (c, h, w), seed, param.device)
+    table = feed_table(None, model.likelihood, model.levels, param.dtype, param.device)
+    t0 = time.perf_counter()
+    naive = naive_sample(model.eval(), u, likelihood=model.likelihood, levels=model.levels, shape=(c, h, w),
+                         feed_table=table, max_steps=prefix)
+    naive_prefix_s = time.perf_counter() - t0
+    # the steps run in (row, column, colour) order: the first `prefix` of them, as a [C, H, W] mask
+    done = (torch.arange(total).view(h, w, c) < prefix).permute(2, 0, 1)
+    mismatches = int((naive[:, done] != cached[:, done]).sum())
+    return {"images": n, "cached_s": round(cached_s, 3), "cached_images_per_s": round(n / cached_s, 1),
+            "naive_prefix_s": round(naive_prefix_s, 3), "naive_steps_timed": prefix, "pixel_steps": total,
+            "naive_s_extrapolated": round(naive_prefix_s * total / prefix, 3),
+            "speedup": round(naive_prefix_s * total / prefix / cached_s, 1),
+            "prefix_mismatches": mismatches}
+
+
 def run_demo(steps=800, batch=32, channels=32, layers=5, lr=2e-3, test_images=10000, samples=36,
-             compare_steps=12, out="demo_out", seed=0, backend=None, quiet=False):
+             compare_steps=12, out="demo_out", seed=0, backend=None, quiet=False, sample_batch=16):
     """Train a small Gated PixelCNN on binarized MNIST (CPU), evaluate on the
     first ``test_images`` images of the fixed test binarization, write
-    samples, then time fastgen's model against the plain-PyTorch copy."""
+    samples, time cached sampling of ``sample_batch`` images against naive
+    sampling (extrapolated from the first rows), then time fastgen's model
+    against the plain-PyTorch copy."""
     from fastgen.testing import OtherLoad, plain_gated_pixelcnn
     from fastgen.train import TrainConfig, load_model, train
 
@@ -128,6 +268,23 @@ def run_demo(steps=800, batch=32, channels=32, layers=5, lr=2e-3, test_images=10
     if load.fraction is not None and load.fraction > 0.05:
         print(f"note: other processes used {load.fraction:.0%} of the CPU meanwhile: the times above are not "
               f"this machine's")
+
+    sampling = None
+    if sample_batch > 0:
+        model = load_model(out, backend=backend)
+        with OtherLoad() as load:
+            sampling = _time_sampling(model, sample_batch, seed, backend)
+        sampling["other_load"] = None if load.fraction is None else round(load.fraction, 3)
+        print(f"sampling {sample_batch} images: cached {sampling['cached_s']:.2f} s "
+              f"({sampling['cached_images_per_s']:.0f} images/s), naive ~{sampling['naive_s_extrapolated']:.0f} s "
+              f"(extrapolated from {sampling['naive_steps_timed']} of {sampling['pixel_steps']} pixel steps) "
+              f"-> {sampling['speedup']:.0f}x")
+        if sampling["prefix_mismatches"]:
+            print(f"warning: naive and cached sampling differ on {sampling['prefix_mismatches']} of the "
+                  f"{sample_batch * sampling['naive_steps_timed']} values both drew (same seed: they should agree)")
+        if load.fraction is not None and load.fraction > 0.05:
+            print(f"note: other processes used {load.fraction:.0%} of the CPU during the timing: it is noisy")
+    summary["demo_sampling"] = sampling
 
     speed = None
     if compare_steps > 0:
@@ -189,6 +346,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastgen", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_sample_parser(sub)
     demo = sub.add_parser("demo", help="train a small Gated PixelCNN on binarized MNIST (CPU, a few minutes)",
                           description=run_demo.__doc__)
     demo.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
@@ -201,6 +359,8 @@ def main(argv=None):
     demo.add_argument("--samples", type=int, default=36, help="images in the sample grid (default 36; 0: none)")
     demo.add_argument("--compare-steps", type=int, default=12,
                       help="timed training steps per implementation in the speed comparison (0: skip)")
+    demo.add_argument("--sample-batch", type=int, default=16,
+                      help="images in the cached-vs-naive sampling comparison (default 16; 0: skip)")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", help="force one fastgen backend (see `python -m fastgen backends`)")
@@ -213,17 +373,23 @@ def main(argv=None):
         return 0
     from fastgen import BackendError
     from fastgen.data import DatasetMissingError
+    from fastgen.sampling import CompileError
     from fastgen.train import TrainError
     try:
         if args.command == "train":
             train_command(args)
+        elif args.command == "sample":
+            sample_command(args)
         else:
             if min(args.steps, args.batch, args.channels, args.layers, args.test_images) < 1:
                 parser.error("--steps, --batch, --channels, --layers and --test-images must be >= 1")
+            if args.sample_batch < 0:
+                parser.error("--sample-batch must be >= 0")
             run_demo(steps=args.steps, batch=args.batch, channels=args.channels, layers=args.layers, lr=args.lr,
                      test_images=args.test_images, samples=args.samples, compare_steps=args.compare_steps,
-                     out=args.out, seed=args.seed, backend=args.backend, quiet=args.quiet)
-    except (TrainError, DatasetMissingError, BackendError) as e:
+                     out=args.out, seed=args.seed, backend=args.backend, quiet=args.quiet,
+                     sample_batch=args.sample_batch)
+    except (TrainError, SampleError, CompileError, DatasetMissingError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

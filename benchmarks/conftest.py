@@ -46,8 +46,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = config.stash.get(_RESULTS, [])
     if not any(r.get("median_s") for r in results):
         return
-    terminalreporter.write_sep("-", "fastgen benchmarks: median per contender, speedup vs the common implementation")
+    terminalreporter.write_sep("-", "fastgen benchmarks: median per contender, speedup vs the common implementation (sampling: vs naive)")
     terminalreporter.write_line(format_table(table_rows(results)))
-    terminalreporter.write_line("memory MB: CPU, peak RSS of fwd+bwd steps above the RSS before them "
-                                "(fresh subprocess); GPU, peak allocated above the allocated before them. "
+    terminalreporter.write_line("memory MB: CPU, peak RSS of the measured work (fwd+bwd steps; sampling: one naive "
+                                "step, one cached run) above the RSS before it (fresh subprocess); GPU, peak "
+                                "allocated above the allocated before it. "
                                 "compile s: torch.compile's first call minus the median (not in the timing)")

@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/sampling.h"  // fastgen::sample_cached
+
 TORCH_LIBRARY(fastgen, m) {
   // masked_conv2d: see fastgen/ref/masked_conv.py for the mask and fastgen/ops/masked_conv.py for dispatch.
   m.def("masked_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, str mask_type, int data_channels, "
@@ -16,16 +18,6 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("gated_activation_backward(Tensor grad_out, Tensor x, Tensor? cond, int data_channels, "
         "bool[] output_mask) -> (Tensor, Tensor)");
 }
-
-namespace fastgen {
-// csrc/cpu/sampling.cpp: the C++ engine of cached sampling (fastgen/sampling/api.py calls it).
-void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& pixel,
-                   const std::vector<int64_t>& post, const std::vector<int64_t>& row,
-                   const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
-                   const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
-                   at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
-                   int64_t y0, int64_t y1, bool teacher);
-}  // namespace fastgen
 
 static bool built_with_cuda() {
 #ifdef FASTGEN_WITH_CUDA

@@ -350,3 +350,34 @@ def test_colour_blocks():
     naive = sample(mixing, 3, seed=2, method="naive", **args)
     for engine in ENGINES:
         assert torch.equal(sample(mixing, 3, seed=2, backend=engine, **args), naive)
+
+
+def test_in_place_operations():
+    """In place on an activation: later readers see the new value, as in eager
+    mode; in place on the image input is an error."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = MaskedConv2d("A", 1, 4, 3, padding=1)
+            self.head = MaskedConv2d("B", 4, 1, 1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            g = h.relu_()
+            h.mul_(2)
+            return self.head(h + g)
+
+    torch.manual_seed(0)
+    m = InPlace().double()
+    images = torch.randint(0, 2, (2, 1, 4, 5))
+    for engine in ENGINES:
+        torch.testing.assert_close(cached_logits(m, images, likelihood="bernoulli", backend=engine),
+                                   m(images.double()), atol=1e-12, rtol=1e-12)
+
+    class OnInput(InPlace):
+        def forward(self, x):
+            x.mul_(2)
+            return self.head(self.conv(x))
+
+    with pytest.raises(CompileError, match="in-place operation on the image input"):
+        sample(OnInput(), 1, shape=(1, 4, 4))

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
+#include "cpu/sampling.h"
 
 namespace {
 

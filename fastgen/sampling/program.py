@@ -188,8 +188,19 @@ def trace(model, has_condition):
         raise CompileError(f"cannot trace {type(model).__name__} with torch.fx for cached sampling ({e}); "
                            f"use method='naive'") from e
     gm = torch.fx.GraphModule(model, graph)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_in_place)  # unused nodes (shape queries), but not x.mul_(2)
     return gm
+
+
+def _in_place(node):
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        return node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or \
+            getattr(node.target, "__name__", "").endswith("_") or node.kwargs.get("inplace", False)
+    if node.op == "call_module":
+        return bool(getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False))
+    return node.op in ("placeholder", "output")
 
 
 # ---- compiling ---------------------------------------------------------------------------------------------------
@@ -248,6 +259,17 @@ class _Compiler:
         self.prog.slots.append(Slot(channels, kind, name))
         return len(self.prog.slots) - 1
 
+    def out_slot(self, a, inplace, kind, channels, name):
+        """A new slot, or for an in-place operation its operand's slot (later
+        readers of the operand see the new value, as in eager mode)."""
+        if not inplace:
+            return self.new_slot(channels, kind, name)
+        if a.slot == self.prog.input:
+            self.error("an in-place operation on the image input (the sampler writes the drawn pixels there)")
+        if a.kind != kind or a.channels != channels:
+            self.error("an in-place operation whose result differs in kind or channels from its operand")
+        return a.slot
+
     def emit(self, kind, instr):
         (self.prog.row if kind == "row" else self.prog.pixel).append(instr)
 
@@ -279,7 +301,7 @@ class _Compiler:
 
     # -- emitting
     def unary(self, a, act, param=0.0, inplace=False):
-        out = a.slot if inplace else self.new_slot(a.channels, a.kind, act)
+        out = self.out_slot(a, inplace, a.kind, a.channels, act)
         self.emit(a.kind, Instr(ACT, out, a.slot, act=act, param=param))
         return Val(out, a.kind, a.channels)
 
@@ -287,7 +309,7 @@ class _Compiler:
         c = a.channels
         scale = torch.full((c,), scale, dtype=self.dtype, device=self.device) if not torch.is_tensor(scale) else scale
         shift = torch.full((c,), shift, dtype=self.dtype, device=self.device) if not torch.is_tensor(shift) else shift
-        out = a.slot if inplace else self.new_slot(c, a.kind, "affine")
+        out = self.out_slot(a, inplace, a.kind, c, "affine")
         self.emit(a.kind, Instr(AFFINE, out, a.slot, scale=scale, shift=shift))
         return Val(out, a.kind, c)
 
@@ -297,7 +319,7 @@ class _Compiler:
             if multiply:
                 return self.affine(a, scale=v, inplace=inplace)
             return self.affine(a, shift=v, inplace=inplace)
-        out = a.slot if inplace else self.new_slot(a.channels, a.kind, "const")
+        out = self.out_slot(a, inplace, a.kind, a.channels, "const")
         self.emit(a.kind, Instr(CONST, out, a.slot, const=v, multiply=multiply))
         return Val(out, a.kind, a.channels)
 
@@ -306,7 +328,7 @@ class _Compiler:
             self.error(f"operands with {a.channels} and {b.channels} channels (broadcasting across channels is "
                        f"not supported)")
         kind = "row" if "row" in (a.kind, b.kind) else "pixel"
-        out = a.slot if inplace else self.new_slot(a.channels, kind, "add" if op == ADD else "mul")
+        out = self.out_slot(a, inplace, kind, a.channels, "add" if op == ADD else "mul")
         self.emit(kind, Instr(op, out, a.slot, b=b.slot, param=alpha))
         return Val(out, kind, a.channels)
 

@@ -1,0 +1,18 @@
+// The C++ engine of cached sampling (csrc/cpu/sampling.cpp), exposed as
+// fastgen._C.sample_cached by csrc/module.cpp; fastgen/sampling/api.py calls it.
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace fastgen {
+
+// Runs a Program (fastgen/sampling/program.py, Program.encode) over the rows [y0, y1).
+void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& pixel,
+                   const std::vector<int64_t>& post, const std::vector<int64_t>& row,
+                   const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
+                   const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
+                   at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
+                   int64_t y0, int64_t y1, bool teacher);
+
+}  // namespace fastgen

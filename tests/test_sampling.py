@@ -381,3 +381,19 @@ def test_in_place_operations():
 
     with pytest.raises(CompileError, match="in-place operation on the image input"):
         sample(OnInput(), 1, shape=(1, 4, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cuda_engine_matches_the_reference(name):
+    """The CUDA engine on a GPU: teacher forcing against the full forward pass,
+    and the same images as the torch executor for a seed (float64)."""
+    from fastgen.sampling.api import OP
+    from conftest import require_backend
+    require_backend(OP, "cuda")
+    m = make_model(name, torch.float64).cuda()
+    images, label = random_images(m, 3).cuda(), labels_for(m, 3)
+    label = None if label is None else label.cuda()
+    torch.testing.assert_close(cached_logits(m, images, condition=label, backend="cuda"), m(m.feed(images), label),
+                               atol=1e-10, rtol=1e-10)
+    assert torch.equal(m.sample(3, label, seed=5, backend="cuda"), m.sample(3, label, seed=5, backend="ref"))

@@ -363,6 +363,14 @@ void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int6
                                          images.max().item<int64_t>() < levels),
                 "sample_cached: teacher images must hold values 0..", levels - 1);
   }
+  if (images.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    return sample_cached_cuda(slot_info, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config,
+                              temperature, y0, y1, teacher);
+#else
+    TORCH_CHECK(false, "sample_cached: fastgen._C was built without CUDA");
+#endif
+  }
   if (dt == at::kFloat)
     generate<float>(slots, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config, temperature,
                     y0, y1, teacher);

@@ -4,6 +4,10 @@ teacher-forced logits of the cached path (its exactness check).
 The cached engines are the backends of the op ``sample_cached``:
 * ``cpp``: the C++ engine (csrc/cpu/sampling.cpp): the whole generation loop in
   one call per run of rows, float32 / float64 CPU tensors;
+* ``cuda``: the CUDA engine (csrc/cuda/sampling.cu): one thread block per image
+  runs the whole loop in one launch; float32 / float64 CUDA tensors. Compiled
+  (nvcc) but not yet run on a GPU: it stays out of the default order until it
+  has been tested and measured there (benchmarks/RESULTS.md);
 * ``ref``: the torch executor (fastgen/sampling/cached.py), any device and dtype.
 """
 import torch
@@ -23,41 +27,47 @@ METHODS = ("cached", "naive")
 OP = new_op("sample_cached", {"cpu": ["cpp"]})
 
 
-def _cpp_why_not(job):
-    prog = job["prog"]
-    if prog.device.type != "cpu":
-        return f"the C++ engine runs CPU models, got {prog.device.type}"
-    if prog.dtype not in (torch.float32, torch.float64):
-        return f"the C++ engine takes float32 or float64 models, got {prog.dtype}"
-    from fastgen import _C
-    if not hasattr(_C, "sample_cached"):
-        return "fastgen._C predates the cached-sampling engine: rebuild it (`make build`)"
-    return None
+def _engine_why_not(device_type, name):
+    def why_not(job):
+        prog = job["prog"]
+        if prog.device.type != device_type:
+            return f"the {name} engine runs {device_type} models, got {prog.device.type}"
+        if prog.dtype not in (torch.float32, torch.float64):
+            return f"the {name} engine takes float32 or float64 models, got {prog.dtype}"
+        from fastgen import _C
+        if not hasattr(_C, "sample_cached"):
+            return "fastgen._C predates the cached-sampling engine: rebuild it (`make build`)"
+        return None
+    return why_not
 
 
-def _run_cpp(job):
+def _run_engine(job):
+    """The compiled engines (C++ on CPU tensors, CUDA on CUDA tensors): one call per run of rows."""
     from fastgen import _C
     prog = job["prog"]
+    dev = prog.device
     slots, pixel, post, row, params, scalars = prog.encode()
     c, h, w = prog.shape
-    # channels padded to 16: the engine's vectors never leave a position
-    bufs = [torch.zeros(prog.batch, s.rows, w + 2 * prog.pad, -(-s.channels // 16) * 16, dtype=prog.dtype)
-            for s in prog.slots]
+    # channels padded to 16: the CPU engine's vectors never leave a position
+    bufs = [torch.zeros(prog.batch, s.rows, w + 2 * prog.pad, -(-s.channels // 16) * 16, dtype=prog.dtype,
+                        device=dev) for s in prog.slots]
     images = job["images"]
     teacher = images is not None
-    out_images = images.long().contiguous() if teacher else torch.zeros(prog.batch, c, h, w, dtype=torch.long)
-    logits = torch.zeros(prog.batch, prog.slots[prog.output].channels, h, w, dtype=prog.dtype) if teacher \
-        else torch.empty(0, dtype=prog.dtype)
+    out_images = images.to(dev).long().contiguous() if teacher else \
+        torch.zeros(prog.batch, c, h, w, dtype=torch.long, device=dev)
+    logits = torch.zeros(prog.batch, prog.slots[prog.output].channels, h, w, dtype=prog.dtype, device=dev) \
+        if teacher else torch.empty(0, dtype=prog.dtype, device=dev)
     config = [c, h, w, prog.pad, prog.input, prog.output, int(job["likelihood"] == "categorical"), job["levels"],
               prog.blocks]
-    bar = Progress(h * w * c, "sampling (cached, C++)", enabled=job["progress"])
+    bar = Progress(h * w * c, f"sampling (cached, {'C++' if dev.type == 'cpu' else dev.type})",
+                   enabled=job["progress"])
+    u, feed = job["u"].to(dev).contiguous(), job["feed"].to(dev).contiguous()
     # one call for the whole image, or one per row to show progress
     step = 1 if job["progress"] else h
     try:
         for y0 in range(0, h, step):
-            _C.sample_cached(slots, pixel, post, row, params, scalars, bufs, job["u"].cpu().contiguous(),
-                             job["feed"].cpu().contiguous(), out_images, logits, config, float(job["temperature"]),
-                             y0, min(h, y0 + step), teacher)
+            _C.sample_cached(slots, pixel, post, row, params, scalars, bufs, u, feed, out_images, logits, config,
+                             float(job["temperature"]), y0, min(h, y0 + step), teacher)
             bar.update(min(h, y0 + step) * w * c - bar.n)
     finally:
         bar.close()
@@ -70,7 +80,8 @@ def _run_ref(job):
 
 
 OP.register("ref", _run_ref)
-OP.register("cpp", _run_cpp, why_not=_cpp_why_not, unavailable=_ext.cpp_unavailable)
+OP.register("cpp", _run_engine, why_not=_engine_why_not("cpu", "C++"), unavailable=_ext.cpp_unavailable)
+OP.register("cuda", _run_engine, why_not=_engine_why_not("cuda", "CUDA"), unavailable=_ext.cuda_ext_unavailable)
 
 
 def _settings(model, likelihood, levels, shape):
@@ -121,7 +132,7 @@ def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None
     says which networks it takes, and names any operation it cannot); 'naive'
     runs the whole network per pixel and colour channel. Both read the same
     uniforms: for one seed they give the same images (exactly in float64).
-    ``backend``: the cached engine, 'cpp' or 'ref' (torch); default: dispatch.
+    ``backend``: the cached engine, 'cpp', 'cuda' or 'ref' (torch); default: dispatch.
     Colour images follow the sub-pixel order (R, then G, then B at each pixel).
     """
     likelihood, levels, shape = _settings(model, likelihood, levels, shape)

@@ -397,3 +397,26 @@ def test_cuda_engine_matches_the_reference(name):
     torch.testing.assert_close(cached_logits(m, images, condition=label, backend="cuda"), m(m.feed(images), label),
                                atol=1e-10, rtol=1e-10)
     assert torch.equal(m.sample(3, label, seed=5, backend="cuda"), m.sample(3, label, seed=5, backend="ref"))
+
+
+def test_arithmetic_with_constants():
+    """Every form of constant arithmetic the compiler maps to AFFINE / CONST."""
+    class Arith(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = MaskedConv2d("A", 1, 4, 3, padding=1)
+            self.head = MaskedConv2d("B", 4, 1, 1)
+            self.register_buffer("gain", torch.linspace(0.5, 2, 4)[:, None, None])
+
+        def forward(self, x):
+            h = self.conv(1 - x)
+            h = torch.sub(0.5, h, alpha=2) / 3 + torch.add(h, self.gain, alpha=0.5)
+            h = -h * self.gain + h.neg().mul(2) - torch.tanh(h).div(self.gain)
+            return self.head(F.leaky_relu(h, 0.1) + F.elu(h, 0.5) + F.silu(h) + F.gelu(h) + F.softplus(h))
+
+    torch.manual_seed(0)
+    m = Arith().double()
+    images = torch.randint(0, 2, (2, 1, 4, 5))
+    for engine in ENGINES:
+        torch.testing.assert_close(cached_logits(m, images, likelihood="bernoulli", backend=engine),
+                                   m(images.double()), atol=1e-12, rtol=1e-12)

@@ -243,8 +243,9 @@ def _describe(node):
 
 
 class _Compiler:
-    def __init__(self, gm, shape, batch, dtype, device, condition, has_condition):
+    def __init__(self, gm, shape, batch, dtype, device, condition, has_condition, likelihood, levels):
         self.gm, self.shape, self.batch = gm, tuple(shape), batch
+        self.likelihood, self.levels = likelihood, levels
         self.dtype, self.device = dtype, device
         self.prog = Program(batch=batch, shape=self.shape, dtype=dtype, device=device)
         self.condition, self.has_condition = condition, has_condition
@@ -639,9 +640,9 @@ class _Compiler:
                 self.error("division by an image-dependent tensor")
             if inplace:
                 self.error("an in-place operation on a constant with an image-dependent operand")
-            if f in _SUB:  # c - v = -v + c
-                return self.with_const(self.affine(b, scale=-1.0), a, multiply=False)
-            return self.with_const(b, a, multiply=f in _MUL)
+            if f in _ADD + _SUB:  # c + alpha v (c - v: alpha = -1)
+                return self.with_const(b if alpha == 1.0 else self.affine(b, scale=alpha), a, multiply=False)
+            return self.with_const(b, a, multiply=True)
         if f in _DIV:
             b = 1.0 / b
         elif f in _ADD + _SUB and alpha != 1.0:
@@ -726,7 +727,6 @@ def compile_program(model, *, shape, batch, likelihood, levels, condition=None):
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     gm = trace(model, condition is not None)
-    comp = _Compiler(gm, shape, batch, dtype, device, condition, condition is not None)
-    comp.likelihood, comp.levels = likelihood, levels
+    comp = _Compiler(gm, shape, batch, dtype, device, condition, condition is not None, likelihood, levels)
     with torch.no_grad():
         return comp.run()

@@ -216,6 +216,16 @@ def test_foreign_model_teacher_forcing_and_samples(engine):
     assert torch.equal(sample(m, 3, shape=(1, 6, 7), condition=cond, seed=9, backend=engine), naive)
 
 
+def assert_teacher_forcing_binary(cls):
+    """A float64 network of 4x5 binary images: cached logits == forward, both engines."""
+    torch.manual_seed(0)
+    m = cls().double()
+    images = torch.randint(0, 2, (2, 1, 4, 5))
+    for engine in ENGINES:
+        torch.testing.assert_close(cached_logits(m, images, likelihood="bernoulli", backend=engine),
+                                   m(images.double()), atol=1e-12, rtol=1e-12)
+
+
 class Net(nn.Module):
     """A one-layer network with one extra operation ``op`` before the head."""
 
@@ -367,12 +377,7 @@ def test_in_place_operations():
             h.mul_(2)
             return self.head(h + g)
 
-    torch.manual_seed(0)
-    m = InPlace().double()
-    images = torch.randint(0, 2, (2, 1, 4, 5))
-    for engine in ENGINES:
-        torch.testing.assert_close(cached_logits(m, images, likelihood="bernoulli", backend=engine),
-                                   m(images.double()), atol=1e-12, rtol=1e-12)
+    assert_teacher_forcing_binary(InPlace)
 
     class OnInput(InPlace):
         def forward(self, x):
@@ -414,9 +419,4 @@ def test_arithmetic_with_constants():
             h = -h * self.gain + h.neg().mul(2) - torch.tanh(h).div(self.gain)
             return self.head(F.leaky_relu(h, 0.1) + F.elu(h, 0.5) + F.silu(h) + F.gelu(h) + F.softplus(h))
 
-    torch.manual_seed(0)
-    m = Arith().double()
-    images = torch.randint(0, 2, (2, 1, 4, 5))
-    for engine in ENGINES:
-        torch.testing.assert_close(cached_logits(m, images, likelihood="bernoulli", backend=engine),
-                                   m(images.double()), atol=1e-12, rtol=1e-12)
+    assert_teacher_forcing_binary(Arith)

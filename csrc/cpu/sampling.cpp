@@ -62,6 +62,15 @@ struct Slot {
   int64_t C, R, Cp;
 };
 
+// One thread's working memory, reused at every pixel (no allocation in the loop).
+template <class T>
+struct Scratch {
+  std::vector<const T*> src;  // CONV: rows x taps input pointers
+  std::vector<T*> out, dst;   // CONV: output rows; their destinations when they go through buf
+  std::vector<T> buf;         // CONV: rows x ldw, for a colour block not aligned to vectors
+  std::vector<double> terms;  // the draw: softmax terms
+};
+
 template <class T>
 struct Engine {
   int64_t B, C, H, W, P, in_slot, out_slot, L, blocks;
@@ -82,31 +91,33 @@ struct Engine {
   // that the other blocks' channels (which in-place instructions may have
   // updated since) are left alone.
   void conv(const Instr<T>& in, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1, int64_t lo,
-            int64_t hi) const {
+            int64_t hi, Scratch<T>& s) const {
     constexpr int64_t n = 64 / sizeof(T);
     const int64_t rows = (b1 - b0) * (x1 - x0);
     const int64_t co0 = lo / n * n, co1 = std::min(in.ldw, (hi + n - 1) / n * n);
     const bool exact = co0 == lo && (co1 == hi || hi == slots[in.out].C);
-    std::vector<const T*> src(rows * in.taps);
-    std::vector<T*> out(rows), dst(exact ? 0 : rows);
-    std::vector<T> scratch(exact ? 0 : rows * in.ldw);
+    s.src.resize(rows * in.taps);
+    s.out.resize(rows);
+    if (!exact) s.dst.resize(rows), s.buf.resize(rows * in.ldw);
+    const T** src = s.src.data();
+    T** out = s.out.data();
     int64_t r = 0;
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t x = x0; x < x1; ++x, ++r) {
         out[r] = at(in.out, b, y, x);
-        if (!exact) dst[r] = out[r], out[r] = scratch.data() + r * in.ldw;
+        if (!exact) s.dst[r] = out[r], out[r] = s.buf.data() + r * in.ldw;
         for (int64_t t = 0; t < in.taps; ++t)
           src[r * in.taps + t] = y + in.dy[t] < 0 ? zeros.data() : at(in.a, b, y + in.dy[t], x + in.dx[t]);
       }
     const T* bias = in.has_bias ? in.bias.data() : nullptr;
 #ifdef FASTGEN_AVX512
     if (avx512)
-      avx512::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, co0, co1, out.data(), bias);
+      avx512::conv_rows<T>(rows, src, in.taps, in.cin, in.w.data(), in.ldw, co0, co1, out, bias);
     else
 #endif
-      portable::conv_rows<T>(rows, src.data(), in.taps, in.cin, in.w.data(), in.ldw, co0, co1, out.data(), bias);
+      portable::conv_rows<T>(rows, src, in.taps, in.cin, in.w.data(), in.ldw, co0, co1, out, bias);
     if (!exact)
-      for (int64_t r = 0; r < rows; ++r) std::copy(out[r] + lo, out[r] + hi, dst[r] + lo);
+      for (int64_t r = 0; r < rows; ++r) std::copy(out[r] + lo, out[r] + hi, s.dst[r] + lo);
   }
 
   static T activate(int64_t act, T v, T p) {
@@ -173,12 +184,12 @@ struct Engine {
 
   // The instructions at row y, columns [x0, x1): all output channels, or colour block `block` (>= 0).
   void run(const std::vector<Instr<T>>& code, int64_t b0, int64_t b1, int64_t y, int64_t x0, int64_t x1,
-           int64_t block = -1) const {
+           Scratch<T>& s, int64_t block = -1) const {
     for (const auto& in : code) {
       int64_t lo = 0, hi = slots[in.out].C;
       if (block >= 0) lo = block * hi / blocks, hi = (block + 1) * hi / blocks;
       if (in.op == CONV) {
-        conv(in, b0, b1, y, x0, x1, lo, hi);
+        conv(in, b0, b1, y, x0, x1, lo, hi, s);
       } else {
         for (int64_t b = b0; b < b1; ++b)
           for (int64_t x = x0; x < x1; ++x) pointwise(in, b, y, x, lo, hi);
@@ -244,12 +255,12 @@ std::vector<Instr<T>> decode(const std::vector<int64_t>& code, const std::vector
 
 // The draw of one value from the logits at one position (double math, as fastgen.sampling.common.draw).
 template <class T>
-int64_t draw(const T* logits, int64_t L, bool categorical, double temperature, double u) {
+int64_t draw(const T* logits, int64_t L, bool categorical, double temperature, double u, std::vector<double>& e) {
   if (!categorical) return u < 1.0 / (1.0 + std::exp(-double(logits[0]) / temperature)) ? 1 : 0;
   double m = -INFINITY;
   for (int64_t i = 0; i < L; ++i) m = std::max(m, double(logits[i]) / temperature);
   double s = 0;
-  std::vector<double> e(L);
+  e.resize(L);
   for (int64_t i = 0; i < L; ++i) s += (e[i] = std::exp(double(logits[i]) / temperature - m));
   double cdf = 0;
   int64_t v = 0;
@@ -289,28 +300,29 @@ void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& pixel_
   const int64_t cout = slots[e.out_slot].C;
 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Scratch<T> s;
     for (int64_t y = y0; y < y1; ++y) {
       for (int64_t x = 0; x < W; ++x) {
         for (int64_t b = b0; b < b1; ++b)  // the ring row still holds row y - rows
           std::fill_n(e.at(e.in_slot, b, y, x), slots[e.in_slot].Cp, T(0));
         for (int64_t c = 0; c < C; ++c) {
           const int64_t block = e.blocks > 1 ? c : -1;
-          e.run(pixel, b0, b1, y, x, x + 1, block);
+          e.run(pixel, b0, b1, y, x, x + 1, s, block);
           for (int64_t b = b0; b < b1; ++b) {
             const T* lo = e.at(e.out_slot, b, y, x) + c * per;
             int64_t* v = img + ((b * C + c) * H + y) * W + x;
             if (teacher) {
               for (int64_t i = 0; i < per; ++i) lg[((b * cout + c * per + i) * H + y) * W + x] = lo[i];
             } else {
-              *v = draw<T>(lo, L, e.categorical, temperature, uu[((y * W + x) * C + c) * B + b]);
+              *v = draw<T>(lo, L, e.categorical, temperature, uu[((y * W + x) * C + c) * B + b], s.terms);
             }
             e.at(e.in_slot, b, y, x)[c] = table[*v];
           }
-          if (block >= 0) e.run(post, b0, b1, y, x, x + 1, block);  // block c of what depends on the pixel
+          if (block >= 0) e.run(post, b0, b1, y, x, x + 1, s, block);  // block c of what depends on the pixel
         }
-        if (e.blocks == 1) e.run(post, b0, b1, y, x, x + 1);
+        if (e.blocks == 1) e.run(post, b0, b1, y, x, x + 1, s);
       }
-      if (y + 1 < H) e.run(row, b0, b1, y, 0, W);
+      if (y + 1 < H) e.run(row, b0, b1, y, 0, W, s);
     }
   });
 }

@@ -22,6 +22,7 @@
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
+#include "sampling_code.h"  // the program's code lists, parsed for both engines
 
 namespace {
 
@@ -38,7 +39,7 @@ namespace portable {
 #include "cpu/sampling_conv.h"
 }  // namespace portable
 
-enum Op { CONV = 1, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY };
+using namespace fastgen::sampling;  // the opcodes
 enum Act { IDENTITY, RELU, LEAKY_RELU, ELU, TANH, SIGMOID, SILU, GELU, SOFTPLUS };
 
 template <class T>
@@ -198,57 +199,35 @@ struct Engine {
   }
 };
 
+// The CPU form of the parsed instructions: pointers, and each convolution's weights repacked
+// [taps][cin][ldw] (ldw: the output slot's padded channels) with a padded bias.
 template <class T>
 std::vector<Instr<T>> decode(const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
-                             const std::vector<double>& scalars, const std::vector<Slot>& slots) {
+                             const std::vector<double>& scalars, const std::vector<int64_t>& slot_info,
+                             const std::vector<Slot>& slots) {
   std::vector<Instr<T>> out;
-  auto ptr = [&](int64_t i) -> const T* {
-    TORCH_CHECK(i >= 0 && i < (int64_t)params.size(), "sample_cached: bad parameter index ", i);
-    return params[i].data_ptr<T>();
-  };
-  for (size_t pos = 0; pos < code.size();) {
-    const int64_t len = code[pos];
-    TORCH_CHECK(len >= 4 && pos + len <= code.size(), "sample_cached: malformed program");
-    const int64_t* c = code.data() + pos + 1;
+  auto ptr = [&](int64_t i) -> const T* { return i < 0 ? nullptr : params[i].data_ptr<T>(); };
+  for (const fastgen::sampling::Code& c : fastgen::sampling::parse(code, params, scalars, slot_info)) {
     Instr<T> in;
-    in.op = c[0], in.out = c[1], in.a = c[2];
-    TORCH_CHECK(in.out >= 0 && in.out < (int64_t)slots.size() && in.a >= 0 && in.a < (int64_t)slots.size(),
-                "sample_cached: bad slot index");
-    switch (in.op) {
-      case CONV: {
-        in.taps = c[5];
-        TORCH_CHECK(len == 7 + 2 * in.taps, "sample_cached: malformed convolution");
-        in.dy.assign(c + 6, c + 6 + in.taps);
-        in.dx.assign(c + 6 + in.taps, c + 6 + 2 * in.taps);
-        TORCH_CHECK(c[3] >= 0 && c[3] < (int64_t)params.size(), "sample_cached: bad parameter index");
-        const at::Tensor& w = params[c[3]];  // [taps, cin, cout]
-        in.cin = w.size(1);
-        const int64_t cout = w.size(2);
-        TORCH_CHECK(w.size(0) == in.taps && in.cin == slots[in.a].C && cout == slots[in.out].C,
-                    "sample_cached: convolution weight does not match its slots");
-        in.ldw = slots[in.out].Cp;
-        in.w.assign(in.taps * in.cin * in.ldw, T(0));
-        const T* wp = ptr(c[3]);
-        for (int64_t t = 0; t < in.taps * in.cin; ++t) std::copy(wp + t * cout, wp + (t + 1) * cout,
-                                                                 in.w.begin() + t * in.ldw);
-        in.has_bias = c[4] >= 0;
-        if (in.has_bias) {
-          in.bias.assign(in.ldw, T(0));
-          std::copy(ptr(c[4]), ptr(c[4]) + cout, in.bias.begin());
-        }
-        break;
+    in.op = c.op, in.out = c.out, in.a = c.a, in.b = c.b;
+    in.act = c.act, in.param = static_cast<T>(c.param);
+    in.scale = ptr(c.scale), in.shift = ptr(c.shift), in.cst = ptr(c.cst);
+    in.multiply = c.multiply, in.is_map = c.is_map;
+    in.dc = c.dc, in.out_off = c.out_off, in.in_off = c.in_off, in.count = c.count;
+    if (c.op == CONV) {
+      in.taps = c.dy.size(), in.dy = c.dy, in.dx = c.dx, in.cin = c.cin;
+      in.ldw = slots[in.out].Cp;
+      in.w.assign(in.taps * in.cin * in.ldw, T(0));
+      const T* wp = ptr(c.w);
+      for (int64_t t = 0; t < in.taps * in.cin; ++t)
+        std::copy(wp + t * c.cout, wp + (t + 1) * c.cout, in.w.begin() + t * in.ldw);
+      in.has_bias = c.bias >= 0;
+      if (in.has_bias) {
+        in.bias.assign(in.ldw, T(0));
+        std::copy(ptr(c.bias), ptr(c.bias) + c.cout, in.bias.begin());
       }
-      case ACT: in.act = c[3], in.param = static_cast<T>(scalars.at(c[4])); break;
-      case AFFINE: in.scale = ptr(c[3]), in.shift = ptr(c[4]); break;
-      case ADD: in.b = c[3], in.param = static_cast<T>(scalars.at(c[4])); break;
-      case MUL: in.b = c[3]; break;
-      case CONST: in.cst = ptr(c[3]), in.multiply = c[4] != 0, in.is_map = c[5] != 0; break;
-      case GATE: in.dc = c[3]; break;
-      case COPY: in.out_off = c[3], in.in_off = c[4], in.count = c[5]; break;
-      default: TORCH_CHECK(false, "sample_cached: unknown opcode ", in.op);
     }
     out.push_back(std::move(in));
-    pos += len;
   }
   return out;
 }
@@ -269,7 +248,8 @@ int64_t draw(const T* logits, int64_t L, bool categorical, double temperature, d
 }
 
 template <class T>
-void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& pixel_code,
+void generate(const std::vector<int64_t>& slot_info, const std::vector<Slot>& slots,
+              const std::vector<int64_t>& pixel_code,
               const std::vector<int64_t>& post_code, const std::vector<int64_t>& row_code,
               const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
               const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed, at::Tensor& images,
@@ -288,9 +268,9 @@ void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& pixel_
     cmax = std::max(cmax, slots[s].Cp);
   }
   e.zeros.assign(cmax, T(0));
-  const auto pixel = decode<T>(pixel_code, params, scalars, slots);
-  const auto post = decode<T>(post_code, params, scalars, slots);
-  const auto row = decode<T>(row_code, params, scalars, slots);
+  const auto pixel = decode<T>(pixel_code, params, scalars, slot_info, slots);
+  const auto post = decode<T>(post_code, params, scalars, slot_info, slots);
+  const auto row = decode<T>(row_code, params, scalars, slot_info, slots);
   const double* uu = u.data_ptr<double>();
   const T* table = feed.data_ptr<T>();
   int64_t* img = images.data_ptr<int64_t>();
@@ -384,11 +364,11 @@ void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int6
 #endif
   }
   if (dt == at::kFloat)
-    generate<float>(slots, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config, temperature,
-                    y0, y1, teacher);
+    generate<float>(slot_info, slots, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config,
+                    temperature, y0, y1, teacher);
   else
-    generate<double>(slots, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config, temperature,
-                     y0, y1, teacher);
+    generate<double>(slot_info, slots, pixel, post, row, params, scalars, bufs, u, feed, images, logits, config,
+                     temperature, y0, y1, teacher);
 }
 
 }  // namespace fastgen

@@ -11,6 +11,7 @@
 
 #include "cpu/sampling.h"
 #include "cuda/sampling.cuh"
+#include "sampling_code.h"
 
 namespace {
 
@@ -18,49 +19,28 @@ using fastgen::cuda::SampleInstr;
 using fastgen::cuda::SampleJob;
 using fastgen::cuda::SampleSlot;
 
-// Host-side decode of one code list (layout: fastgen/sampling/program.py, Program.encode).
+// The device form of the parsed instructions (csrc/sampling_code.h): pointers into params, each
+// convolution's taps as offsets into `taps` (dy then dx), which the caller copies to the device.
 std::vector<SampleInstr> decode(const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
-                                const std::vector<double>& scalars, const std::vector<SampleSlot>& slots,
+                                const std::vector<double>& scalars, const std::vector<int64_t>& slot_info,
                                 std::vector<int>& taps, std::vector<size_t>& tap_at) {
   std::vector<SampleInstr> out;
-  auto ptr = [&](int64_t i) -> const void* {
-    if (i < 0) return nullptr;
-    TORCH_CHECK(i < (int64_t)params.size(), "sample_cached: bad parameter index ", i);
-    return params[i].data_ptr();
-  };
-  for (size_t pos = 0; pos < code.size();) {
-    const int64_t len = code[pos];
-    TORCH_CHECK(len >= 4 && pos + len <= code.size(), "sample_cached: malformed program");
-    const int64_t* c = code.data() + pos + 1;
+  auto ptr = [&](int64_t i) -> const void* { return i < 0 ? nullptr : params[i].data_ptr(); };
+  for (const fastgen::sampling::Code& c : fastgen::sampling::parse(code, params, scalars, slot_info)) {
     SampleInstr in{};
-    in.op = c[0], in.out = c[1], in.a = c[2], in.b = -1;
-    TORCH_CHECK(in.out >= 0 && in.out < (int)slots.size() && in.a >= 0 && in.a < (int)slots.size(),
-                "sample_cached: bad slot index");
-    switch (in.op) {
-      case 1: {  // CONV
-        in.taps = c[5];
-        TORCH_CHECK(len == 7 + 2 * in.taps && c[3] >= 0 && c[3] < (int64_t)params.size(),
-                    "sample_cached: malformed convolution");
-        const at::Tensor& w = params[c[3]];
-        in.cin = w.size(1), in.cout = w.size(2);
-        TORCH_CHECK(w.size(0) == in.taps && in.cin == slots[in.a].C && in.cout == slots[in.out].C,
-                    "sample_cached: convolution weight does not match its slots");
-        in.w = w.data_ptr(), in.bias = ptr(c[4]);
-        tap_at.push_back(taps.size());  // pointers into the device copy of `taps`, set by the caller
-        taps.insert(taps.end(), c + 6, c + 6 + 2 * in.taps);
-        break;
-      }
-      case 2: in.act = c[3], in.param = scalars.at(c[4]); break;
-      case 3: in.scale = ptr(c[3]), in.shift = ptr(c[4]); break;
-      case 4: in.b = c[3], in.param = scalars.at(c[4]); break;
-      case 5: in.b = c[3]; break;
-      case 6: in.cst = ptr(c[3]), in.multiply = c[4] != 0, in.is_map = c[5] != 0; break;
-      case 7: in.dc = c[3]; break;
-      case 8: in.out_off = c[3], in.in_off = c[4], in.count = c[5]; break;
-      default: TORCH_CHECK(false, "sample_cached: unknown opcode ", in.op);
+    in.op = c.op, in.out = c.out, in.a = c.a, in.b = c.b;
+    in.w = ptr(c.w), in.bias = ptr(c.bias), in.cin = c.cin, in.cout = c.cout;
+    in.act = c.act, in.param = c.param;
+    in.scale = ptr(c.scale), in.shift = ptr(c.shift), in.cst = ptr(c.cst);
+    in.multiply = c.multiply, in.is_map = c.is_map;
+    in.dc = c.dc, in.out_off = c.out_off, in.in_off = c.in_off, in.count = c.count;
+    if (c.op == fastgen::sampling::CONV) {
+      in.taps = c.dy.size();
+      tap_at.push_back(taps.size());
+      taps.insert(taps.end(), c.dy.begin(), c.dy.end());
+      taps.insert(taps.end(), c.dx.begin(), c.dx.end());
     }
     out.push_back(in);
-    pos += len;
   }
   return out;
 }
@@ -95,15 +75,15 @@ void sample_cached_cuda(const std::vector<int64_t>& slot_info, const std::vector
     slots.push_back({bufs[s].data_ptr(), int(slot_info[2 * s]), int(slot_info[2 * s + 1]), int(bufs[s].size(3))});
   std::vector<int> taps;
   std::vector<size_t> tap_at;
-  std::vector<SampleInstr> lists[3] = {decode(pixel_code, params, scalars, slots, taps, tap_at),
-                                       decode(post_code, params, scalars, slots, taps, tap_at),
-                                       decode(row_code, params, scalars, slots, taps, tap_at)};
+  std::vector<SampleInstr> lists[3] = {decode(pixel_code, params, scalars, slot_info, taps, tap_at),
+                                       decode(post_code, params, scalars, slot_info, taps, tap_at),
+                                       decode(row_code, params, scalars, slot_info, taps, tap_at)};
   const at::Tensor taps_d = to_device(taps, device);
   const int* taps_p = static_cast<const int*>(taps_d.data_ptr());
   size_t conv = 0;
   for (auto& list : lists)
     for (auto& in : list)
-      if (in.op == 1) in.dy = taps_p + tap_at[conv], in.dx = taps_p + tap_at[conv] + in.taps, ++conv;
+      if (in.op == fastgen::sampling::CONV) in.dy = taps_p + tap_at[conv], in.dx = taps_p + tap_at[conv] + in.taps, ++conv;
   const at::Tensor pixel_d = to_device(lists[0], device), post_d = to_device(lists[1], device),
                    row_d = to_device(lists[2], device), slots_d = to_device(slots, device);
 

@@ -561,7 +561,7 @@ class _Compiler:
         from fastgen.ops.gated import gated_activation
         if f in _UNARY_FUNCTIONS:
             act = _UNARY_FUNCTIONS[f]
-            names = {F.leaky_relu: ("negative_slope",), F.elu: ("alpha",), F.gelu: (), F.softplus: ("beta", "threshold")}
+            names = {F.leaky_relu: ("negative_slope",), F.elu: ("alpha",), F.softplus: ("beta", "threshold")}
             params = dict(zip(names.get(f, ()), args[1:]))
             params.update({k: v for k, v in kwargs.items() if k != "inplace"})
             inplace = f in (F.relu_, torch.relu_) or bool(kwargs.get("inplace", False))

@@ -17,6 +17,13 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("gated_activation_forward(Tensor x, Tensor? cond, int data_channels) -> Tensor");
   m.def("gated_activation_backward(Tensor grad_out, Tensor x, Tensor? cond, int data_channels, "
         "bool[] output_mask) -> (Tensor, Tensor)");
+  // reparameterize_kl: z = mu + exp(logvar/2) eps and the Gaussian KL, eps drawn from the seed (fastgen/ref/
+  // reparameterize_kl.py). kl: elementwise, or the per-row sums in float32 (float64 for double inputs).
+  m.def("reparameterize_kl_forward(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int seed, "
+        "bool elementwise) -> (Tensor, Tensor)");
+  // -> (grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar); grad_kl per row [B] or elementwise.
+  m.def("reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, "
+        "Tensor? prior_logvar, int seed, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

@@ -3,7 +3,8 @@ __version__ = "0.1.0"
 
 from fastgen import functional  # noqa: E402
 from fastgen._dispatch import OPS, BackendError  # noqa: E402
-from fastgen.nn import GatedMaskedConv2d, MaskedConv2d  # noqa: E402
+from fastgen.nn import GatedMaskedConv2d, GaussianLatent, MaskedConv2d  # noqa: E402
+from fastgen.ops.reparameterize_kl import reparameterize_kl  # noqa: E402
 from fastgen.sampling import sample  # noqa: E402
 
 
@@ -22,4 +23,4 @@ def backends():
     }
 
 
-__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "functional", "sample", "backends", "BackendError"]
+__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent", "reparameterize_kl", "functional", "sample", "backends", "BackendError"]

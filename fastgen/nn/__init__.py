@@ -1,4 +1,5 @@
 from fastgen.nn.gated import GatedMaskedConv2d
+from fastgen.nn.latent import GaussianLatent
 from fastgen.nn.masked_conv import MaskedConv2d
 
-__all__ = ["MaskedConv2d", "GatedMaskedConv2d"]
+__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent"]

@@ -1,0 +1,219 @@
+"""reparameterize_kl: the VAE's z = mu + exp(logvar/2) eps and its Gaussian KL in
+one pass, eps drawn inside the kernel from a seed and drawn again in the
+backward pass, never stored. See fastgen.ref.reparameterize_kl for the math and
+the noise stream. Backends:
+
+* ``ref``     plain PyTorch (the stream's Philox on int64 tensors): any device
+* ``cpp``     one fused pass each way on CPU (csrc/cpu/reparameterize_kl.cpp)
+* ``triton``  one fused pass each way (kernels/reparameterize_kl.py)
+
+All backends draw the same stream: the same seed gives the same z on every
+backend and device, to the last bits of float32 log/cos/sin (each backend's
+math library rounds those its own way; the Philox integers are identical).
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+from fastgen import _ext
+from fastgen._dispatch import new_op
+from fastgen.ref import reparameterize_kl as ref
+from fastgen.ref.reparameterize_kl import REDUCTIONS, check_seed, compute_dtype
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OP_NAME = "reparameterize_kl"
+
+
+class Call(NamedTuple):
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    prior_mu: Optional[torch.Tensor]
+    prior_logvar: Optional[torch.Tensor]
+    seed: int
+    reduction: str
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------
+
+def _check_tensor(name, t, mu):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{OP_NAME}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{OP_NAME}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if mu is not None and t.dtype != mu.dtype:
+        raise TypeError(f"{OP_NAME}: {name} must have mu's dtype {mu.dtype}, got {t.dtype}")
+    if mu is not None and t.device != mu.device:
+        raise ValueError(f"{OP_NAME}: {name} must be on mu's device {mu.device}, got {t.device}")
+
+
+def draw_seed():
+    """A seed from torch's default CPU generator (so torch.manual_seed makes it reproducible)."""
+    return int(torch.randint(0, ref.SEED_LIMIT - 1, (), dtype=torch.int64).item())
+
+
+def make_call(mu, logvar, prior_mu, prior_logvar, seed, reduction):
+    _check_tensor("mu", mu, None)
+    _check_tensor("logvar", logvar, mu)
+    if mu.dim() == 0:
+        raise ValueError(f"{OP_NAME}: mu must have a batch dimension (the KL is summed over all but the first), "
+                         f"got a 0-d tensor")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"{OP_NAME}: logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if p is None:
+            continue
+        _check_tensor(name, p, mu)
+        try:
+            shape = torch.broadcast_shapes(p.shape, mu.shape)
+        except RuntimeError:
+            shape = None
+        if shape != mu.shape:
+            raise ValueError(f"{OP_NAME}: {name} must have mu's shape {tuple(mu.shape)} or broadcast to it, "
+                             f"got {tuple(p.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP_NAME}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if seed is None:
+        seed = draw_seed()
+    check_seed(seed)
+    return Call(mu, logvar, prior_mu, prior_logvar, seed, reduction)
+
+
+# ---- the registered kernel op with autograd -------------------------------------------------------------------
+
+def _kernels(backend):
+    if backend == "triton":
+        from fastgen.kernels import reparameterize_kl as k
+        return k.reparameterize_kl_forward, k.reparameterize_kl_backward
+    return torch.ops.fastgen.reparameterize_kl_forward, torch.ops.fastgen.reparameterize_kl_backward
+
+
+def _fake_forward(mu, elementwise):
+    kl = torch.empty_like(mu) if elementwise else mu.new_empty(mu.shape[:1], dtype=compute_dtype(mu.dtype))
+    return torch.empty_like(mu), kl
+
+
+@torch.library.custom_op("fastgen::reparameterize_kl", mutates_args=())
+def reparameterize_kl_op(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch.Tensor],
+                         prior_logvar: Optional[torch.Tensor], seed: int, elementwise: bool,
+                         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(z, kl) of contiguous tensors of one shape; kl elementwise, or the row sums in float32 (float64)."""
+    return _kernels(backend)[0](mu, logvar, prior_mu, prior_logvar, seed, elementwise)
+
+
+@reparameterize_kl_op.register_fake
+def _(mu, logvar, prior_mu, prior_logvar, seed, elementwise, backend):
+    return _fake_forward(mu, elementwise)
+
+
+@torch.library.custom_op("fastgen::reparameterize_kl_grad", mutates_args=())
+def reparameterize_kl_grad_op(grad_z: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor], mu: torch.Tensor,
+                              logvar: torch.Tensor, prior_mu: Optional[torch.Tensor],
+                              prior_logvar: Optional[torch.Tensor], seed: int, backend: str,
+                              output_mask: List[bool]) -> List[torch.Tensor]:
+    """[grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar]; an entry not asked for is empty."""
+    grads = _kernels(backend)[1](grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, output_mask)
+    return [g if need else mu.new_empty(0) for g, need in zip(grads, output_mask)]
+
+
+@reparameterize_kl_grad_op.register_fake
+def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, backend, output_mask):
+    return [torch.empty_like(mu) if need else mu.new_empty(0) for need in output_mask]
+
+
+def _setup(ctx, inputs, output):
+    mu, logvar, prior_mu, prior_logvar, seed, elementwise, backend = inputs
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+    ctx.args = (seed, backend)
+
+
+def _backward(ctx, grad_z, grad_kl):
+    mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
+    prior = prior_mu is not None
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], prior and ctx.needs_input_grad[2],
+            prior and ctx.needs_input_grad[3]]
+    if grad_kl is not None:  # the kernels read it in the math type
+        grad_kl = grad_kl.to(compute_dtype(mu.dtype)).contiguous()
+    grads = reparameterize_kl_grad_op(None if grad_z is None else grad_z.contiguous(), grad_kl, mu, logvar,
+                                      prior_mu, prior_logvar, ctx.args[0], ctx.args[1], need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
+
+
+reparameterize_kl_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _register_cpp_fakes():
+    @torch.library.register_fake("fastgen::reparameterize_kl_forward")
+    def _(mu, logvar, prior_mu, prior_logvar, seed, elementwise):
+        return _fake_forward(mu, elementwise)
+
+    @torch.library.register_fake("fastgen::reparameterize_kl_backward")
+    def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, output_mask):
+        return tuple(torch.empty_like(mu) if need else mu.new_empty(0) for need in output_mask)
+
+
+def _cpp_unavailable():
+    why = _ext.cpp_unavailable()
+    if why is None and not hasattr(torch.ops.fastgen, "reparameterize_kl_forward"):
+        why = "fastgen._C was built without reparameterize_kl (an old build): rebuild it with `make build`"
+    return why
+
+
+if _cpp_unavailable() is None:
+    _register_cpp_fakes()
+
+
+# ---- backends and dispatch -------------------------------------------------------------------------------------
+
+def _kernel_runner(backend):
+    def run(c):
+        mu = c.mu.contiguous()
+        # A missing prior parameter is the standard normal's (0); a broadcast one is expanded here and its
+        # gradient summed back by autograd.
+        prior = [None, None]
+        if c.prior_mu is not None or c.prior_logvar is not None:
+            prior = [(mu.new_zeros(()) if p is None else p).expand(mu.shape).contiguous()
+                     for p in (c.prior_mu, c.prior_logvar)]
+        z, kl = reparameterize_kl_op(mu, c.logvar.contiguous(), *prior, c.seed, c.reduction == "none", backend)
+        if c.reduction == "mean":
+            kl = kl.mean()
+        return z, kl.to(mu.dtype)
+    return run
+
+
+def _takes(backend, device_type, dtypes):
+    def why_not(c):
+        if c.mu.device.type != device_type:
+            return f"the {backend} backend takes {device_type} tensors, got {c.mu.device.type}"
+        if c.mu.dtype not in dtypes:
+            return f"the {backend} backend takes {', '.join(str(d).replace('torch.', '') for d in dtypes)}, " \
+                   f"got {c.mu.dtype}"
+        return None
+    return why_not
+
+
+def _triton_why_not(c):
+    return _ext.triton_why_not(c.mu.device.type) or _takes("triton", c.mu.device.type, FLOAT_DTYPES)(c)
+
+
+# Measured preference (benchmarks/RESULTS.md): see bench_vae.py.
+PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["triton", "ref"]}
+
+OP = new_op(OP_NAME, PREFERENCE)
+OP.register("ref", lambda c: ref.reparameterize_kl(*c))
+OP.register("cpp", _kernel_runner("cpp"), why_not=_takes("cpp", "cpu", FLOAT_DTYPES), unavailable=_cpp_unavailable)
+OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
+
+
+def reparameterize_kl(mu, logvar, *, prior_mu=None, prior_logvar=None, seed=None, reduction="sum", backend=None):
+    """``(z, kl)``: ``z = mu + exp(logvar / 2) * eps`` with eps ~ N(0, 1) drawn from
+    ``seed``, and the KL divergence from N(mu, exp(logvar)) to the prior
+    N(prior_mu, exp(prior_logvar)) (the standard normal by default; either
+    parameter may be given alone, or broadcast to mu's shape).
+
+    ``reduction``: 'sum' (default) sums the KL over all but the first dimension
+    ([B]); 'mean' averages those sums over the batch (a scalar); 'none' keeps it
+    elementwise. ``seed``: an int in [0, 2**63); None draws one from torch's
+    default generator (``torch.manual_seed`` makes it reproducible). The same
+    seed gives the same eps, on every backend (fastgen.ref.reparameterize_kl)."""
+    c = make_call(mu, logvar, prior_mu, prior_logvar, seed, reduction)
+    return OP.run(c, mu.device.type, backend)

@@ -349,10 +349,36 @@ def test_explicit_backend_that_cannot_run_says_why():
         fastgen.reparameterize_kl(torch.zeros(2, 3), torch.zeros(2, 3), backend="triton")
 
 
-def test_opcheck():
-    require_backend(ops.OP, "cpp")
-    mu, lv = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+@pytest.mark.parametrize("backend", ["cpp", TRITON])
+def test_opcheck(backend):
+    device = device_for(backend)
+    require_backend(ops.OP, backend, ops.make_call(torch.zeros(2, device=device), torch.zeros(2, device=device),
+                                                   None, None, 0, "sum"))
+    fwd, bwd = ops._kernels(backend)
+    mu, lv, pm, plv, gz = [torch.randn(3, 5, device=device) for _ in range(5)]
     for elementwise in (False, True):
-        torch.library.opcheck(ops.reparameterize_kl_op, (mu, lv, None, None, 4, elementwise, "cpp"))
-        torch.library.opcheck(torch.ops.fastgen.reparameterize_kl_forward.default, (mu.detach(), lv.detach(), None,
-                                                                                    None, 4, elementwise))
+        torch.library.opcheck(fwd, (mu, lv, None, None, 4, elementwise))
+        torch.library.opcheck(fwd, (mu, lv, pm, plv, 4, elementwise))
+    gk_rows = torch.randn(3, device=device)
+    torch.library.opcheck(bwd, (gz, gk_rows, mu, lv, pm, plv, 4, [True, True, True, True]))
+    torch.library.opcheck(bwd, (None, torch.randn(3, 5, device=device), mu, lv, None, None, 4,
+                                [True, False, False, False]))
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_compiles():
+    """torch.compile sees the kernels as opaque ops (fake implementations) and gets the eager result."""
+    require_backend(ops.OP, "cpp")
+    mu, lv = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)
+
+    def f(mu, lv):
+        z, kl = fastgen.reparameterize_kl(mu, lv, seed=5, backend="cpp")
+        return (z * z).sum() + kl.sum()
+
+    eager = f(mu, lv)
+    g_eager = torch.autograd.grad(eager, [mu, lv])
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(mu, lv)
+    g = torch.autograd.grad(compiled, [mu, lv])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)

@@ -78,67 +78,78 @@ def make_call(mu, logvar, prior_mu, prior_logvar, seed, reduction):
     return Call(mu, logvar, prior_mu, prior_logvar, seed, reduction)
 
 
-# ---- the registered kernel op with autograd -------------------------------------------------------------------
-
-def _kernels(backend):
-    if backend == "triton":
-        from fastgen.kernels import reparameterize_kl as k
-        return k.reparameterize_kl_forward, k.reparameterize_kl_backward
-    return torch.ops.fastgen.reparameterize_kl_forward, torch.ops.fastgen.reparameterize_kl_backward
-
+# ---- kernels and autograd ---------------------------------------------------------------------------------------
+#
+# Each kernel backend is a pair of registered ops with fake implementations (torch.compile sees opaque ops):
+# the C++ schemas fastgen::reparameterize_kl_forward/backward (csrc/module.cpp) and, for Triton, the custom
+# ops below around kernels/reparameterize_kl.py. A plain autograd.Function joins forward and backward: the op
+# is elementwise and cheap, so the per-call overhead of a Python custom_op with register_autograd (about
+# 0.1 ms each way) would cost more than the kernel itself at VAE sizes.
 
 def _fake_forward(mu, elementwise):
     kl = torch.empty_like(mu) if elementwise else mu.new_empty(mu.shape[:1], dtype=compute_dtype(mu.dtype))
     return torch.empty_like(mu), kl
 
 
-@torch.library.custom_op("fastgen::reparameterize_kl", mutates_args=())
-def reparameterize_kl_op(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch.Tensor],
-                         prior_logvar: Optional[torch.Tensor], seed: int, elementwise: bool,
-                         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(z, kl) of contiguous tensors of one shape; kl elementwise, or the row sums in float32 (float64)."""
-    return _kernels(backend)[0](mu, logvar, prior_mu, prior_logvar, seed, elementwise)
+def _fake_backward(mu, output_mask):
+    return tuple(torch.empty_like(mu) if need else mu.new_empty(0) for need in output_mask)
 
 
-@reparameterize_kl_op.register_fake
-def _(mu, logvar, prior_mu, prior_logvar, seed, elementwise, backend):
+@torch.library.custom_op("fastgen::reparameterize_kl_triton_forward", mutates_args=())
+def triton_forward(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch.Tensor],
+                   prior_logvar: Optional[torch.Tensor], seed: int, elementwise: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from fastgen.kernels import reparameterize_kl as k
+    return k.reparameterize_kl_forward(mu, logvar, prior_mu, prior_logvar, seed, elementwise)
+
+
+@triton_forward.register_fake
+def _(mu, logvar, prior_mu, prior_logvar, seed, elementwise):
     return _fake_forward(mu, elementwise)
 
 
-@torch.library.custom_op("fastgen::reparameterize_kl_grad", mutates_args=())
-def reparameterize_kl_grad_op(grad_z: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor], mu: torch.Tensor,
-                              logvar: torch.Tensor, prior_mu: Optional[torch.Tensor],
-                              prior_logvar: Optional[torch.Tensor], seed: int, backend: str,
-                              output_mask: List[bool]) -> List[torch.Tensor]:
-    """[grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar]; an entry not asked for is empty."""
-    grads = _kernels(backend)[1](grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, output_mask)
-    return [g if need else mu.new_empty(0) for g, need in zip(grads, output_mask)]
+@torch.library.custom_op("fastgen::reparameterize_kl_triton_backward", mutates_args=())
+def triton_backward(grad_z: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor], mu: torch.Tensor,
+                    logvar: torch.Tensor, prior_mu: Optional[torch.Tensor], prior_logvar: Optional[torch.Tensor],
+                    seed: int, output_mask: List[bool]) -> List[torch.Tensor]:
+    from fastgen.kernels import reparameterize_kl as k
+    grads = k.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, output_mask)
+    return [g if need else mu.new_empty(0) for g, need in zip(grads, output_mask)]  # fresh tensors only
 
 
-@reparameterize_kl_grad_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, backend, output_mask):
-    return [torch.empty_like(mu) if need else mu.new_empty(0) for need in output_mask]
+@triton_backward.register_fake
+def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, output_mask):
+    return list(_fake_backward(mu, output_mask))
 
 
-def _setup(ctx, inputs, output):
-    mu, logvar, prior_mu, prior_logvar, seed, elementwise, backend = inputs
-    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-    ctx.args = (seed, backend)
+def _kernels(backend):
+    if backend == "triton":
+        return triton_forward, triton_backward
+    return torch.ops.fastgen.reparameterize_kl_forward, torch.ops.fastgen.reparameterize_kl_backward
 
 
-def _backward(ctx, grad_z, grad_kl):
-    mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-    prior = prior_mu is not None
-    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], prior and ctx.needs_input_grad[2],
-            prior and ctx.needs_input_grad[3]]
-    if grad_kl is not None:  # the kernels read it in the math type
-        grad_kl = grad_kl.to(compute_dtype(mu.dtype)).contiguous()
-    grads = reparameterize_kl_grad_op(None if grad_z is None else grad_z.contiguous(), grad_kl, mu, logvar,
-                                      prior_mu, prior_logvar, ctx.args[0], ctx.args[1], need)
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
+class ReparameterizeKL(torch.autograd.Function):
+    """(z, kl) of contiguous tensors of one shape on a kernel backend; kl elementwise, or the row sums in
+    float32 (float64 for float64). The backward draws eps again from the saved seed."""
 
+    @staticmethod
+    def forward(ctx, mu, logvar, prior_mu, prior_logvar, seed, elementwise, backend):
+        z, kl = _kernels(backend)[0](mu, logvar, prior_mu, prior_logvar, seed, elementwise)
+        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+        ctx.args = (seed, backend)
+        return z, kl
 
-reparameterize_kl_op.register_autograd(_backward, setup_context=_setup)
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
+        seed, backend = ctx.args
+        prior = prior_mu is not None
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], prior and ctx.needs_input_grad[2],
+                prior and ctx.needs_input_grad[3]]
+        if grad_kl is not None:  # the kernels read it in the math type
+            grad_kl = grad_kl.to(compute_dtype(mu.dtype)).contiguous()
+        grads = _kernels(backend)[1](None if grad_z is None else grad_z.contiguous(), grad_kl, mu, logvar,
+                                     prior_mu, prior_logvar, seed, need)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
 
 
 def _register_cpp_fakes():
@@ -148,7 +159,7 @@ def _register_cpp_fakes():
 
     @torch.library.register_fake("fastgen::reparameterize_kl_backward")
     def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, output_mask):
-        return tuple(torch.empty_like(mu) if need else mu.new_empty(0) for need in output_mask)
+        return _fake_backward(mu, output_mask)
 
 
 def _cpp_unavailable():
@@ -173,7 +184,7 @@ def _kernel_runner(backend):
         if c.prior_mu is not None or c.prior_logvar is not None:
             prior = [(mu.new_zeros(()) if p is None else p).expand(mu.shape).contiguous()
                      for p in (c.prior_mu, c.prior_logvar)]
-        z, kl = reparameterize_kl_op(mu, c.logvar.contiguous(), *prior, c.seed, c.reduction == "none", backend)
+        z, kl = ReparameterizeKL.apply(mu, c.logvar.contiguous(), *prior, c.seed, c.reduction == "none", backend)
         if c.reduction == "mean":
             kl = kl.mean()
         return z, kl.to(mu.dtype)

@@ -1,9 +1,9 @@
 """Command line: ``python -m fastgen train | sample | demo | backends``.
 
-``train`` trains a PixelCNN or Gated PixelCNN on a dataset (see fastgen.train);
-under torchrun it trains data-parallel.
-``sample`` draws images from a trained checkpoint (cached or naive sampling)
-and writes them as a PNG grid.
+``train`` trains a PixelCNN, Gated PixelCNN or VAE on a dataset (see
+fastgen.train); under torchrun it trains data-parallel.
+``sample`` draws images from a trained checkpoint (cached or naive sampling
+for the pixel models, the prior for a VAE) and writes them as a PNG grid.
 ``demo`` trains a small Gated PixelCNN on binarized MNIST on the CPU, reports
 the test NLL in nats, writes a grid of samples, times cached sampling against
 naive sampling, and times training steps of fastgen's model against the same
@@ -25,13 +25,13 @@ import torch
 
 def add_train_parser(sub):
     from fastgen.data import DATASETS
-    from fastgen.train import DEFAULTS, MODELS
+    from fastgen.train import DEFAULTS, MODELS, VAE_DEFAULTS
     p = sub.add_parser(
-        "train", help="train a PixelCNN / Gated PixelCNN (data-parallel under torchrun)",
-        description="Train a PixelCNN or Gated PixelCNN. Writes OUT/checkpoint.pt, metrics.jsonl, summary.json and "
-                    "samples.png. Data-parallel when launched by torchrun "
-                    "(`torchrun --nproc_per_node N -m fastgen train ...`). With --resume, options left out are "
-                    "taken from the checkpoint.")
+        "train", help="train a PixelCNN / Gated PixelCNN / VAE (data-parallel under torchrun)",
+        description="Train a PixelCNN, Gated PixelCNN or VAE. Writes OUT/checkpoint.pt, metrics.jsonl, summary.json "
+                    "and samples.png (a VAE also reconstructions.png and interpolation.png). Data-parallel when "
+                    "launched by torchrun (`torchrun --nproc_per_node N -m fastgen train ...`). With --resume, "
+                    "options left out are taken from the checkpoint.")
     p.add_argument("model", choices=list(MODELS))
     p.add_argument("--data", choices=list(DATASETS), help="dataset (required unless --resume)")
     p.add_argument("--root", help="data location: the cifar-10-batches-py folder (cifar10); an .npz, IDX file or "
@@ -39,18 +39,33 @@ def add_train_parser(sub):
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="total optimizer steps")
     length.add_argument("--epochs", type=float, help="total epochs (default 1)")
-    p.add_argument("--batch", type=int, help=f"images per step and process (default {DEFAULTS['batch']})")
+    p.add_argument("--batch", type=int, help=f"images per step and process (default {DEFAULTS['batch']}; "
+                                             f"vae {VAE_DEFAULTS['batch']})")
     p.add_argument("--lr", type=float, help=f"Adam peak learning rate, linear warm-up then cosine decay "
                                             f"(default {DEFAULTS['lr']:g})")
-    p.add_argument("--channels", type=int, help=f"feature maps (default {DEFAULTS['channels']})")
+    p.add_argument("--channels", type=int, help=f"feature maps (default {DEFAULTS['channels']}; vae: of the first "
+                                                f"convolution, the second has twice as many, default "
+                                                f"{VAE_DEFAULTS['channels']})")
     p.add_argument("--layers", "--blocks", dest="depth", type=int,
                    help="gated layers (gated-pixelcnn, default 8) or residual blocks (pixelcnn, default 7)")
     p.add_argument("--kernel-size", type=int, help=f"kernel of the masked / gated layers after the first "
                                                    f"(default {DEFAULTS['kernel_size']})")
     p.add_argument("--conditional", action="store_true", default=None,
-                   help="class-conditional on the dataset's labels")
+                   help="class-conditional on the dataset's labels (pixel models)")
+    p.add_argument("--decoder", choices=("bernoulli", "gaussian"),
+                   help="vae: p(x|z); bernoulli for binary data (binarized-mnist), gaussian: a discretized Gaussian "
+                        "over the pixel levels (a true discrete likelihood); default: bernoulli for 2-level data, "
+                        "else gaussian")
+    p.add_argument("--latent", type=int, help=f"vae: latent dimensions (default {VAE_DEFAULTS['latent']})")
+    p.add_argument("--iw-samples", type=int,
+                   help=f"vae: importance samples per image of the test IW NLL at the end "
+                        f"(default {VAE_DEFAULTS['iw_samples']}; 0: skip it)")
+    p.add_argument("--iw-images", type=int,
+                   help=f"vae: take the IW NLL on the first N test images (default {VAE_DEFAULTS['iw_images']}; "
+                        f"the whole split if it is smaller)")
     p.add_argument("--seed", type=int,
-                   help=f"seed of weights, data order and binarization (default {DEFAULTS['seed']})")
+                   help=f"seed of weights, data order, binarization and the VAE's latent draws "
+                        f"(default {DEFAULTS['seed']})")
     p.add_argument("--out", default="train_out", help="output folder (default train_out/)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
     p.add_argument("--eval-every", type=int, help="evaluate on the test split every N steps (default: at the end)")
@@ -58,7 +73,8 @@ def add_train_parser(sub):
                                                   f"(default {DEFAULTS['ckpt_every']}; 0: at the end only)")
     p.add_argument("--eval-batches", type=int, help="evaluate on this many test batches (default: the whole split)")
     p.add_argument("--samples", type=int, help=f"images in OUT/samples.png at the end "
-                                               f"(default {DEFAULTS['samples']}; 0: none)")
+                                               f"(default {DEFAULTS['samples']}; 0: none, and a vae writes no "
+                                               f"PNGs)")
     p.add_argument("--backend", help="force one fastgen backend (see `python -m fastgen backends`); default: dispatch")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -98,10 +114,12 @@ def add_sample_parser(sub):
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
     p.add_argument("--method", choices=METHODS, default="cached",
-                   help="cached: each activation computed once (default); naive: the whole network per pixel")
+                   help="pixel models: cached: each activation computed once (default); naive: the whole network "
+                        "per pixel")
     p.add_argument("--label", type=int, help="class of every image (class-conditional models only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0): same seed, same images")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature (a VAE: the prior's standard deviation), > 0 (default 1)")
     p.add_argument("--backend", help="force one fastgen backend on each op that has it: the model's layers and "
                                      "the cached engine (cpp or ref); default: dispatch")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -134,6 +152,7 @@ def _sample_device(name):
 def sample_command(args):
     from fastgen._dispatch import OPS
     from fastgen.data import save_grid
+    from fastgen.models import VAE
     from fastgen.train import load_model
     # check the arguments before the (slower) model load
     if args.n < 1:
@@ -168,16 +187,22 @@ def sample_command(args):
         labels = torch.arange(args.n, device=device) % classes
         nrow = min(args.n, classes)
 
+    vae = isinstance(model, VAE)
+    if vae and args.method != "cached":
+        raise SampleError(f"--method {args.method} is for the pixel models: a VAE decodes prior draws in one pass")
     t0 = time.perf_counter()
-    images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, method=args.method,
-                          backend=_engine_backend(args.backend), progress=not args.quiet)
+    if vae:  # z ~ N(0, temperature^2 I), decoded to display images (0..255)
+        images = model.sample(args.n, seed=args.seed, temperature=args.temperature)
+    else:
+        images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, method=args.method,
+                              backend=_engine_backend(args.backend), progress=not args.quiet)
     images = images.cpu()  # waits for a GPU to finish: the time is the whole sampling
     seconds = time.perf_counter() - t0
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
-    save_grid(images, args.out, nrow=args.nrow or nrow, levels=model.levels)
-    print(f"sampled {args.n} images ({args.method}) in {seconds:.2f} s: {args.n / seconds:.1f} images/s; "
-          f"wrote {args.out}")
+    save_grid(images, args.out, nrow=args.nrow or nrow, levels=256 if vae else model.levels)
+    print(f"sampled {args.n} images ({'vae prior' if vae else args.method}) in {seconds:.2f} s: "
+          f"{args.n / seconds:.1f} images/s; wrote {args.out}")
     return images
 
 

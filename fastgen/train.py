@@ -1,11 +1,24 @@
-"""Training of fastgen's pixel models: ``python -m fastgen train MODEL --data NAME ...``.
+"""Training of fastgen's models: ``python -m fastgen train MODEL --data NAME ...``.
 
 One function, :func:`train`, runs a whole training job from a :class:`TrainConfig`:
-data (``fastgen.data.load_dataset``), model (``PixelCNN`` / ``GatedPixelCNN``,
-likelihood from the data: Bernoulli for 2-level data, a categorical over the
-data's levels otherwise), Adam with linear warm-up and cosine decay, periodic
-evaluation on the test split, checkpoints with exact resume, metrics
-(``metrics.jsonl``), a summary (``summary.json``) and a PNG grid of samples.
+data (``fastgen.data.load_dataset``), model, Adam with linear warm-up and cosine
+decay, periodic evaluation on the test split, checkpoints with exact resume,
+metrics (``metrics.jsonl``), a summary (``summary.json``) and PNG grids. What
+differs between models is one small hook per kind of model (:class:`PixelKind`,
+:class:`VAEKind`: its options and defaults, model config, loss call, evaluation,
+images), the loop is shared:
+
+* ``pixelcnn`` / ``gated-pixelcnn``: likelihood from the data (Bernoulli for
+  2-level data, a categorical over the data's levels otherwise); loss = NLL;
+  evaluation: test NLL; images: samples.png.
+* ``vae``: decoder from the data unless ``--decoder`` says (Bernoulli for
+  2-level data, the discretized Gaussian over the levels otherwise); loss = the
+  negative ELBO (one latent draw per image, seeded by (seed, step, rank));
+  evaluation: test ELBO (seeded draws) and, at the end, the importance-weighted
+  NLL with ``--iw-samples`` draws on the first ``--iw-images`` test images;
+  images: samples.png, reconstructions.png (rows of test images above their
+  reconstructions), interpolation.png (one row per pair of test images: the
+  decoded line between their posterior means).
 
 Data parallel: launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK set), every
 process trains on its shard of each epoch (DistributedSampler) with a
@@ -20,7 +33,7 @@ stream, with or without DataLoader workers (same world size).
 
 Files in ``out``: checkpoint.pt (model state_dict, model constructor config,
 optimizer, scheduler, step, RNG states, the run's arguments; rebuilt by
-:func:`load_model`), metrics.jsonl, summary.json, samples.png.
+:func:`load_model`), metrics.jsonl, summary.json, and the PNGs above.
 """
 import dataclasses
 import hashlib
@@ -37,9 +50,9 @@ import torch
 import torch.distributed as dist
 
 from fastgen._progress import Progress
-from fastgen.models import GatedPixelCNN, PixelCNN
+from fastgen.models import VAE, GatedPixelCNN, PixelCNN
 
-MODELS = {"pixelcnn": PixelCNN, "gated-pixelcnn": GatedPixelCNN}
+MODELS = {"pixelcnn": PixelCNN, "gated-pixelcnn": GatedPixelCNN, "vae": VAE}
 DEPTH_ARG = {"pixelcnn": "blocks", "gated-pixelcnn": "layers"}  # what --layers/--blocks sets
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -52,8 +65,9 @@ class TrainError(ValueError):
 @dataclasses.dataclass
 class TrainConfig:
     """Options of one training run. ``None`` means "the default", or, when
-    resuming, "the checkpoint's value" (see RESUMABLE and DEFAULTS)."""
-    model: Optional[str] = None  # 'pixelcnn' or 'gated-pixelcnn'
+    resuming, "the checkpoint's value" (see FIXED_ON_RESUME, INHERITED, DEFAULTS
+    and VAE_DEFAULTS)."""
+    model: Optional[str] = None  # 'pixelcnn', 'gated-pixelcnn' or 'vae'
     data: Optional[str] = None  # a name of fastgen.data.load_dataset
     root: Optional[str] = None
     steps: Optional[int] = None  # total optimizer steps; else epochs
@@ -64,6 +78,10 @@ class TrainConfig:
     depth: Optional[int] = None  # gated layers or residual blocks; None: the model's default
     kernel_size: Optional[int] = None
     conditional: Optional[bool] = None
+    decoder: Optional[str] = None  # vae: 'bernoulli' or 'gaussian'; None: from the data's levels
+    latent: Optional[int] = None  # vae: latent dimensions
+    iw_samples: Optional[int] = None  # vae: importance samples of the final IW NLL (0: none)
+    iw_images: Optional[int] = None  # vae: the IW NLL is taken on the first iw_images test images
     seed: Optional[int] = None
     out: str = "train_out"
     resume: bool = False
@@ -81,12 +99,21 @@ class TrainConfig:
     quiet: bool = False  # no progress bar (the summary lines are still printed)
 
 
-DEFAULTS = {"batch": 32, "lr": 1e-3, "channels": 64, "kernel_size": 3, "conditional": False, "seed": 0,
-            "eval_every": 0, "ckpt_every": 1000, "samples": 64, "num_workers": 0, "log_every": 10}
+COMMON_DEFAULTS = {"batch": 32, "lr": 1e-3, "seed": 0, "eval_every": 0, "ckpt_every": 1000, "samples": 64,
+                   "num_workers": 0, "log_every": 10}
+# the pixel models' defaults (DEFAULTS) and the VAE's (larger batches: its steps are cheap)
+DEFAULTS = {**COMMON_DEFAULTS, "channels": 64, "kernel_size": 3, "conditional": False}
+VAE_DEFAULTS = {**COMMON_DEFAULTS, "batch": 128, "channels": 32, "latent": 32, "iw_samples": 100, "iw_images": 1000}
 # options that define the run: a resumed run takes them from the checkpoint, and may not change them
-FIXED_ON_RESUME = ("model", "data", "batch", "lr", "channels", "depth", "kernel_size", "conditional", "seed")
+FIXED_ON_RESUME = ("model", "data", "batch", "lr", "channels", "depth", "kernel_size", "conditional", "decoder",
+                   "latent", "seed")
 # options a resumed run takes from the checkpoint unless given again (not: device, backend, workers, stops)
-INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "ckpt_every", "eval_batches", "samples", "log_every")
+INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "ckpt_every", "eval_batches", "samples", "log_every",
+                               "iw_samples", "iw_images")
+# options of one kind of model only, with their command-line flags (for the error naming them)
+MODEL_OPTIONS = {"depth": "--layers", "kernel_size": "--kernel-size", "conditional": "--conditional",
+                 "decoder": "--decoder", "latent": "--latent", "iw_samples": "--iw-samples",
+                 "iw_images": "--iw-images"}
 
 
 # ---- models and checkpoints ------------------------------------------------------------------------------------
@@ -271,21 +298,26 @@ def _load_data(cfg, expect_shape=None):
 
 # ---- evaluation and sampling -------------------------------------------------------------------------------------
 
+def _eval_batches(n_images, batch, max_batches, dist_):
+    """Indices of the evaluation batches this rank takes (every world-th one)."""
+    rank, world = (dist_.rank, dist_.world) if dist_ is not None else (0, 1)
+    n_batches = math.ceil(n_images / batch)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    return range(rank, n_batches, world)
+
+
 @torch.no_grad()
 def evaluate(model, data, batch, *, device, amp=False, conditional=False, max_batches=None, dist_=None):
     """(mean NLL in nats per image, number of images) of ``model`` on ``data``
     (.images: the fixed binarization for binarized MNIST), over its first
     ``max_batches`` batches of ``batch`` images (None: all). Under torchrun
     each rank takes every world-th batch and the sums are reduced."""
-    rank, world = (dist_.rank, dist_.world) if dist_ is not None else (0, 1)
-    n_batches = math.ceil(len(data) / batch)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # nats, images
     was_training = model.training
     model.eval()
     try:
-        for b in range(rank, n_batches, world):
+        for b in _eval_batches(len(data), batch, max_batches, dist_):
             images = data.images[b * batch:(b + 1) * batch].to(device)
             labels = data.labels[b * batch:(b + 1) * batch].to(device) if conditional else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -322,6 +354,208 @@ def describe_nll(nats, bits_per_dim, binary):
     return f"{bits_per_dim:.4f} bits/dim ({nats:.1f} nats/image)"
 
 
+def derived_seed(*parts):
+    """A seed in [0, 2**63) from ``parts`` (e.g. ("train", seed, step, rank)): the
+    VAE's latent draws depend on where they happen, not on a shared generator."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@torch.no_grad()
+def evaluate_elbo(model, data, batch, *, device, amp=False, max_batches=None, dist_=None, seed=0):
+    """{"elbo", "log_px", "kl" (mean nats per image), "images"} of a VAE on
+    ``data`` (.images: the fixed binarization for binarized MNIST), one latent
+    draw per image seeded by (seed, batch index), so the result does not depend
+    on the number of processes; batches as in :func:`evaluate`."""
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # log p(x|z), KL, images
+    was_training = model.training
+    model.eval()
+    try:
+        for b in _eval_batches(len(data), batch, max_batches, dist_):
+            images = data.images[b * batch:(b + 1) * batch].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                log_px, kl = model.elbo_terms(images, seed=derived_seed("eval", seed, b))
+            total[0] += log_px.double().sum()
+            total[1] += kl.double().sum()
+            total[2] += len(images)
+    finally:
+        model.train(was_training)
+    if dist_ is not None:
+        dist_.sum(total)
+    log_px, kl = (total[:2] / total[2]).tolist()
+    return {"elbo": log_px - kl, "log_px": log_px, "kl": kl, "images": int(total[2].item())}
+
+
+@torch.no_grad()
+def evaluate_iw(model, data, batch, k, n_images, *, device, amp=False, dist_=None, seed=0):
+    """{"iw_nll", "neg_elbo" (mean nats per image), "images"}: a VAE's
+    importance-weighted NLL estimate with ``k`` draws (VAE.iw_nll), and its
+    -ELBO, on the first ``n_images`` images of ``data`` (all if fewer), draws
+    seeded by (seed, batch index); batches spread over the ranks."""
+    n_images = min(n_images, len(data))
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # IW NLL, -ELBO, images
+    was_training = model.training
+    model.eval()
+    try:
+        for b in _eval_batches(n_images, batch, None, dist_):
+            images = data.images[b * batch:min((b + 1) * batch, n_images)].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                total[0] += model.iw_nll(images, k, seed=derived_seed("iw", seed, b)).double().sum()
+                total[1] -= model.elbo(images, seed=derived_seed("eval", seed, b)).double().sum()
+            total[2] += len(images)
+    finally:
+        model.train(was_training)
+    if dist_ is not None:
+        dist_.sum(total)
+    iw, neg_elbo = (total[:2] / total[2]).tolist()
+    return {"iw_nll": iw, "neg_elbo": neg_elbo, "images": int(total[2].item())}
+
+
+def _display(images, levels):
+    """Integer images 0..levels-1 -> uint8 0..255 (as the VAE's display images)."""
+    return (images.double() * (255 / (levels - 1))).round().to(torch.uint8)
+
+
+def vae_grids(model, data, out, *, n=64, seed=0):
+    """Write a VAE's PNG grids into the folder ``out``: samples.png (``n``
+    draws from the prior, decoded to their means), reconstructions.png (rows of
+    up to 8 test images, each row above the row of their reconstructions; up to
+    32 images) and interpolation.png (up to 8 rows: the decoded line between the
+    posterior means of test images i and i + rows, 10 steps, ends included).
+    Returns the paths written."""
+    from fastgen.data import save_grid
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    paths = [os.path.join(out, name) for name in ("samples.png", "reconstructions.png", "interpolation.png")]
+    try:
+        save_grid(model.sample(n, seed=seed).cpu(), paths[0], nrow=math.ceil(math.sqrt(n)), levels=256)
+
+        cols = min(8, n, len(data))
+        m = min(32, n, len(data)) // cols * cols
+        originals = data.images[:m].to(device)
+        recon = model.reconstruct(originals).cpu()
+        rows = [t for r in range(0, m, cols) for t in (_display(originals[r:r + cols].cpu(), model.levels),
+                                                         recon[r:r + cols])]
+        save_grid(torch.cat(rows), paths[1], nrow=cols, levels=256)
+
+        pairs = max(1, min(8, len(data) // 2))
+        a, b = data.images[:pairs].to(device), data.images[pairs:2 * pairs].to(device)
+        if len(b) < len(a):  # a test split of one image: interpolate it with itself
+            b = a
+        steps = 10
+        line = model.interpolate(a, b, steps).cpu()
+        save_grid(line.flatten(0, 1), paths[2], nrow=steps, levels=256)
+    finally:
+        model.train(was_training)
+    return paths
+
+
+# ---- the kinds of model: what the training loop asks of each -----------------------------------------------------
+
+class PixelKind:
+    """PixelCNN and Gated PixelCNN: likelihood from the data, loss = NLL,
+    evaluation = test NLL, images = samples.png."""
+    defaults = DEFAULTS
+    options = ("depth", "kernel_size", "conditional")
+
+    def model_config(self, cfg, data):
+        return model_config(cfg.model, data, cfg.channels, cfg.depth, cfg.kernel_size, cfg.conditional)
+
+    def describe(self, cfg, model, config):
+        depth_name = DEPTH_ARG[cfg.model]
+        depth = config["kwargs"].get(depth_name, len(model.layers) if cfg.model == "gated-pixelcnn"
+                                     else len(model.blocks))
+        likelihood = "Bernoulli" if model.likelihood == "bernoulli" else f"{model.levels}-way categorical"
+        classes = f", {model.num_classes} classes" if model.num_classes else ""
+        return (f"{cfg.model}, {depth_name}={depth}, channels={cfg.channels}, kernel_size={cfg.kernel_size}, "
+                f"{likelihood}{classes}")
+
+    def loss(self, model, images, labels, seed):
+        return model.loss(images, labels)
+
+    def evaluate(self, model, data, cfg, *, step, device, amp, dist_, final, say, log):
+        t0 = time.perf_counter()
+        binary = model.likelihood == "bernoulli"
+        nats, n = evaluate(model, data, cfg.batch, device=device, amp=amp, conditional=cfg.conditional,
+                           max_batches=cfg.eval_batches, dist_=dist_)
+        bpd = model.bits_per_dim(nats)
+        log({"step": step, "kind": "eval", "test_nats": round(nats, 5), "test_bits_per_dim": round(bpd, 6),
+             "images": n, "eval_s": round(time.perf_counter() - t0, 2)})
+        say(f"step {step}: test {describe_nll(nats, bpd, binary)} on {n} test images "
+            f"({time.perf_counter() - t0:.0f} s)")
+        return {"test_nats": round(nats, 4), "test_bits_per_dim": round(bpd, 5), "test_images": n}
+
+    def write_images(self, model, data, cfg, progress):
+        path = os.path.join(cfg.out, "samples.png")
+        sample_grid(model, cfg.samples, path, seed=cfg.seed, progress=progress)
+        return [path]
+
+
+class VAEKind:
+    """The VAE: decoder from the data (or --decoder), loss = -ELBO, evaluation
+    = test ELBO and, at the end, the IW NLL; images: samples, reconstructions,
+    interpolation."""
+    defaults = VAE_DEFAULTS
+    options = ("decoder", "latent", "iw_samples", "iw_images")
+
+    def model_config(self, cfg, data):
+        binary = data.levels == 2
+        decoder = cfg.decoder or ("bernoulli" if binary else "gaussian")
+        if decoder == "bernoulli" and not binary:
+            raise TrainError(f"--decoder bernoulli models binary images, but {cfg.data!r} has {data.levels} levels: "
+                             f"use --data binarized-mnist (binary MNIST), or --decoder gaussian (the discretized "
+                             f"Gaussian over the {data.levels} levels)")
+        return {"name": "vae", "kwargs": {"image_shape": list(data.shape), "channels": cfg.channels,
+                                          "latent": cfg.latent, "decoder": decoder, "levels": data.levels}}
+
+    def describe(self, cfg, model, config):
+        decoder = ("Bernoulli decoder" if model.decoder == "bernoulli"
+                   else f"discretized Gaussian decoder over {model.levels} levels")
+        return f"vae, latent={model.latent_features}, channels={cfg.channels}, {decoder}"
+
+    def loss(self, model, images, labels, seed):
+        return model.loss(images, seed=seed)
+
+    def evaluate(self, model, data, cfg, *, step, device, amp, dist_, final, say, log):
+        binary = model.likelihood == "bernoulli"
+        t0 = time.perf_counter()
+        r = evaluate_elbo(model, data, cfg.batch, device=device, amp=amp, max_batches=cfg.eval_batches,
+                          dist_=dist_, seed=cfg.seed)
+        neg_elbo, n = -r["elbo"], r["images"]
+        bpd = model.bits_per_dim(neg_elbo)
+        log({"step": step, "kind": "eval", "test_elbo_nats": round(r["elbo"], 5), "test_nats": round(neg_elbo, 5),
+             "test_bits_per_dim": round(bpd, 6), "test_kl_nats": round(r["kl"], 5), "images": n,
+             "eval_s": round(time.perf_counter() - t0, 2)})
+        say(f"step {step}: test ELBO {r['elbo']:.2f} nats/image (reconstruction {r['log_px']:.2f}, KL {r['kl']:.2f}); "
+            f"-ELBO {describe_nll(neg_elbo, bpd, binary)} on {n} test images ({time.perf_counter() - t0:.0f} s)")
+        result = {"test_nats": round(neg_elbo, 4), "test_bits_per_dim": round(bpd, 5), "test_images": n,
+                  "test_elbo_nats": round(r["elbo"], 4), "test_kl_nats": round(r["kl"], 4)}
+        if not final or not cfg.iw_samples:
+            return result
+        t0 = time.perf_counter()
+        iw = evaluate_iw(model, data, cfg.batch, cfg.iw_samples, cfg.iw_images, device=device, amp=amp,
+                         dist_=dist_, seed=cfg.seed)
+        iw_bpd = model.bits_per_dim(iw["iw_nll"])
+        seconds = time.perf_counter() - t0
+        log({"step": step, "kind": "eval_iw", "test_iw_nll_nats": round(iw["iw_nll"], 5),
+             "test_iw_bits_per_dim": round(iw_bpd, 6), "test_neg_elbo_nats": round(iw["neg_elbo"], 5),
+             "iw_samples": cfg.iw_samples, "images": iw["images"], "eval_s": round(seconds, 2)})
+        say(f"step {step}: test IW NLL {describe_nll(iw['iw_nll'], iw_bpd, binary)} with k={cfg.iw_samples} "
+            f"importance samples on the first {iw['images']} test images (-ELBO on them {iw['neg_elbo']:.2f} "
+            f"nats/image) ({seconds:.0f} s)")
+        result.update(test_iw_nll_nats=round(iw["iw_nll"], 4), test_iw_bits_per_dim=round(iw_bpd, 5),
+                      iw_samples=cfg.iw_samples, iw_images=iw["images"],
+                      test_neg_elbo_on_iw_images=round(iw["neg_elbo"], 4))
+        return result
+
+    def write_images(self, model, data, cfg, progress):
+        return vae_grids(model, data, cfg.out, n=cfg.samples, seed=cfg.seed)
+
+
+KINDS = {"pixelcnn": PixelKind(), "gated-pixelcnn": PixelKind(), "vae": VAEKind()}
+
+
 # ---- the training job ---------------------------------------------------------------------------------------------
 
 def lr_factor(step, total, warmup):
@@ -339,16 +573,17 @@ def warmup_steps(total):
 class _Loss(torch.nn.Module):
     """The loss as a module, so that DDP wraps the call that computes it (its hooks see the forward)."""
 
-    def __init__(self, model):
+    def __init__(self, model, kind):
         super().__init__()
-        self.model = model
+        self.model, self.kind = model, kind
 
-    def forward(self, images, labels):
-        return self.model.loss(images, labels)
+    def forward(self, images, labels, seed):
+        return self.kind.loss(self.model, images, labels, seed)
 
 
 def _resolve(cfg, saved=None):
-    """cfg with every None filled: from the checkpoint's arguments when resuming, else DEFAULTS."""
+    """cfg with every None filled: from the checkpoint's arguments when resuming, else the
+    defaults of the model's kind (DEFAULTS, VAE_DEFAULTS)."""
     values = dataclasses.asdict(cfg)
     if saved is not None:
         for key in FIXED_ON_RESUME:
@@ -361,7 +596,9 @@ def _resolve(cfg, saved=None):
                 values[key] = saved.get(key)
         if cfg.steps is None and cfg.epochs is None:  # keep the checkpoint's length
             values["steps"], values["epochs"] = saved.get("steps"), saved.get("epochs")
-    for key, default in DEFAULTS.items():
+    model = values["model"] if values["model"] is not None else (saved or {}).get("model")
+    kind = KINDS.get(model, KINDS["pixelcnn"])  # an unknown model is _check's error
+    for key, default in kind.defaults.items():
         if values[key] is None:
             values[key] = default
     return TrainConfig(**values)
@@ -372,19 +609,26 @@ def _check(cfg):
         raise TrainError(f"unknown model {cfg.model!r}; known models: {', '.join(MODELS)}")
     if cfg.data is None:
         raise TrainError("no dataset given (--data)")
+    own = KINDS[cfg.model].options
+    for key, flag in MODEL_OPTIONS.items():
+        if key not in own and getattr(cfg, key) not in (None, False):
+            takers = sorted({name for name, kind in KINDS.items() if key in kind.options})
+            raise TrainError(f"{flag} is not an option of {cfg.model} (it is for {', '.join(takers)})")
     if cfg.backend is not None:
         from fastgen._dispatch import OPS
         known = sorted({name for op in OPS.values() for name in op.backends})
         if cfg.backend not in known:
             raise TrainError(f"unknown backend {cfg.backend!r}; fastgen's backends: {', '.join(known)}")
+    if cfg.decoder is not None and cfg.decoder not in ("bernoulli", "gaussian"):
+        raise TrainError(f"decoder must be 'bernoulli' or 'gaussian', got {cfg.decoder!r}")
     for key in ("batch", "channels", "kernel_size", "log_every"):
-        if getattr(cfg, key) < 1:
-            raise TrainError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("steps", "depth", "eval_batches", "stop_at"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise TrainError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("eval_every", "ckpt_every", "samples", "num_workers"):
-        if getattr(cfg, key) < 0:
+    for key in ("steps", "depth", "eval_batches", "stop_at", "latent", "iw_images"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise TrainError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("eval_every", "ckpt_every", "samples", "num_workers", "iw_samples"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise TrainError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.steps is not None and cfg.epochs is not None:
         raise TrainError("give --steps or --epochs, not both")
@@ -434,6 +678,7 @@ def _train(cfg, dist_, out):
     ckpt = read_checkpoint(ckpt_path) if cfg.resume else None
     cfg = _resolve(cfg, ckpt["args"] if ckpt else None)
     _check(cfg)
+    kind = KINDS[cfg.model]
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     cfg = dataclasses.replace(cfg, amp=amp, device=str(device))  # record what ran
 
@@ -447,8 +692,7 @@ def _train(cfg, dist_, out):
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     random.seed(cfg.seed)
-    config = ckpt["model_config"] if ckpt else model_config(cfg.model, train_data, cfg.channels, cfg.depth,
-                                                            cfg.kernel_size, cfg.conditional)
+    config = ckpt["model_config"] if ckpt else kind.model_config(cfg, train_data)
     try:
         model = build_model(config, backend=cfg.backend).to(device)
     except ValueError as e:  # e.g. channels not a multiple of the colour channels, unknown backend
@@ -468,7 +712,7 @@ def _train(cfg, dist_, out):
             say(f"note: the checkpoint was written by {len(rngs)} process(es), this run has {dist_.world}: "
                 f"the data order from here differs from an uninterrupted run")
         _set_rng_state(rngs[dist_.rank % len(rngs)], device)
-    net = _Loss(model)
+    net = _Loss(model, kind)
     if dist_.group:
         # every parameter gets a gradient at every step (the last gated layer has no unused outputs)
         net = torch.nn.parallel.DistributedDataParallel(
@@ -486,15 +730,10 @@ def _train(cfg, dist_, out):
 
     n_params = sum(p.numel() for p in model.parameters())
     binary = model.likelihood == "bernoulli"
-    kw = config["kwargs"]
-    depth_name = DEPTH_ARG[cfg.model]
-    depth = kw.get(depth_name, len(model.layers) if cfg.model == "gated-pixelcnn" else len(model.blocks))
     say(f"data: {cfg.data}, {len(train_data)} train / {len(test_data)} test images of "
         f"{'x'.join(map(str, train_data.shape))}, {train_data.levels} levels"
         f"{', dynamic binarization' if train_data.dynamic else ''}")
-    say(f"model: {cfg.model}, {depth_name}={depth}, channels={cfg.channels}, kernel_size={cfg.kernel_size}, "
-        f"{'Bernoulli' if binary else f'{model.levels}-way categorical'}"
-        f"{f', {model.num_classes} classes' if model.num_classes else ''}; {n_params / 1e3:.1f}k parameters")
+    say(f"model: {kind.describe(cfg, model, config)}; {n_params / 1e3:.1f}k parameters")
     say(f"device: {device}{f' x {dist_.world} processes' if dist_.world > 1 else ''}, "
         f"{torch.get_num_threads()} threads, amp {'bf16' if amp else 'off'}, backend {cfg.backend or 'dispatch'}")
     say(f"{'resuming at' if step else 'training'} step {step} of {total} ({total / steps_per_epoch:.2f} epochs of "
@@ -511,16 +750,9 @@ def _train(cfg, dist_, out):
                           "data": {"name": cfg.data, "shape": list(train_data.shape), "levels": train_data.levels,
                                    "num_classes": train_data.num_classes}}, ckpt_path)
 
-    def run_eval():
-        t0 = time.perf_counter()
-        nats, n = evaluate(model, test_data, cfg.batch, device=device, amp=amp, conditional=cfg.conditional,
-                           max_batches=cfg.eval_batches, dist_=dist_)
-        bpd = model.bits_per_dim(nats)
-        log({"step": step, "kind": "eval", "test_nats": round(nats, 5), "test_bits_per_dim": round(bpd, 6),
-             "images": n, "eval_s": round(time.perf_counter() - t0, 2)})
-        say(f"step {step}: test {describe_nll(nats, bpd, binary)} on {n} test images "
-            f"({time.perf_counter() - t0:.0f} s)")
-        return nats, bpd, n
+    def run_eval(final=False):
+        return kind.evaluate(model, test_data, cfg, step=step, device=device, amp=amp, dist_=dist_, final=final,
+                             say=say, log=log)
 
     sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=dist_.world, rank=dist_.rank,
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
@@ -543,7 +775,8 @@ def _train(cfg, dist_, out):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if cfg.conditional else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = net(images, labels)
+                # the VAE's latent draw: seeded by where it happens, so ranks differ and a resume repeats it
+                loss = net(images, labels, derived_seed("train", cfg.seed, step, dist_.rank))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -590,8 +823,7 @@ def _train(cfg, dist_, out):
 
     result = {"test_nats": None, "test_bits_per_dim": None, "test_images": None}
     if stop != "stop-at":
-        nats, bpd, n = run_eval()
-        result = {"test_nats": round(nats, 4), "test_bits_per_dim": round(bpd, 5), "test_images": n}
+        result = run_eval(final=True)
     if saved_step != step:
         save_checkpoint()
     digests = dist_.gather(weights_digest(model))
@@ -601,10 +833,8 @@ def _train(cfg, dist_, out):
     written = [ckpt_path, metrics_path]
     if main and cfg.samples and stop != "stop-at":
         t0 = time.perf_counter()
-        path = os.path.join(cfg.out, "samples.png")
-        sample_grid(model, cfg.samples, path, seed=cfg.seed, progress=not cfg.quiet)
+        written += kind.write_images(model, test_data, cfg, progress=not cfg.quiet)
         result["sample_s"] = round(time.perf_counter() - t0, 1)
-        written.append(path)
     if not main:
         return None
     summary = {

@@ -139,7 +139,7 @@ def test_max_minutes_ends_the_run_early(tmp_path, capsys, digits):
 # ---- errors --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "vae", "--data", "digits"], "invalid choice: 'vae'"),
+    (["train", "nosuchmodel", "--data", "digits"], "invalid choice: 'nosuchmodel'"),
     (["train", "pixelcnn", "--data", "imagenet"], "invalid choice: 'imagenet'"),
     (["train", "pixelcnn"], "--data is required"),
     (["train", "pixelcnn", "--data", "digits", "--steps", "0"], "steps must be >= 1"),

@@ -1,4 +1,5 @@
-"""fastgen's models: PixelCNN and Gated PixelCNN (fastgen.models.pixelcnn)."""
+"""fastgen's models: PixelCNN and Gated PixelCNN (fastgen.models.pixelcnn), the VAE (fastgen.models.vae)."""
 from fastgen.models.pixelcnn import AutoregressiveImageModel, GatedPixelCNN, PixelCNN
+from fastgen.models.vae import VAE
 
-__all__ = ["AutoregressiveImageModel", "PixelCNN", "GatedPixelCNN"]
+__all__ = ["AutoregressiveImageModel", "PixelCNN", "GatedPixelCNN", "VAE"]

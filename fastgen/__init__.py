@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from fastgen import functional  # noqa: E402
 from fastgen._dispatch import OPS, BackendError  # noqa: E402
 from fastgen.nn import GatedMaskedConv2d, GaussianLatent, MaskedConv2d  # noqa: E402
+from fastgen.ops.dmol import discretized_mix_logistic_nll, sample_discretized_mix_logistic  # noqa: E402
 from fastgen.ops.reparameterize_kl import reparameterize_kl  # noqa: E402
 from fastgen.sampling import sample  # noqa: E402
 
@@ -23,4 +24,5 @@ def backends():
     }
 
 
-__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent", "reparameterize_kl", "functional", "sample", "backends", "BackendError"]
+__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent", "reparameterize_kl", "discretized_mix_logistic_nll",
+           "sample_discretized_mix_logistic", "functional", "sample", "backends", "BackendError"]

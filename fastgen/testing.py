@@ -289,6 +289,50 @@ def relative_error(got, want):
     return diff / max(want.abs().max().item(), 1e-30)
 
 
+# ---- PixelCNN++'s loss as the usual PyTorch port writes it -----------------------------------------------
+
+def dmol_loss_common(x, l):
+    """The discretized logistic mixture NLL (summed over everything) written the
+    way the usual PyTorch port of PixelCNN++ writes it: NHWC permutes, about
+    twenty full-size temporaries, autograd keeping most of them. x [B, 3, H, W]
+    in [-1, 1], l [B, 10 M, H, W] (fastgen.ref.dmol's layout). The baseline of
+    benchmarks/bench_dmol.py."""
+    x = x.permute(0, 2, 3, 1)
+    l = l.permute(0, 2, 3, 1)
+    xs, ls = list(x.shape), list(l.shape)
+    nr_mix = ls[-1] // 10
+    logit_probs = l[:, :, :, :nr_mix]
+    l = l[:, :, :, nr_mix:].contiguous().view(xs + [nr_mix * 3])
+    means = l[:, :, :, :, :nr_mix]
+    log_scales = torch.clamp(l[:, :, :, :, nr_mix:2 * nr_mix], min=-7.0)
+    coeffs = torch.tanh(l[:, :, :, :, 2 * nr_mix:3 * nr_mix])
+    x = x.contiguous().unsqueeze(-1) + torch.zeros(xs + [nr_mix], device=x.device, dtype=x.dtype)
+    m2 = (means[:, :, :, 1, :] + coeffs[:, :, :, 0, :] * x[:, :, :, 0, :]).view(xs[0], xs[1], xs[2], 1, nr_mix)
+    m3 = (means[:, :, :, 2, :] + coeffs[:, :, :, 1, :] * x[:, :, :, 0, :]
+          + coeffs[:, :, :, 2, :] * x[:, :, :, 1, :]).view(xs[0], xs[1], xs[2], 1, nr_mix)
+    means = torch.cat((means[:, :, :, 0, :].unsqueeze(3), m2, m3), dim=3)
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
+    cdf_plus = torch.sigmoid(plus_in)
+    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
+    cdf_min = torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)
+    log_one_minus_cdf_min = -F.softplus(min_in)
+    cdf_delta = cdf_plus - cdf_min
+    mid_in = inv_stdv * centered_x
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    inner_inner_cond = (cdf_delta > 1e-5).float()
+    inner_inner_out = inner_inner_cond * torch.log(torch.clamp(cdf_delta, min=1e-12)) \
+        + (1.0 - inner_inner_cond) * (log_pdf_mid - math.log(127.5))
+    inner_cond = (x > 0.999).float()
+    inner_out = inner_cond * log_one_minus_cdf_min + (1.0 - inner_cond) * inner_inner_out
+    cond = (x < -0.999).float()
+    log_probs = cond * log_cdf_plus + (1.0 - cond) * inner_out
+    log_probs = torch.sum(log_probs, dim=3) + torch.log_softmax(logit_probs, -1)
+    return -torch.sum(torch.logsumexp(log_probs, dim=-1))
+
+
 # floors of the relative error allowed, per dtype; the DESIGN.md rule (2x the
 # error of the reference run in the same dtype) raises them where that is larger
 ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -1,0 +1,161 @@
+"""PixelCNN++'s discretized logistic mixture loss: fastgen beside the usual port.
+
+Contenders, forward + backward of the loss summed over the batch (gradient of
+the parameters), RGB, nr_mix = 10:
+
+* ``common``           the loss as the usual PyTorch port of PixelCNN++ writes it
+                       (fastgen.testing.dmol_loss_common: NHWC permutes, ~20
+                       full-size temporaries kept for autograd);
+* ``compile(common)``  ``torch.compile`` of it (compile time excluded, reported apart);
+* ``fastgen``          fastgen.discretized_mix_logistic_nll, dispatch default.
+
+Every contender's loss and gradient are checked against the float64 reference
+(fastgen.ref.dmol) before timing; a wrong one is reported as WRONG, not timed
+(DESIGN.md: inductor's CPU code has been seen to get this loss wrong). Memory:
+a fresh subprocess's peak RSS on the CPU, peak allocated on a GPU.
+"""
+import os
+import time
+
+import pytest
+import torch
+
+import fastgen
+from fastgen.ops.dmol import OP, make_call
+from fastgen.ref import dmol as ref
+from fastgen.testing import OtherLoad, dmol_loss_common, peak_rss, record_timing, relative_error, tolerance
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HERE = os.path.dirname(os.path.abspath(__file__))
+NR_MIX = 10
+SHAPES = {"cpu": [(8, 3, 32, 32)], "cuda": [(64, 3, 32, 32)]}
+SMOKE_SHAPES = [(2, 3, 4, 5)]
+DTYPES = {"cpu": [torch.float32], "cuda": [torch.float32, torch.bfloat16]}
+CONTENDERS = ["common", "compile(common)", "fastgen"]
+
+
+def fused(x, params):
+    return fastgen.discretized_mix_logistic_nll(x, params).sum()
+
+
+def make_contender(name):
+    if name == "common":
+        return dmol_loss_common
+    if name == "compile(common)":
+        return torch.compile(dmol_loss_common)
+    return fused
+
+
+def inputs(shape, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w = shape
+    x = (torch.randint(0, 256, shape, generator=g).double() / 127.5 - 1).to(device=device, dtype=dtype)
+    params = torch.randn(b, 10 * NR_MIX, h, w, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    return x, params
+
+
+def step_fn(f, x, params):
+    def step():
+        params.grad = None
+        loss = f(x, params)
+        loss.backward()
+        return loss
+    return step
+
+
+def rss_step(spec):
+    """(step, reset) for fastgen.testing.peak_rss."""
+    x, params = inputs(tuple(spec["shape"]), getattr(torch, spec["dtype"]), "cpu")
+    step = step_fn(make_contender(spec["contender"]), x, params)
+
+    def reset():
+        params.grad = None
+    return step, reset
+
+
+def reference(shape, dtype):
+    runs = {}
+    for run_dtype in (torch.float64, dtype):
+        x, params = inputs(shape, dtype, DEVICE)
+        params = params.detach().to(run_dtype).requires_grad_()
+        loss = ref.discretized_mix_logistic_nll(x.to(run_dtype), params, NR_MIX).sum()
+        loss.backward()
+        runs[run_dtype] = {"loss": loss.detach(), "grad": params.grad}
+    want = runs[torch.float64]
+    return want, {n: relative_error(runs[dtype][n], want[n]) for n in want}
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    smoke = bool(metafunc.config.getoption("benchmark_disable", False))
+    cases = [(shape, dtype, c) for shape in (SMOKE_SHAPES if smoke else SHAPES[DEVICE]) for dtype in DTYPES[DEVICE]
+             for c in CONTENDERS]
+    metafunc.parametrize("case", cases, ids=[f"{DEVICE}-{str(d)[6:]}-{'x'.join(map(str, s))}-{c}" for s, d, c in cases])
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_dmol(benchmark, smoke, bench_results, monkeypatch, case):
+    shape, dtype, contender = case
+    group = f"{DEVICE} {str(dtype)[6:]} dmol {'x'.join(map(str, shape))} nr_mix {NR_MIX} fwd+bwd"
+    benchmark.group = group
+    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+                                 "dtype": str(dtype)[6:], "shape": list(shape), "mode": "fwd+bwd",
+                                 "contender": contender, "torch": torch.__version__,
+                                 "threads": torch.get_num_threads()})
+    record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+    x, params = inputs(shape, dtype, DEVICE)
+    if contender == "fastgen":
+        benchmark.extra_info["backend"] = OP.choose(make_call(x, params.detach(), NR_MIX, "sum"), DEVICE)
+    if contender == "compile(common)":
+        torch._dynamo.reset()
+    f = make_contender(contender)
+    step = step_fn(f, x, params)
+    t0 = time.perf_counter()
+    try:
+        loss = step()
+        sync()
+    except Exception as e:  # noqa: BLE001
+        record["extra_info"]["status"] = "error"
+        bench_results.append(record)
+        if contender == "fastgen":
+            raise
+        pytest.xfail(f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    first_call_s = time.perf_counter() - t0
+    want, ref_err = reference(shape, dtype)
+    got = {"loss": loss.detach(), "grad": params.grad}
+    errors = {n: relative_error(got[n], want[n]) for n in want}
+    wrong = {n: (e, tolerance(dtype, ref_err[n])) for n, e in errors.items() if not e <= tolerance(dtype, ref_err[n])}
+    benchmark.extra_info["max_rel_error"] = max(errors.values())
+    if wrong:
+        record["extra_info"]["status"] = "WRONG"
+        bench_results.append(record)
+        msg = f"{contender} is WRONG on {group}: " + ", ".join(f"{n} rel. error {e:.3g} > tol {t:.3g}"
+                                                              for n, (e, t) in wrong.items())
+        if contender == "fastgen":
+            pytest.fail(msg)
+        pytest.xfail(msg)
+
+    def timed():
+        step()
+        sync()
+
+    with OtherLoad() as load:
+        benchmark(timed)
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    record_timing(benchmark, record, bench_results, load, timed,
+                  first_call_s if contender == "compile(common)" else None)
+    if DEVICE == "cpu" and not smoke:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+        rss = peak_rss(contender, shape, "fwd+bwd", dtype=str(dtype)[6:], threads=torch.get_num_threads(),
+                       builder="bench_dmol:rss_step")
+        benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
+        benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+    bench_results.append(record)

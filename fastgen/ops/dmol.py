@@ -1,0 +1,117 @@
+"""PixelCNN++'s discretized logistic mixture: the NLL and the sampler. See
+fastgen.ref.dmol for the math and the parameter layout.
+
+``discretized_mix_logistic_nll(x, params)`` backends:
+* ``ref``  plain PyTorch (fastgen.ref.dmol): any device
+
+``sample_discretized_mix_logistic(params)``: the ref sampler with uniforms from
+a seeded CPU generator (same seed, same images on every device).
+"""
+from typing import NamedTuple
+
+import torch
+
+from fastgen._dispatch import new_op
+from fastgen.ref import dmol as ref
+from fastgen.ref.dmol import REDUCTIONS, infer_nr_mix
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OP_NAME = "discretized_mix_logistic_nll"
+
+
+class Call(NamedTuple):
+    x: torch.Tensor
+    params: torch.Tensor
+    nr_mix: int
+    reduction: str
+
+
+def _layout_error(op, c, k, nr_mix=None):
+    want = f"{3 if c == 1 else 10} * nr_mix" if c in (1, 3) else "3 * nr_mix (C = 1) or 10 * nr_mix (C = 3)"
+    given = f" with nr_mix={nr_mix}" if nr_mix is not None else ""
+    return ValueError(f"{op}: params has {k} channels{given}, which fits no PixelCNN++ layout for {c}-channel data: "
+                      f"K must be {want} (logits, then means, log-scales{' and coefficients' if c == 3 else ''})")
+
+
+def check_params(op, params, channels, nr_mix):
+    """nr_mix for params [B, K, H, W] of ``channels``-channel data (given or inferred), or a clear error."""
+    if not isinstance(params, torch.Tensor):
+        raise TypeError(f"{op}: params must be a tensor, got {type(params).__name__}")
+    if params.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: params must be float16, bfloat16, float32 or float64, got {params.dtype}")
+    if params.dim() != 4:
+        raise ValueError(f"{op}: params must be 4-D [B, K, H, W], got shape {tuple(params.shape)}")
+    if channels not in (1, 3):
+        raise ValueError(f"{op}: the data must have 1 or 3 channels, got {channels}")
+    k = params.shape[1]
+    if nr_mix is None:
+        nr_mix = infer_nr_mix(channels, k)
+        if nr_mix is None:
+            raise _layout_error(op, channels, k)
+    elif not isinstance(nr_mix, int) or nr_mix < 1 or k != (3 if channels == 1 else 10) * nr_mix:
+        raise _layout_error(op, channels, k, nr_mix)
+    return nr_mix
+
+
+def make_call(x, params, nr_mix, reduction):
+    op = OP_NAME
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [B, C, H, W] with C = 1 or 3, got shape {tuple(x.shape)}")
+    nr_mix = check_params(op, params, x.shape[1], nr_mix)
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor in [-1, 1] (2v/255 - 1 for pixel values v), got {x.dtype}")
+    if x.device != params.device:
+        raise ValueError(f"{op}: x and params must be on one device, got {x.device} and {params.device}")
+    if (x.shape[0], x.shape[2], x.shape[3]) != (params.shape[0], params.shape[2], params.shape[3]):
+        raise ValueError(f"{op}: x {tuple(x.shape)} and params {tuple(params.shape)} must agree in batch, height "
+                         f"and width")
+    if x.numel() and (x.min() < -1 or x.max() > 1):
+        raise ValueError(f"{op}: x must be in [-1, 1] (pixel value v as 2v/255 - 1), got values in "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return Call(x, params, nr_mix, reduction)
+
+
+PREFERENCE = {"cpu": ["ref"], "cuda": ["ref"]}
+OP = new_op(OP_NAME, PREFERENCE)
+OP.register("ref", lambda c: ref.discretized_mix_logistic_nll(c.x, c.params, c.nr_mix, c.reduction))
+
+
+def discretized_mix_logistic_nll(x, params, *, nr_mix=None, reduction="sum", backend=None):
+    """PixelCNN++'s negative log-likelihood in nats: x [B, C, H, W] in [-1, 1]
+    (C = 1 or 3), params [B, K, H, W] in the original's layout (K = 3 nr_mix
+    for one channel, 10 nr_mix for RGB; nr_mix inferred when not given).
+    ``reduction``: 'sum' (per image, [B]), 'mean' (over images), 'none' (per
+    pixel, [B, H, W])."""
+    c = make_call(x, params, nr_mix, reduction)
+    return OP.run(c, params.device.type, backend)
+
+
+def sample_discretized_mix_logistic(params, *, channels=None, nr_mix=None, seed=None, temperature=1.0):
+    """x in [-1, 1], [B, C, H, W], drawn from the mixture of every pixel
+    (independently: for a whole image, sample pixel by pixel with fastgen.sample).
+    ``channels`` is inferred from K when it fits one layout only; ``seed``:
+    uniforms from a CPU generator (None: torch's default generator)."""
+    op = "sample_discretized_mix_logistic"
+    if not isinstance(params, torch.Tensor) or params.dim() != 4:
+        raise ValueError(f"{op}: params must be a 4-D tensor [B, K, H, W]")
+    if channels is None:
+        fits = [c for c in (1, 3) if infer_nr_mix(c, params.shape[1]) is not None]
+        if len(fits) != 1:
+            raise ValueError(f"{op}: K = {params.shape[1]} fits {'both layouts' if fits else 'no layout'} "
+                             f"(3 nr_mix for 1 channel, 10 nr_mix for 3): pass channels=")
+        channels = fits[0]
+    nr_mix = check_params(op, params, channels, nr_mix)
+    if not temperature > 0:
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    b, _, h, w = params.shape
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    u_mix = torch.rand(b, h, w, generator=gen, dtype=torch.float64)
+    u_log = torch.rand(b, channels, h, w, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        x = ref.sample_discretized_mix_logistic(params, channels, nr_mix, u_mix.to(params.device),
+                                                u_log.to(params.device), temperature)
+    return x.to(params.dtype)

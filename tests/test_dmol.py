@@ -1,0 +1,176 @@
+"""PixelCNN++'s discretized logistic mixture (fastgen.ref.dmol / fastgen.ops.dmol):
+the NLL against the usual port's formulation, the likelihood summing to 1,
+edge cases and extreme log-scales, gradients, layouts, the sampler's
+distribution, errors."""
+import math
+
+import pytest
+import torch
+
+import fastgen
+from fastgen.ref import dmol as ref
+from fastgen.testing import dmol_loss_common
+
+
+def levels_x(shape, generator=None):
+    """x on the 256 levels (2v/255 - 1), with both edge levels present."""
+    v = torch.randint(0, 256, shape, generator=generator)
+    v.view(-1)[0], v.view(-1)[-1] = 0, 255
+    return v.double() / 127.5 - 1
+
+
+@pytest.mark.parametrize("nr_mix", [1, 5, 10])
+def test_rgb_matches_the_usual_formulation(nr_mix):
+    x = levels_x((2, 3, 5, 6))
+    params = torch.randn(2, 10 * nr_mix, 5, 6, dtype=torch.float64) * 2
+    want = dmol_loss_common(x, params)
+    got = fastgen.discretized_mix_logistic_nll(x, params)
+    assert got.shape == (2,)
+    torch.testing.assert_close(got.sum(), want, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels, per", [(1, 3), (3, 10)])
+@pytest.mark.parametrize("nr_mix", [1, 5, 10])
+def test_likelihood_sums_to_one_over_the_256_values(channels, per, nr_mix):
+    """In float64, with extreme log-scales mixed in: one channel, the sum over its 256 values is 1; RGB, the
+    sum over every (x1, x2) for a fixed x0 is the first colour's marginal mixture at x0. Not to 1e-15: bins
+    of mass below 1e-5 take the original's fallback (density at the centre times the width), which is
+    close to but not the bin's mass."""
+    params = torch.randn(1, per * nr_mix, 1, 1, dtype=torch.float64) * 3
+    if channels == 1:
+        params[:, 2 * nr_mix:] = torch.tensor([-9.0, 4.0, 0.3, -2.0, 1.0] * 2)[:nr_mix].view(1, nr_mix, 1, 1)
+    v = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    if channels == 1:
+        x = v.view(256, 1, 1, 1)
+    else:
+        # two fixed first colours, every value of the third: the sum is p(x0, x1), which then must equal the
+        # sum over x2 computed the same way for any x1: check the total over a grid of (x1, x2) for fixed x0
+        x1, x2 = torch.meshgrid(v, v, indexing="ij")
+        x = torch.stack([torch.full_like(x1, v[100]), x1, x2], 0).reshape(3, -1).t().reshape(-1, 3, 1, 1)
+    p = torch.exp(-fastgen.discretized_mix_logistic_nll(x, params.expand(len(x), -1, -1, -1), reduction="none"))
+    total = p.sum()
+    if channels == 3:  # sum over x1, x2 = the marginal p(x0 = level 100): check against the sum over x0 too
+        # marginal of x0 alone: one channel's mixture with the same logits, mean and scale of colour 0
+        m = nr_mix
+        p0 = torch.cat([params[:, :m], params[:, m:2 * m], params[:, 2 * m:3 * m]], 1)
+        want = torch.exp(-fastgen.discretized_mix_logistic_nll(v[100].view(1, 1, 1, 1), p0, reduction="none"))
+        torch.testing.assert_close(total, want.sum(), rtol=1e-6, atol=1e-12)
+    else:
+        torch.testing.assert_close(total, torch.tensor(1.0, dtype=torch.float64), rtol=1e-6, atol=1e-12)
+
+
+def test_edge_levels_and_the_small_probability_fallback():
+    """Level 0 takes the whole left tail, level 255 the right; a bin of mass below 1e-5 falls back to the
+    density at its centre times the bin width, as the original."""
+    params = torch.tensor([0.0, 0.2, -7.5], dtype=torch.float64).view(1, 3, 1, 1)  # one logistic, s = e^-7 clamp
+    mean, ls = 0.2, -7.0
+    def nll(v):
+        return fastgen.discretized_mix_logistic_nll(torch.tensor(v, dtype=torch.float64).view(1, 1, 1, 1), params)
+    s = math.exp(-ls)
+    softplus = lambda t: max(t, 0.0) + math.log1p(math.exp(-abs(t)))  # noqa: E731
+    torch.testing.assert_close(nll(-1.0).item(), softplus(-s * (-1 - mean + 1 / 255)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nll(1.0).item(), softplus(s * (1 - mean - 1 / 255)), rtol=1e-12, atol=1e-12)
+    far = 2 * 10 / 255 - 1  # a middle level far from the mean: tiny mass, the fallback
+    t = s * (far - mean)
+    fallback = t - ls - 2 * softplus(t) - math.log(127.5)
+    torch.testing.assert_close(nll(far).item(), -fallback, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels, per", [(1, 3), (3, 10)])
+def test_gradcheck(channels, per):
+    x = levels_x((2, channels, 3, 2))
+    params = (torch.randn(2, per * 2, 3, 2, dtype=torch.float64) * 2).requires_grad_()
+    for reduction in ("sum", "none", "mean"):
+        assert torch.autograd.gradcheck(
+            lambda p: fastgen.discretized_mix_logistic_nll(x, p, reduction=reduction), [params])
+
+
+def test_reductions_and_layouts():
+    x = levels_x((3, 3, 4, 5))
+    params = torch.randn(3, 30, 4, 5, dtype=torch.float64)
+    per_pixel = fastgen.discretized_mix_logistic_nll(x, params, reduction="none")
+    assert per_pixel.shape == (3, 4, 5)
+    torch.testing.assert_close(fastgen.discretized_mix_logistic_nll(x, params), per_pixel.sum((1, 2)))
+    torch.testing.assert_close(fastgen.discretized_mix_logistic_nll(x, params, reduction="mean"),
+                               per_pixel.sum((1, 2)).mean())
+    cl = params.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fastgen.discretized_mix_logistic_nll(x, cl), per_pixel.sum((1, 2)))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = fastgen.discretized_mix_logistic_nll(x.to(dtype), params.to(dtype))
+        assert got.dtype == dtype
+        want = ref.discretized_mix_logistic_nll(x.to(dtype).double(), params.to(dtype).double(), 3)
+        torch.testing.assert_close(got.double(), want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sampler_matches_the_mixture(channels):
+    """A histogram of many draws of one pixel against the likelihood of each level (chi-square)."""
+    nr_mix = 3
+    per = 3 if channels == 1 else 10
+    g = torch.Generator().manual_seed(4)
+    params = torch.randn(1, per * nr_mix, 1, 1, generator=g, dtype=torch.float64)
+    params[:, nr_mix:] *= 0.5
+    n = 200000
+    draws = fastgen.sample_discretized_mix_logistic(params.expand(n, -1, -1, -1).contiguous(), channels=channels,
+                                                    seed=9)
+    assert draws.shape == (n, channels, 1, 1) and draws.min() >= -1 and draws.max() <= 1
+    levels = torch.round((draws[:, 0, 0, 0] + 1) * 127.5).long()
+    counts = torch.bincount(levels, minlength=256).double()
+    v = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    if channels == 1:
+        p0 = params
+    else:
+        p0 = torch.cat([params[:, :nr_mix], params[:, nr_mix:2 * nr_mix], params[:, 2 * nr_mix:3 * nr_mix]], 1)
+    probs = torch.exp(-fastgen.discretized_mix_logistic_nll(v.view(256, 1, 1, 1), p0.expand(256, -1, -1, -1),
+                                                            reduction="none")).view(256)
+    expected = probs * n
+    keep = expected > 20  # chi-square over well-populated levels, the rest pooled
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum()
+    rest_e, rest_c = expected[~keep].sum(), counts[~keep].sum()
+    if rest_e > 20:
+        chi2 += (rest_c - rest_e) ** 2 / rest_e
+    dof = int(keep.sum()) + (1 if rest_e > 20 else 0) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2.item(), dof)
+
+
+def test_sampler_seeds_and_temperature():
+    params = torch.randn(2, 50, 4, 4)  # K = 50: RGB with 5 components (the only layout it fits)
+    a = fastgen.sample_discretized_mix_logistic(params, seed=1)
+    assert a.shape == (2, 3, 4, 4)
+    assert torch.equal(a, fastgen.sample_discretized_mix_logistic(params, seed=1))
+    assert not torch.equal(a, fastgen.sample_discretized_mix_logistic(params, seed=2))
+    # near zero temperature: the most probable component's mean (plus the colour coefficients), clamped
+    cold = fastgen.sample_discretized_mix_logistic(params.double(), seed=1, temperature=1e-6)
+    logits, means, _, coeffs = ref.split_params(params.double(), 3, 5)
+    k = logits.argmax(1, keepdim=True)
+    pick = lambda t: torch.gather(t, 2, k[:, None].expand(-1, 3, -1, -1, -1))[:, :, 0]  # noqa: E731
+    mu, a_ = pick(means), torch.tanh(pick(coeffs))
+    x0 = mu[:, 0].clamp(-1, 1)
+    x1 = (mu[:, 1] + a_[:, 0] * x0).clamp(-1, 1)
+    x2 = (mu[:, 2] + a_[:, 1] * x0 + a_[:, 2] * x1).clamp(-1, 1)
+    torch.testing.assert_close(cold, torch.stack([x0, x1, x2], 1), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((torch.zeros(1, 3, 2, 2), torch.zeros(1, 31, 2, 2)), {}, ValueError, "fits no PixelCNN\\+\\+ layout"),
+    ((torch.zeros(1, 1, 2, 2), torch.zeros(1, 10, 2, 2)), {}, ValueError, "3 \\* nr_mix"),
+    ((torch.zeros(1, 3, 2, 2), torch.zeros(1, 30, 2, 2)), {"nr_mix": 4}, ValueError, "with nr_mix=4"),
+    ((torch.zeros(1, 2, 2, 2), torch.zeros(1, 30, 2, 2)), {}, ValueError, "1 or 3 channels"),
+    ((torch.full((1, 3, 2, 2), 1.5), torch.zeros(1, 30, 2, 2)), {}, ValueError, "x must be in \\[-1, 1\\]"),
+    ((torch.zeros(1, 3, 2, 2), torch.zeros(2, 30, 2, 2)), {}, ValueError, "must agree in batch"),
+    ((torch.zeros(1, 3, 2, 3), torch.zeros(1, 30, 2, 2)), {}, ValueError, "must agree in batch"),
+    ((torch.zeros(1, 3, 2, 2, dtype=torch.int64), torch.zeros(1, 30, 2, 2)), {}, TypeError, "floating"),
+    ((torch.zeros(1, 3, 2, 2), torch.zeros(1, 30, 2, 2, dtype=torch.int64)), {}, TypeError, "params must be float"),
+    ((torch.zeros(3, 2, 2), torch.zeros(1, 30, 2, 2)), {}, ValueError, "x must be 4-D"),
+    ((torch.zeros(1, 3, 2, 2), torch.zeros(1, 30, 2, 2)), {"reduction": "avg"}, ValueError, "reduction"),
+])
+def test_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastgen.discretized_mix_logistic_nll(*args, **kwargs)
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="fits both layouts"):
+        fastgen.sample_discretized_mix_logistic(torch.zeros(1, 30, 2, 2))  # 30 = 3*10 = 10*3
+    with pytest.raises(ValueError, match="temperature"):
+        fastgen.sample_discretized_mix_logistic(torch.zeros(1, 20, 2, 2), temperature=0)

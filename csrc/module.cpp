@@ -24,6 +24,10 @@ TORCH_LIBRARY(fastgen, m) {
   // -> (grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar); grad_kl per row [B] or elementwise.
   m.def("reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, "
         "Tensor? prior_logvar, int seed, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // discretized_mix_logistic_nll (fastgen/ref/dmol.py): the per-pixel NLL [B, H, W] in float32 (float64 for
+  // double params), and the gradient of params for a per-pixel upstream gradient.
+  m.def("dmol_nll_forward(Tensor x, Tensor params, int nr_mix) -> Tensor");
+  m.def("dmol_nll_backward(Tensor grad_nll, Tensor x, Tensor params, int nr_mix) -> Tensor");
 }
 
 static bool built_with_cuda() {

@@ -3,6 +3,8 @@ fastgen.ref.dmol for the math and the parameter layout.
 
 ``discretized_mix_logistic_nll(x, params)`` backends:
 * ``ref``  plain PyTorch (fastgen.ref.dmol): any device
+* ``cpp``  one fused pass each way on CPU (csrc/cpu/dmol.cpp): the forward writes
+           only the per-pixel NLL, the backward only the gradient of params
 
 ``sample_discretized_mix_logistic(params)``: the ref sampler with uniforms from
 a seeded CPU generator (same seed, same images on every device).
@@ -11,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastgen import _ext
 from fastgen._dispatch import new_op
 from fastgen.ref import dmol as ref
 from fastgen.ref.dmol import REDUCTIONS, infer_nr_mix
@@ -75,9 +78,73 @@ def make_call(x, params, nr_mix, reduction):
     return Call(x, params, nr_mix, reduction)
 
 
-PREFERENCE = {"cpu": ["ref"], "cuda": ["ref"]}
+# ---- kernels and autograd -----------------------------------------------------------------------------------
+
+def _kernels(backend):
+    return torch.ops.fastgen.dmol_nll_forward, torch.ops.fastgen.dmol_nll_backward
+
+
+class DmolNLL(torch.autograd.Function):
+    """The per-pixel NLL [B, H, W] (float32; float64 for float64 params) on a kernel backend. Only x and
+    params are saved: the backward recomputes everything else."""
+
+    @staticmethod
+    def forward(ctx, x, params, nr_mix, backend):
+        ctx.save_for_backward(x, params)
+        ctx.args = (nr_mix, backend)
+        return _kernels(backend)[0](x, params, nr_mix)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, params = ctx.saved_tensors
+        nr_mix, backend = ctx.args
+        grad_params = _kernels(backend)[1](grad.contiguous(), x, params, nr_mix) if ctx.needs_input_grad[1] else None
+        return None, grad_params, None, None
+
+
+def _register_cpp_fakes():
+    @torch.library.register_fake("fastgen::dmol_nll_forward")
+    def _(x, params, nr_mix):
+        return x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=ref.compute_dtype(params.dtype))
+
+    @torch.library.register_fake("fastgen::dmol_nll_backward")
+    def _(grad_nll, x, params, nr_mix):
+        return torch.empty_like(params)
+
+
+def _cpp_unavailable():
+    why = _ext.cpp_unavailable()
+    if why is None and not hasattr(torch.ops.fastgen, "dmol_nll_forward"):
+        why = "fastgen._C was built without dmol_nll (an old build): rebuild it with `make build`"
+    return why
+
+
+if _cpp_unavailable() is None:
+    _register_cpp_fakes()
+
+
+def _kernel_runner(backend):
+    def run(c):
+        nll = DmolNLL.apply(c.x.to(c.params.dtype), c.params, c.nr_mix, backend)
+        if c.reduction != "none":
+            nll = nll.flatten(1).sum(1)
+            if c.reduction == "mean":
+                nll = nll.mean()
+        return nll.to(c.params.dtype)
+    return run
+
+
+def _cpp_why_not(c):
+    if c.params.device.type != "cpu":
+        return f"the cpp backend takes cpu tensors, got {c.params.device.type}"
+    return None
+
+
+# Measured preference: see benchmarks/RESULTS.md (bench_dmol.py).
+PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["ref"]}
 OP = new_op(OP_NAME, PREFERENCE)
 OP.register("ref", lambda c: ref.discretized_mix_logistic_nll(c.x, c.params, c.nr_mix, c.reduction))
+OP.register("cpp", _kernel_runner("cpp"), why_not=_cpp_why_not, unavailable=_cpp_unavailable)
 
 
 def discretized_mix_logistic_nll(x, params, *, nr_mix=None, reduction="sum", backend=None):

@@ -1,0 +1,268 @@
+// discretized_mix_logistic_nll on CPU: the `cpp` backend (fastgen.ops.dmol).
+//
+// PixelCNN++'s loss (fastgen/ref/dmol.py has the math and the parameter layout)
+// in one pass each way. The usual PyTorch port builds about twenty tensors of
+// size B x H x W x C x nr_mix and autograd keeps most of them; here:
+//
+//   * forward reads x and params once and writes the per-pixel NLL [B, H, W];
+//   * backward reads them again, recomputes every component's log-probability
+//     and its partial derivatives in registers, and writes only grad_params.
+//
+// Per pixel and component k (colours c share the component):
+//   lp_ck   = log P(x_c | component k, earlier colours) (edge levels, middle bins, the original's fallback)
+//   L_k     = logit_k + sum_c lp_ck,   NLL = logsumexp_k logit_k - logsumexp_k L_k
+//   r_k     = softmax_k L_k (the posterior of the component), pi_k = softmax_k logit_k
+//   dNLL/dlogit_k = pi_k - r_k,  dNLL/dlp_ck = -r_k
+// and lp's derivatives through p = s (d + 1/255), q = s (d - 1/255), t = s d, with s = exp(-log_scale),
+// d = x - m: d/dm = -s (g_p + g_q + g_t), d/dlog_scale = -(p g_p + q g_q + t g_t) (- 1 in the fallback).
+//
+// Work: the pixels of each image in tiles of kTile positions, handed to at::parallel_for; a tile keeps its
+// components' values in a per-thread scratch. Params are read with their strides (NCHW or channels_last,
+// no copy); grad_params comes back in params' layout. Math in float32 for float/bfloat16/half params
+// (float64 for double).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTile = 64;  // positions per tile
+const char* kOp = "discretized_mix_logistic_nll";
+
+template <class T>
+struct Math {
+  using A = float;
+};
+template <>
+struct Math<double> {
+  using A = double;
+};
+
+template <class A>
+inline A sigmoid(A v) {
+  const A e = std::exp(-std::abs(v));
+  return v >= 0 ? A(1) / (A(1) + e) : e / (A(1) + e);
+}
+template <class A>
+inline A softplus(A v) {
+  return std::max(v, A(0)) + std::log1p(std::exp(-std::abs(v)));
+}
+
+// The geometry of one call: x [B, C, H, W] (contiguous), params [B, K, H, W] with strides.
+struct Geometry {
+  int64_t B, C, HW, M, K;
+  int64_t sb, sk, sp;  // params strides: batch, channel, position (a flattened H x W: sp = stride of W)
+};
+
+// Component k of pixel p, colour c: raw parameters.
+template <class T>
+struct Pixel {
+  const T* base;  // params of this image
+  const Geometry* g;
+  int64_t p;
+  typename Math<T>::A at(int64_t ch) const { return static_cast<typename Math<T>::A>(base[ch * g->sk + p * g->sp]); }
+  typename Math<T>::A logit(int64_t k) const { return at(k); }
+  typename Math<T>::A mean(int64_t c, int64_t k) const { return at(g->M + c * (g->C == 3 ? 3 : 2) * g->M + k); }
+  typename Math<T>::A log_scale(int64_t c, int64_t k) const {
+    return at(g->M + c * (g->C == 3 ? 3 : 2) * g->M + g->M + k);
+  }
+  typename Math<T>::A coeff(int64_t c, int64_t k) const { return at(g->M + c * 3 * g->M + 2 * g->M + k); }
+  int64_t mean_ch(int64_t c, int64_t k) const { return g->M + c * (g->C == 3 ? 3 : 2) * g->M + k; }
+};
+
+// log P of one colour under one component, and (when wanted) its derivatives by the mean and the clamped
+// log-scale.
+template <class A>
+struct ColourTerm {
+  A lp, d_mean, d_log_scale;
+};
+
+template <class A>
+inline ColourTerm<A> colour_term(A x, A m, A log_scale) {
+  const A s = std::exp(-log_scale), d = x - m;
+  const A p = s * (d + A(1) / A(255)), q = s * (d - A(1) / A(255));
+  A lp, gp = 0, gq = 0, gt = 0, gls = 0, t = 0;
+  if (x < A(-0.999)) {  // level 0: log sigmoid(p)
+    lp = -softplus(-p);
+    gp = sigmoid(-p);
+  } else if (x > A(0.999)) {  // level 255: log (1 - sigmoid(q))
+    lp = -softplus(q);
+    gq = -sigmoid(q);
+  } else {
+    const A sp = sigmoid(p), sq = sigmoid(q), delta = sp - sq;
+    if (delta > A(1e-5)) {
+      lp = std::log(std::max(delta, A(1e-12)));
+      gp = sp * (A(1) - sp) / delta;
+      gq = -sq * (A(1) - sq) / delta;
+    } else {  // the original's fallback: the density at the bin's centre times its width
+      t = s * d;
+      lp = t - log_scale - A(2) * softplus(t) - A(4.8481163645546632);  // log(127.5)
+      gt = A(1) - A(2) * sigmoid(t);
+      gls = -1;
+    }
+  }
+  return {lp, -s * (gp + gq + gt), gls - (p * gp + q * gq + t * gt)};
+}
+
+// The NLL of every pixel of tile [p0, p1) of image b; with grad (per-pixel upstream gradients), also the
+// gradient of the tile's params. comp: scratch of M * (1 + 2C) values per position.
+template <class T>
+void tile(const Geometry& g, const T* x, const T* params, int64_t b, int64_t p0, int64_t p1,
+          typename Math<T>::A* nll, const typename Math<T>::A* grad, T* gparams, std::vector<typename Math<T>::A>& comp) {
+  using A = typename Math<T>::A;
+  const int64_t M = g.M, C = g.C, stride = 1 + 2 * C;
+  comp.resize(M * stride);
+  for (int64_t p = p0; p < p1; ++p) {
+    const Pixel<T> px{params + b * g.sb, &g, p};
+    A xs[3];
+    for (int64_t c = 0; c < C; ++c) xs[c] = static_cast<A>(x[(b * C + c) * g.HW + p]);
+    A max_logit = -std::numeric_limits<A>::infinity(), max_l = max_logit;
+    for (int64_t k = 0; k < M; ++k) {
+      A* v = &comp[k * stride];
+      A a[3] = {0, 0, 0};
+      if (C == 3)
+        for (int64_t j = 0; j < 3; ++j) a[j] = std::tanh(px.coeff(j, k));
+      A total = px.logit(k);
+      for (int64_t c = 0; c < C; ++c) {
+        A m = px.mean(c, k);
+        if (c == 1) m += a[0] * xs[0];
+        if (c == 2) m += a[1] * xs[0] + a[2] * xs[1];
+        const A ls_raw = px.log_scale(c, k);
+        const ColourTerm<A> t = colour_term(xs[c], m, std::max(ls_raw, A(-7)));
+        total += t.lp;
+        v[1 + 2 * c] = t.d_mean;
+        v[2 + 2 * c] = ls_raw >= A(-7) ? t.d_log_scale : A(0);  // clamp: no gradient below -7
+      }
+      v[0] = total;
+      max_logit = std::max(max_logit, px.logit(k));
+      max_l = std::max(max_l, total);
+    }
+    A sum_logit = 0, sum_l = 0;
+    for (int64_t k = 0; k < M; ++k) {
+      sum_logit += std::exp(px.logit(k) - max_logit);
+      sum_l += std::exp(comp[k * stride] - max_l);
+    }
+    const A lse_logit = max_logit + std::log(sum_logit), lse_l = max_l + std::log(sum_l);
+    if (nll) nll[b * g.HW + p] = lse_logit - lse_l;
+    if (!gparams) continue;
+    const A gout = grad[b * g.HW + p];
+    T* gbase = gparams + b * g.sb + p * g.sp;
+    for (int64_t k = 0; k < M; ++k) {
+      const A* v = &comp[k * stride];
+      const A r = std::exp(v[0] - lse_l), pi = std::exp(px.logit(k) - lse_logit);
+      gbase[k * g.sk] = static_cast<T>(gout * (pi - r));
+      const A w = -gout * r;  // dNLL / dlp of this component's colours
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t mc = px.mean_ch(c, k);
+        gbase[mc * g.sk] = static_cast<T>(w * v[1 + 2 * c]);
+        gbase[(mc + M) * g.sk] = static_cast<T>(w * v[2 + 2 * c]);
+      }
+      if (C == 3) {  // m_1 = mu_1 + a_0 x_0, m_2 = mu_2 + a_1 x_0 + a_2 x_1, a = tanh(raw)
+        const A dm[3] = {v[1], v[3], v[5]};
+        const A by[3] = {dm[1] * xs[0], dm[2] * xs[0], dm[2] * xs[1]};
+        for (int64_t j = 0; j < 3; ++j) {
+          const A a = std::tanh(px.coeff(j, k));
+          gbase[(px.mean_ch(j, k) + 2 * M) * g.sk] = static_cast<T>(w * by[j] * (A(1) - a * a));
+        }
+      }
+    }
+  }
+}
+
+Geometry geometry(const at::Tensor& x, const at::Tensor& params, int64_t nr_mix) {
+  TORCH_CHECK(x.device().is_cpu() && params.device().is_cpu(), kOp, ": the cpp backend takes CPU tensors, got ",
+              x.device(), " and ", params.device());
+  TORCH_CHECK(x.dim() == 4 && params.dim() == 4, kOp, ": x and params must be 4-D, got ", x.sizes(), " and ",
+              params.sizes());
+  const auto st = params.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, kOp,
+              ": params must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK(x.scalar_type() == st, kOp, ": x must have params' dtype ", st, ", got ", x.scalar_type());
+  Geometry g;
+  g.B = x.size(0), g.C = x.size(1), g.HW = x.size(2) * x.size(3), g.M = nr_mix, g.K = params.size(1);
+  TORCH_CHECK(g.C == 1 || g.C == 3, kOp, ": x must have 1 or 3 channels, got ", g.C);
+  TORCH_CHECK(nr_mix >= 1 && g.K == (g.C == 3 ? 10 : 3) * nr_mix, kOp, ": params has ", g.K,
+              " channels; with nr_mix=", nr_mix, " and ", g.C, " colours it needs ", (g.C == 3 ? 10 : 3) * nr_mix);
+  TORCH_CHECK(params.size(0) == g.B && params.size(2) == x.size(2) && params.size(3) == x.size(3), kOp,
+              ": x ", x.sizes(), " and params ", params.sizes(), " must agree in batch, height and width");
+  return g;
+}
+
+// params as the kernels read it: channels_last kept, anything else NCHW-contiguous.
+at::Tensor kernel_params(const at::Tensor& params, Geometry& g) {
+  const bool cl = params.is_contiguous(at::MemoryFormat::ChannelsLast) && !params.is_contiguous();
+  at::Tensor p = cl ? params : params.contiguous();
+  g.sb = p.stride(0), g.sk = p.stride(1), g.sp = p.stride(3);
+  TORCH_CHECK(p.size(3) == 1 || p.stride(2) == p.size(3) * p.stride(3), kOp, ": internal: params rows not dense");
+  return p;
+}
+
+template <class F>
+void for_tiles(const Geometry& g, F f) {
+  const int64_t per_image = (g.HW + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, kTile * g.M));
+  at::parallel_for(0, g.B * per_image, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / per_image, p0 = (t % per_image) * kTile;
+      f(b, p0, std::min(g.HW, p0 + kTile));
+    }
+  });
+}
+
+at::ScalarType math_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// -> the NLL of every pixel [B, H, W] in the math type (float32, float64 for double).
+at::Tensor dmol_nll_forward_cpu(const at::Tensor& x_in, const at::Tensor& params_in, int64_t nr_mix) {
+  Geometry g = geometry(x_in, params_in, nr_mix);
+  const at::Tensor x = x_in.contiguous(), params = kernel_params(params_in, g);
+  at::Tensor nll = at::empty({g.B, x.size(2), x.size(3)}, x.options().dtype(math_type(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "dmol_nll_forward", [&] {
+    using A = typename Math<scalar_t>::A;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* pp = params.const_data_ptr<scalar_t>();
+    A* out = nll.mutable_data_ptr<A>();
+    for_tiles(g, [&](int64_t b, int64_t p0, int64_t p1) {
+      thread_local std::vector<A> comp;
+      tile<scalar_t>(g, xp, pp, b, p0, p1, out, nullptr, nullptr, comp);
+    });
+  });
+  return nll;
+}
+
+// grad_nll: [B, H, W] in the math type -> grad_params in params' dtype and layout.
+at::Tensor dmol_nll_backward_cpu(const at::Tensor& grad_nll, const at::Tensor& x_in, const at::Tensor& params_in,
+                                 int64_t nr_mix) {
+  Geometry g = geometry(x_in, params_in, nr_mix);
+  const at::Tensor x = x_in.contiguous(), params = kernel_params(params_in, g);
+  TORCH_CHECK(grad_nll.scalar_type() == math_type(x.scalar_type()) && grad_nll.numel() == g.B * g.HW, kOp,
+              ": grad_nll must be ", math_type(x.scalar_type()), " of shape (", g.B, ", ", x.size(2), ", ", x.size(3),
+              "), got ", grad_nll.scalar_type(), " ", grad_nll.sizes());
+  const at::Tensor gn = grad_nll.contiguous();
+  at::Tensor gparams = at::empty_like(params);  // params' layout (empty_like keeps the strides)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "dmol_nll_backward", [&] {
+    using A = typename Math<scalar_t>::A;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* pp = params.const_data_ptr<scalar_t>();
+    const A* gp = gn.const_data_ptr<A>();
+    scalar_t* out = gparams.mutable_data_ptr<scalar_t>();
+    for_tiles(g, [&](int64_t b, int64_t p0, int64_t p1) {
+      thread_local std::vector<A> comp;
+      tile<scalar_t>(g, xp, pp, b, p0, p1, nullptr, gp, out, comp);
+    });
+  });
+  return gparams;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("dmol_nll_forward", &dmol_nll_forward_cpu);
+  m.impl("dmol_nll_backward", &dmol_nll_backward_cpu);
+}

@@ -96,11 +96,14 @@ inline ColourTerm<A> colour_term(A x, A m, A log_scale) {
     lp = -softplus(q);
     gq = -sigmoid(q);
   } else {
-    const A sp = sigmoid(p), sq = sigmoid(q), delta = sp - sq;
+    // sigmoids and their complements computed directly (1 - sigmoid(v) loses digits as v grows), and the
+    // bin's mass from the side where both terms are small
+    const A sp = sigmoid(p), sp_c = sigmoid(-p), sq = sigmoid(q), sq_c = sigmoid(-q);
+    const A delta = q > 0 ? sq_c - sp_c : sp - sq;
     if (delta > A(1e-5)) {
       lp = std::log(std::max(delta, A(1e-12)));
-      gp = sp * (A(1) - sp) / delta;
-      gq = -sq * (A(1) - sq) / delta;
+      gp = sp * sp_c / delta;
+      gq = -sq * sq_c / delta;
     } else {  // the original's fallback: the density at the bin's centre times its width
       t = s * d;
       lp = t - log_scale - A(2) * softplus(t) - A(4.8481163645546632);  // log(127.5)

@@ -3,8 +3,9 @@ fastgen.ref.dmol for the math and the parameter layout.
 
 ``discretized_mix_logistic_nll(x, params)`` backends:
 * ``ref``  plain PyTorch (fastgen.ref.dmol): any device
-* ``cpp``  one fused pass each way on CPU (csrc/cpu/dmol.cpp): the forward writes
-           only the per-pixel NLL, the backward only the gradient of params
+* ``cpp``     one fused pass each way on CPU (csrc/cpu/dmol.cpp): the forward writes
+              only the per-pixel NLL, the backward only the gradient of params
+* ``triton``  the same on GPUs (kernels/dmol.py; CPU tensors under TRITON_INTERPRET=1)
 
 ``sample_discretized_mix_logistic(params)``: the ref sampler with uniforms from
 a seeded CPU generator (same seed, same images on every device).
@@ -80,7 +81,31 @@ def make_call(x, params, nr_mix, reduction):
 
 # ---- kernels and autograd -----------------------------------------------------------------------------------
 
+@torch.library.custom_op("fastgen::dmol_nll_triton_forward", mutates_args=())
+def triton_forward(x: torch.Tensor, params: torch.Tensor, nr_mix: int) -> torch.Tensor:
+    from fastgen.kernels import dmol as k
+    return k.dmol_nll_forward(x, params, nr_mix)
+
+
+@triton_forward.register_fake
+def _(x, params, nr_mix):
+    return x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgen::dmol_nll_triton_backward", mutates_args=())
+def triton_backward(grad_nll: torch.Tensor, x: torch.Tensor, params: torch.Tensor, nr_mix: int) -> torch.Tensor:
+    from fastgen.kernels import dmol as k
+    return k.dmol_nll_backward(grad_nll, x, params, nr_mix)
+
+
+@triton_backward.register_fake
+def _(grad_nll, x, params, nr_mix):
+    return torch.empty_like(params)
+
+
 def _kernels(backend):
+    if backend == "triton":
+        return triton_forward, triton_backward
     return torch.ops.fastgen.dmol_nll_forward, torch.ops.fastgen.dmol_nll_backward
 
 
@@ -140,11 +165,23 @@ def _cpp_why_not(c):
     return None
 
 
-# Measured preference: see benchmarks/RESULTS.md (bench_dmol.py).
-PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["ref"]}
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_why_not(c):
+    why = _ext.triton_why_not(c.params.device.type)
+    if why is None and c.params.dtype not in TRITON_DTYPES:
+        why = f"the triton backend takes float16, bfloat16 and float32, got {c.params.dtype}"
+    return why
+
+
+# Measured preference: see benchmarks/RESULTS.md (bench_dmol.py). CUDA: the Triton kernels have run only
+# under the interpreter; they come first because ref is the usual port's ~20 full-size passes.
+PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["triton", "ref"]}
 OP = new_op(OP_NAME, PREFERENCE)
 OP.register("ref", lambda c: ref.discretized_mix_logistic_nll(c.x, c.params, c.nr_mix, c.reduction))
 OP.register("cpp", _kernel_runner("cpp"), why_not=_cpp_why_not, unavailable=_cpp_unavailable)
+OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 
 def discretized_mix_logistic_nll(x, params, *, nr_mix=None, reduction="sum", backend=None):

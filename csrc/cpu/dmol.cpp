@@ -29,7 +29,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
+#include "cpu/vec_math.h"      // fastgen::vec512: AVX-512 exp and log
 
 namespace {
 
@@ -179,6 +183,190 @@ void tile(const Geometry& g, const T* x, const T* params, int64_t b, int64_t p0,
   }
 }
 
+
+#ifdef FASTGEN_AVX512
+// ---- AVX-512: float32 params, 16 pixels per step -------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace avx512 {
+
+using namespace fastgen::vec512;
+
+inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline V blend(M m, V a, V b) { return _mm512_mask_blend_ps(m, a, b); }  // m ? b : a
+inline V neg(V a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN))); }
+inline V vabs(V a) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MAX))); }
+inline M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+
+// Sixteen pixels p0 .. p0+15 of one image (mask m): loads and stores of one parameter channel.
+struct Lanes {
+  const float* base;  // params of the image, shifted to p0
+  float* gbase;       // grad_params likewise
+  int64_t sk, sp;
+  M m;
+  I index;            // lane offsets (lane * sp) when sp != 1
+  V load(int64_t ch) const {
+    const float* ptr = base + ch * sk;
+    return sp == 1 ? _mm512_maskz_loadu_ps(m, ptr) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, index, ptr, 4);
+  }
+  void store(int64_t ch, V v) const {
+    float* ptr = gbase + ch * sk;
+    if (sp == 1)
+      _mm512_mask_storeu_ps(ptr, m, v);
+    else
+      _mm512_mask_i32scatter_ps(ptr, m, index, v, 4);
+  }
+};
+
+// (sigmoid(v), sigmoid(-v)) from e = exp(-|v|), each without cancellation.
+inline void sigmoid_pair(V v, V e, V& s, V& s_c) {
+  const V one = set(1.0f), inv = div(one, add(one, e)), ee = mul(e, inv);
+  const M pos = ge(v, _mm512_setzero_ps());
+  s = blend(pos, ee, inv);
+  s_c = blend(pos, inv, ee);
+}
+
+inline V softplus_from(V v, V e) { return add(vmax(v, _mm512_setzero_ps()), log_pos(add(set(1.0f), e))); }
+
+inline V tanh_v(V v) {
+  const V e = exp_f(mul(set(-2.0f), vabs(v)));
+  const V t = div(sub(set(1.0f), e), add(set(1.0f), e));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t),
+                                             _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN))));
+}
+
+// colour_term on 16 lanes: log P and the derivatives by the mean and the raw log-scale.
+inline void colour_term(V x, V m, V ls_raw, V& lp, V& d_mean, V& d_ls) {
+  const V zero = _mm512_setzero_ps(), one = set(1.0f);
+  const V ls = vmax(ls_raw, set(-7.0f));
+  const V s = exp_f(neg(ls)), d = sub(x, m);
+  const V p = mul(s, add(d, set(1.0f / 255.0f))), q = mul(s, sub(d, set(1.0f / 255.0f))), t = mul(s, d);
+  const V ep = exp_f(neg(vabs(p))), eq = exp_f(neg(vabs(q))), et = exp_f(neg(vabs(t)));
+  V sp, sp_c, sq, sq_c, st, st_c;
+  sigmoid_pair(p, ep, sp, sp_c);
+  sigmoid_pair(q, eq, sq, sq_c);
+  sigmoid_pair(t, et, st, st_c);
+  const V delta = blend(gt(q, zero), sub(sp, sq), sub(sq_c, sp_c));
+  const M left = lt(x, set(-0.999f)), right = gt(x, set(0.999f));
+  const M edge = left | right;
+  const M mid = gt(delta, set(1e-5f)) & ~edge, fallback = ~(edge | mid);
+  const V safe = vmax(delta, set(1e-12f));
+  const V inv_delta = div(one, safe);
+  V l = log_pos(safe);                                                               // middle bins
+  l = blend(fallback, l, sub(sub(sub(t, ls), mul(set(2.0f), softplus_from(t, et))), set(4.8481163645546632f)));
+  l = blend(left, l, neg(softplus_from(neg(p), ep)));                                // level 0
+  l = blend(right, l, neg(softplus_from(q, eq)));                                    // level 255
+  lp = l;
+  V gp = _mm512_maskz_mov_ps(mid, mul(mul(sp, sp_c), inv_delta));
+  gp = blend(left, gp, sp_c);
+  V gq = _mm512_maskz_mov_ps(mid, neg(mul(mul(sq, sq_c), inv_delta)));
+  gq = blend(right, gq, neg(sq));
+  const V gt_ = _mm512_maskz_mov_ps(fallback, sub(one, mul(set(2.0f), st)));
+  d_mean = neg(mul(s, add(add(gp, gq), gt_)));
+  const V gls = _mm512_maskz_mov_ps(fallback, set(-1.0f));
+  const V dl = sub(gls, add(add(mul(p, gp), mul(q, gq)), mul(t, gt_)));
+  d_ls = _mm512_maskz_mov_ps(ge(ls_raw, set(-7.0f)), dl);
+}
+
+// The scalar tile's work on 16 pixels at a time (float params; x contiguous).
+void tile(const Geometry& g, const float* x, const float* params, int64_t b, int64_t p0, int64_t p1, float* nll,
+          const float* grad, float* gparams, std::vector<float>& comp) {
+  const int64_t M = g.M, C = g.C, per = C == 3 ? 3 : 2, L = 16;
+  const int64_t stride = (2 + 2 * C + (C == 3 ? 3 : 0)) * L;  // logit, total, (dm, dls) per colour, a_j
+  comp.resize(M * stride);
+  const I iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t p = p0; p < p1; p += L) {
+    const int64_t n = std::min<int64_t>(L, p1 - p);
+    const auto m = static_cast<fastgen::vec512::M>(n == 16 ? 0xFFFF : (1u << n) - 1);
+    Lanes lanes{params + b * g.sb + p * g.sp, gparams ? gparams + b * g.sb + p * g.sp : nullptr, g.sk, g.sp, m,
+                _mm512_mullo_epi32(iota, _mm512_set1_epi32(int32_t(g.sp)))};
+    V xs[3];
+    for (int64_t c = 0; c < C; ++c) xs[c] = _mm512_maskz_loadu_ps(m, x + (b * C + c) * g.HW + p);
+    V max_logit = set(-INFINITY), max_l = set(-INFINITY);
+    for (int64_t k = 0; k < M; ++k) {
+      float* v = &comp[k * stride];
+      V a[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      if (C == 3)
+        for (int64_t j = 0; j < 3; ++j) a[j] = tanh_v(lanes.load(M + j * 3 * M + 2 * M + k));
+      const V logit = lanes.load(k);
+      V total = logit;
+      for (int64_t c = 0; c < C; ++c) {
+        V mean = lanes.load(M + c * per * M + k);
+        if (c == 1) mean = add(mean, mul(a[0], xs[0]));
+        if (c == 2) mean = add(add(mean, mul(a[1], xs[0])), mul(a[2], xs[1]));
+        V lp, dm, dls;
+        colour_term(xs[c], mean, lanes.load(M + c * per * M + M + k), lp, dm, dls);
+        total = add(total, lp);
+        _mm512_storeu_ps(v + (2 + 2 * c) * L, dm);
+        _mm512_storeu_ps(v + (3 + 2 * c) * L, dls);
+      }
+      if (C == 3)
+        for (int64_t j = 0; j < 3; ++j) _mm512_storeu_ps(v + (2 + 2 * C + j) * L, a[j]);
+      total = _mm512_maskz_mov_ps(m, total);  // masked-off lanes: 0, no inf - inf below
+      _mm512_storeu_ps(v, _mm512_maskz_mov_ps(m, logit));
+      _mm512_storeu_ps(v + L, total);
+      max_logit = vmax(max_logit, _mm512_maskz_mov_ps(m, logit));
+      max_l = vmax(max_l, total);
+    }
+    V sum_logit = _mm512_setzero_ps(), sum_l = _mm512_setzero_ps();
+    for (int64_t k = 0; k < M; ++k) {
+      const float* v = &comp[k * stride];
+      sum_logit = add(sum_logit, exp_f(sub(_mm512_loadu_ps(v), max_logit)));
+      sum_l = add(sum_l, exp_f(sub(_mm512_loadu_ps(v + L), max_l)));
+    }
+    const V lse_logit = add(max_logit, log_pos(sum_logit)), lse_l = add(max_l, log_pos(sum_l));
+    if (nll) _mm512_mask_storeu_ps(nll + b * g.HW + p, m, sub(lse_logit, lse_l));
+    if (!gparams) continue;
+    const V gout = _mm512_maskz_loadu_ps(m, grad + b * g.HW + p);
+    for (int64_t k = 0; k < M; ++k) {
+      const float* v = &comp[k * stride];
+      const V r = exp_f(sub(_mm512_loadu_ps(v + L), lse_l)), pi = exp_f(sub(_mm512_loadu_ps(v), lse_logit));
+      lanes.store(k, mul(gout, sub(pi, r)));
+      const V w = neg(mul(gout, r));
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t mc = M + c * per * M + k;
+        lanes.store(mc, mul(w, _mm512_loadu_ps(v + (2 + 2 * c) * L)));
+        lanes.store(mc + M, mul(w, _mm512_loadu_ps(v + (3 + 2 * c) * L)));
+      }
+      if (C == 3) {
+        const V dm1 = _mm512_loadu_ps(v + 4 * L), dm2 = _mm512_loadu_ps(v + 6 * L);
+        const V by[3] = {mul(dm1, xs[0]), mul(dm2, xs[0]), mul(dm2, xs[1])};
+        for (int64_t j = 0; j < 3; ++j) {
+          const V a = _mm512_loadu_ps(v + (2 + 2 * C + j) * L);
+          lanes.store(M + j * 3 * M + 2 * M + k, mul(mul(w, by[j]), sub(set(1.0f), mul(a, a))));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace avx512
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif  // FASTGEN_AVX512
+
+// The AVX-512 tile for float params on CPUs that have it (with strides that fit its int32 gathers), else the
+// scalar one.
+template <class T>
+void any_tile(const Geometry& g, const T* x, const T* params, int64_t b, int64_t p0, int64_t p1,
+              typename Math<T>::A* nll, const typename Math<T>::A* grad, T* gparams,
+              std::vector<typename Math<T>::A>& comp) {
+#ifdef FASTGEN_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (fastgen::use_avx512() && g.sp * 16 < (int64_t(1) << 31) && g.sp * 16 * g.K < (int64_t(1) << 31))
+      return avx512::tile(g, x, params, b, p0, p1, nll, grad, gparams, comp);
+  }
+#endif
+  tile<T>(g, x, params, b, p0, p1, nll, grad, gparams, comp);
+}
+
 Geometry geometry(const at::Tensor& x, const at::Tensor& params, int64_t nr_mix) {
   TORCH_CHECK(x.device().is_cpu() && params.device().is_cpu(), kOp, ": the cpp backend takes CPU tensors, got ",
               x.device(), " and ", params.device());
@@ -233,7 +421,7 @@ at::Tensor dmol_nll_forward_cpu(const at::Tensor& x_in, const at::Tensor& params
     A* out = nll.mutable_data_ptr<A>();
     for_tiles(g, [&](int64_t b, int64_t p0, int64_t p1) {
       thread_local std::vector<A> comp;
-      tile<scalar_t>(g, xp, pp, b, p0, p1, out, nullptr, nullptr, comp);
+      any_tile<scalar_t>(g, xp, pp, b, p0, p1, out, nullptr, nullptr, comp);
     });
   });
   return nll;
@@ -257,7 +445,7 @@ at::Tensor dmol_nll_backward_cpu(const at::Tensor& grad_nll, const at::Tensor& x
     scalar_t* out = gparams.mutable_data_ptr<scalar_t>();
     for_tiles(g, [&](int64_t b, int64_t p0, int64_t p1) {
       thread_local std::vector<A> comp;
-      tile<scalar_t>(g, xp, pp, b, p0, p1, nullptr, gp, out, comp);
+      any_tile<scalar_t>(g, xp, pp, b, p0, p1, nullptr, gp, out, comp);
     });
   });
   return gparams;

@@ -15,7 +15,6 @@ Every contender's loss and gradient are checked against the float64 reference
 a fresh subprocess's peak RSS on the CPU, peak allocated on a GPU.
 """
 import os
-import time
 
 import pytest
 import torch
@@ -23,7 +22,8 @@ import torch
 import fastgen
 from fastgen.ops.dmol import OP, make_call
 from fastgen.ref import dmol as ref
-from fastgen.testing import OtherLoad, dmol_loss_common, peak_rss, record_timing, relative_error, tolerance
+from fastgen.testing import (OtherLoad, check_outcome, dmol_loss_common, first_call, peak_rss, record_timing,
+                             relative_error)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,30 +117,14 @@ def test_dmol(benchmark, smoke, bench_results, monkeypatch, case):
         torch._dynamo.reset()
     f = make_contender(contender)
     step = step_fn(f, x, params)
-    t0 = time.perf_counter()
-    try:
+    def first():
         loss = step()
         sync()
-    except Exception as e:  # noqa: BLE001
-        record["extra_info"]["status"] = "error"
-        bench_results.append(record)
-        if contender == "fastgen":
-            raise
-        pytest.xfail(f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    first_call_s = time.perf_counter() - t0
+        return {"loss": loss.detach(), "grad": params.grad}
+
+    got, first_call_s = first_call(first, record, bench_results, contender, contender == "fastgen")
     want, ref_err = reference(shape, dtype)
-    got = {"loss": loss.detach(), "grad": params.grad}
-    errors = {n: relative_error(got[n], want[n]) for n in want}
-    wrong = {n: (e, tolerance(dtype, ref_err[n])) for n, e in errors.items() if not e <= tolerance(dtype, ref_err[n])}
-    benchmark.extra_info["max_rel_error"] = max(errors.values())
-    if wrong:
-        record["extra_info"]["status"] = "WRONG"
-        bench_results.append(record)
-        msg = f"{contender} is WRONG on {group}: " + ", ".join(f"{n} rel. error {e:.3g} > tol {t:.3g}"
-                                                              for n, (e, t) in wrong.items())
-        if contender == "fastgen":
-            pytest.fail(msg)
-        pytest.xfail(msg)
+    check_outcome(got, want, ref_err, dtype, record, bench_results, contender, contender == "fastgen")
 
     def timed():
         step()

@@ -21,14 +21,13 @@ model forced onto backend 'ref') before it is timed. Memory: peak allocated on
 a GPU, a fresh subprocess's peak RSS on the CPU (fwd+bwd, real runs).
 """
 import functools
-import time
 
 import pytest
 import torch
 
 from fastgen.ops.gated import CONV, make_conv_call
-from fastgen.testing import (OtherLoad, gated_inputs, gated_step, make_gated, peak_rss, record_timing,
-                             relative_error, tolerance)
+from fastgen.testing import (OtherLoad, check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss,
+                             record_timing, relative_error)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -145,29 +144,15 @@ def test_gated(benchmark, smoke, bench_results, case):
 
     inputs = gated_inputs(kind, shape, DEVICE, dtype)
     mod = make_gated(kind, contender, shape, DEVICE, dtype)
-    t0 = time.perf_counter()
-    try:
+    def first():
         got = outcome(kind, mod, inputs, mode)
         sync()
-    except Exception as e:  # noqa: BLE001
-        record["extra_info"]["status"] = "error"
-        bench_results.append(record)
-        if contender.startswith("fastgen"):
-            raise
-        pytest.xfail(f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    first_call_s = time.perf_counter() - t0
+        return got
+
+    ours = contender.startswith("fastgen")
+    got, first_call_s = first_call(first, record, bench_results, contender, ours)
     want, ref_err = reference(kind, shape, mode, dtype)
-    errors = {n: relative_error(got.get(n), want[n]) for n in want}
-    wrong = {n: (e, tolerance(dtype, ref_err[n])) for n, e in errors.items() if not e <= tolerance(dtype, ref_err[n])}
-    benchmark.extra_info["max_rel_error"] = max(errors.values())
-    if wrong:
-        record["extra_info"]["status"] = "WRONG"
-        bench_results.append(record)
-        msg = f"{contender} is WRONG on {group}: " + ", ".join(f"{n} rel. error {e:.3g} > tol {t:.3g}"
-                                                              for n, (e, t) in wrong.items())
-        if contender.startswith("fastgen"):
-            pytest.fail(msg)
-        pytest.xfail(msg)
+    check_outcome(got, want, ref_err, dtype, record, bench_results, contender, ours)
 
     step = gated_step(kind, mod, inputs, "fwd" if mode == "fwd" else "fwd+bwd")
 

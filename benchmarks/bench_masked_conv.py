@@ -25,7 +25,6 @@ Real run: ``pytest benchmarks/ --benchmark-only`` (add ``--benchmark-json=FILE``
 ``python -m fastgen.testing FILE`` prints the compact table again).
 """
 import functools
-import time
 from contextlib import nullcontext
 
 import pytest
@@ -35,8 +34,8 @@ import torch._inductor.config  # noqa: F401  (compile contender: caches off whil
 from fastgen.ops.masked_conv import OP, make_call
 from fastgen.ref.masked_conv import causal_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
-from fastgen.testing import (COMMON, COMPILED, OtherLoad, contender_names, make_masked_conv, peak_rss, record_timing,
-                             relative_error, tolerance)
+from fastgen.testing import (COMMON, COMPILED, OtherLoad, check_outcome, contender_names, first_call, make_masked_conv,
+                             peak_rss, record_timing, relative_error)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -190,29 +189,13 @@ def test_masked_conv(benchmark, smoke, bench_results, case):
 
     # check against the float64 reference before timing (the first call also compiles: cold, with
     # inductor's on-disk caches off, so compile_s is what a fresh process pays)
-    t0 = time.perf_counter()
-    try:
+    def first():
         with torch._inductor.config.patch(force_disable_caches=True) if contender == COMPILED else nullcontext():
-            got = checked()
-    except Exception as e:  # noqa: BLE001
-        record["extra_info"]["status"] = "error"
-        bench_results.append(record)
-        if fastgen_contender:
-            raise
-        pytest.xfail(f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    first_call_s = time.perf_counter() - t0
-    errors = {n: relative_error(got[n], want[mode][n]) for n in want[mode]}
-    tols = {n: tolerance(dtype, ref_err[mode][n]) for n in want[mode]}
-    wrong = {n: (e, tols[n]) for n, e in errors.items() if not e <= tols[n]}
-    benchmark.extra_info["max_rel_error"] = max(errors.values())
-    if wrong:
-        record["extra_info"]["status"] = "WRONG"
-        bench_results.append(record)
-        msg = f"{contender} is WRONG on {group}: " + ", ".join(
-            f"{n} rel. error {e:.3g} > tol {t:.3g}" + _why_inf(got[n], want[mode][n]) for n, (e, t) in wrong.items())
-        if fastgen_contender:
-            pytest.fail(msg)
-        pytest.xfail(msg)
+            return checked()
+
+    got, first_call_s = first_call(first, record, bench_results, contender, fastgen_contender)
+    check_outcome(got, want[mode], ref_err[mode], dtype, record, bench_results, contender, fastgen_contender,
+                  explain=lambda n: _why_inf(got[n], want[mode][n]))
 
     with OtherLoad() as load:
         benchmark(step)

@@ -19,7 +19,6 @@ and writes z; backward reads grad_z, mu, logvar and writes both gradients;
 the per-row KL is negligible) over the median time.
 """
 import os
-import time
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ import torch
 import fastgen
 from fastgen.ops.reparameterize_kl import OP, make_call
 from fastgen.ref import reparameterize_kl as ref
-from fastgen.testing import OtherLoad, peak_rss, record_timing, relative_error, tolerance
+from fastgen.testing import OtherLoad, check_outcome, first_call, peak_rss, record_timing, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -139,29 +138,14 @@ def test_vae(benchmark, smoke, bench_results, monkeypatch, case):
     zeros = torch.zeros(shape, device=DEVICE, dtype=torch.float32)
     eps = fastgen.reparameterize_kl(zeros, zeros, seed=SEED)[0]
     f = make_contender(contender)
-    t0 = time.perf_counter()
-    try:
+    def first():
         got = outcome(f, shape, dtype, eps)
         sync()
-    except Exception as e:  # noqa: BLE001
-        record["extra_info"]["status"] = "error"
-        bench_results.append(record)
-        if contender == "fastgen":
-            raise
-        pytest.xfail(f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    first_call_s = time.perf_counter() - t0
+        return got
+
+    got, first_call_s = first_call(first, record, bench_results, contender, contender == "fastgen")
     want, ref_err = reference(shape, dtype, eps)
-    errors = {n: relative_error(got[n], want[n]) for n in want}
-    wrong = {n: (e, tolerance(dtype, ref_err[n])) for n, e in errors.items() if not e <= tolerance(dtype, ref_err[n])}
-    benchmark.extra_info["max_rel_error"] = max(errors.values())
-    if wrong:
-        record["extra_info"]["status"] = "WRONG"
-        bench_results.append(record)
-        msg = f"{contender} is WRONG on {group}: " + ", ".join(f"{n} rel. error {e:.3g} > tol {t:.3g}"
-                                                              for n, (e, t) in wrong.items())
-        if contender == "fastgen":
-            pytest.fail(msg)
-        pytest.xfail(msg)
+    check_outcome(got, want, ref_err, dtype, record, bench_results, contender, contender == "fastgen")
     del eps, zeros, got
 
     mu, logvar, gz = inputs(shape, dtype, DEVICE)

@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -340,6 +341,47 @@ ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, t
 
 def tolerance(dtype, same_dtype_ref_error=0.0):
     return max(ERROR_FLOOR[dtype], 2.0 * same_dtype_ref_error)
+
+
+# ---- the benchmarks' checks before timing -----------------------------------------------------------------
+
+def first_call(run, record, bench_results, contender, ours):
+    """(result, seconds) of a contender's first call. One that raises is recorded as
+    'error', then re-raised if it is fastgen's (``ours``) or xfailed if it is a
+    baseline that cannot run the case."""
+    import pytest
+    t0 = time.perf_counter()
+    try:
+        got = run()
+    except Exception as e:  # noqa: BLE001
+        record["extra_info"]["status"] = "error"
+        bench_results.append(record)
+        if ours:
+            raise
+        pytest.xfail(f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    return got, time.perf_counter() - t0
+
+
+def check_outcome(got, want, ref_err, dtype, record, bench_results, contender, ours, explain=None):
+    """Check a contender's outcome ({name: tensor}) against the float64 reference
+    ``want`` under the rule of :func:`tolerance` (``ref_err``: the reference's own
+    error in ``dtype``); records max_rel_error. A wrong contender is recorded as
+    WRONG and fails (fastgen's, ``ours``) or xfails (a baseline): reported as
+    wrong, never timed. ``explain(name)`` may add to the message."""
+    import pytest
+    errors = {n: relative_error(got.get(n), want[n]) for n in want}
+    tols = {n: tolerance(dtype, ref_err[n]) for n in want}
+    wrong = {n: (e, tols[n]) for n, e in errors.items() if not e <= tols[n]}
+    record["extra_info"]["max_rel_error"] = max(errors.values())
+    if not wrong:
+        return
+    record["extra_info"]["status"] = "WRONG"
+    bench_results.append(record)
+    msg = f"{contender} is WRONG on {record['group']}: " + ", ".join(
+        f"{n} rel. error {e:.3g} > tol {t:.3g}" + (explain(n) if explain else "") for n, (e, t) in wrong.items())
+    if ours:
+        pytest.fail(msg)
+    pytest.xfail(msg)
 
 
 # ---- memory: peak RSS of a fresh subprocess --------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Command line: ``python -m fastgen train | sample | demo | backends``.
 
-``train`` trains a PixelCNN, Gated PixelCNN or VAE on a dataset (see
-fastgen.train); under torchrun it trains data-parallel.
+``train`` trains a PixelCNN, Gated PixelCNN, PixelCNN++ or VAE on a dataset
+(see fastgen.train); under torchrun it trains data-parallel.
 ``sample`` draws images from a trained checkpoint (cached or naive sampling
-for the pixel models, the prior for a VAE) and writes them as a PNG grid.
+for PixelCNN and Gated PixelCNN, naive for PixelCNN++, the prior for a VAE)
+and writes them as a PNG grid.
 ``demo`` trains a small Gated PixelCNN on binarized MNIST on the CPU, reports
 the test NLL in nats, writes a grid of samples, times cached sampling against
 naive sampling, and times training steps of fastgen's model against the same
@@ -25,11 +26,12 @@ import torch
 
 def add_train_parser(sub):
     from fastgen.data import DATASETS
-    from fastgen.train import DEFAULTS, MODELS, VAE_DEFAULTS
+    from fastgen.train import DEFAULTS, MODELS, PP_DEFAULTS, VAE_DEFAULTS
     p = sub.add_parser(
-        "train", help="train a PixelCNN / Gated PixelCNN / VAE (data-parallel under torchrun)",
-        description="Train a PixelCNN, Gated PixelCNN or VAE. Writes OUT/checkpoint.pt, metrics.jsonl, summary.json "
-                    "and samples.png (a VAE also reconstructions.png and interpolation.png). Data-parallel when "
+        "train", help="train a PixelCNN / Gated PixelCNN / PixelCNN++ / VAE (data-parallel under torchrun)",
+        description="Train a PixelCNN, Gated PixelCNN, PixelCNN++ (pixelcnnpp) or VAE. Writes OUT/checkpoint.pt, "
+                    "metrics.jsonl, summary.json and samples.png (a VAE also reconstructions.png and "
+                    "interpolation.png). Data-parallel when "
                     "launched by torchrun (`torchrun --nproc_per_node N -m fastgen train ...`). With --resume, "
                     "options left out are taken from the checkpoint.")
     p.add_argument("model", choices=list(MODELS))
@@ -43,15 +45,23 @@ def add_train_parser(sub):
                                              f"vae {VAE_DEFAULTS['batch']})")
     p.add_argument("--lr", type=float, help=f"Adam peak learning rate, linear warm-up then cosine decay "
                                             f"(default {DEFAULTS['lr']:g})")
-    p.add_argument("--channels", type=int, help=f"feature maps (default {DEFAULTS['channels']}; vae: of the first "
-                                                f"convolution, the second has twice as many, default "
-                                                f"{VAE_DEFAULTS['channels']})")
-    p.add_argument("--layers", "--blocks", dest="depth", type=int,
-                   help="gated layers (gated-pixelcnn, default 8) or residual blocks (pixelcnn, default 7)")
+    p.add_argument("--channels", "--filters", dest="channels", type=int,
+                   help=f"feature maps (default {DEFAULTS['channels']}; pixelcnnpp: nr_filters, default "
+                        f"{PP_DEFAULTS['channels']}; vae: of the first convolution, the second has twice as many, "
+                        f"default {VAE_DEFAULTS['channels']})")
+    p.add_argument("--layers", "--blocks", "--nr-resnet", dest="depth", type=int,
+                   help=f"gated layers (gated-pixelcnn, default 8), residual blocks (pixelcnn, default 7) or gated "
+                        f"ResNet blocks per scale (pixelcnnpp's nr_resnet, default {PP_DEFAULTS['depth']}; "
+                        f"the paper's is 5)")
     p.add_argument("--kernel-size", type=int, help=f"kernel of the masked / gated layers after the first "
                                                    f"(default {DEFAULTS['kernel_size']})")
     p.add_argument("--conditional", action="store_true", default=None,
                    help="class-conditional on the dataset's labels (pixel models)")
+    p.add_argument("--nr-mix", type=int,
+                   help=f"pixelcnnpp: logistic mixture components (default {PP_DEFAULTS['nr_mix']}; the paper's is 10)")
+    p.add_argument("--dropout", type=float,
+                   help=f"pixelcnnpp: dropout in the gated ResNet blocks (default {PP_DEFAULTS['dropout']:g}; the "
+                        f"paper's is 0.5)")
     p.add_argument("--decoder", choices=("bernoulli", "gaussian"),
                    help="vae: p(x|z); bernoulli for binary data (binarized-mnist), gaussian: a discretized Gaussian "
                         "over the pixel levels (a true discrete likelihood); default: bernoulli for 2-level data, "
@@ -73,8 +83,9 @@ def add_train_parser(sub):
                                                   f"(default {DEFAULTS['ckpt_every']}; 0: at the end only)")
     p.add_argument("--eval-batches", type=int, help="evaluate on this many test batches (default: the whole split)")
     p.add_argument("--samples", type=int, help=f"images in OUT/samples.png at the end "
-                                               f"(default {DEFAULTS['samples']}; 0: none, and a vae writes no "
-                                               f"PNGs)")
+                                               f"(default {DEFAULTS['samples']}; pixelcnnpp "
+                                               f"{PP_DEFAULTS['samples']}: its sampling is naive, one forward pass "
+                                               f"per pixel; 0: none, and a vae writes no PNGs)")
     p.add_argument("--backend", help="force one fastgen backend (see `python -m fastgen backends`); default: dispatch")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -113,9 +124,9 @@ def add_sample_parser(sub):
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder holding checkpoint.pt")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
-    p.add_argument("--method", choices=METHODS, default="cached",
-                   help="pixel models: cached: each activation computed once (default); naive: the whole network "
-                        "per pixel")
+    p.add_argument("--method", choices=METHODS,
+                   help="pixel models: cached: each activation computed once (the default of pixelcnn and "
+                        "gated-pixelcnn); naive: the whole network per pixel (pixelcnnpp's only method)")
     p.add_argument("--label", type=int, help="class of every image (class-conditional models only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0): same seed, same images")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -152,7 +163,7 @@ def _sample_device(name):
 def sample_command(args):
     from fastgen._dispatch import OPS
     from fastgen.data import save_grid
-    from fastgen.models import VAE
+    from fastgen.models import VAE, PixelCNNpp
     from fastgen.train import load_model
     # check the arguments before the (slower) model load
     if args.n < 1:
@@ -187,21 +198,27 @@ def sample_command(args):
         labels = torch.arange(args.n, device=device) % classes
         nrow = min(args.n, classes)
 
-    vae = isinstance(model, VAE)
-    if vae and args.method != "cached":
+    vae, naive_only = isinstance(model, VAE), isinstance(model, PixelCNNpp)
+    if vae and args.method not in (None, "cached"):
         raise SampleError(f"--method {args.method} is for the pixel models: a VAE decodes prior draws in one pass")
+    if naive_only and args.method == "cached":
+        raise SampleError("--method cached: PixelCNN++ has no cached sampler yet; it samples naively (the default "
+                          "for it, --method naive)")
+    method = args.method or ("naive" if naive_only else "cached")
     t0 = time.perf_counter()
     if vae:  # z ~ N(0, temperature^2 I), decoded to display images (0..255)
         images = model.sample(args.n, seed=args.seed, temperature=args.temperature)
+    elif naive_only:
+        images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, progress=not args.quiet)
     else:
-        images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, method=args.method,
+        images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, method=method,
                               backend=_engine_backend(args.backend), progress=not args.quiet)
     images = images.cpu()  # waits for a GPU to finish: the time is the whole sampling
     seconds = time.perf_counter() - t0
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
     save_grid(images, args.out, nrow=args.nrow or nrow, levels=256 if vae else model.levels)
-    print(f"sampled {args.n} images ({'vae prior' if vae else args.method}) in {seconds:.2f} s: "
+    print(f"sampled {args.n} images ({'vae prior' if vae else method}) in {seconds:.2f} s: "
           f"{args.n / seconds:.1f} images/s; wrote {args.out}")
     return images
 

@@ -5,12 +5,17 @@ data (``fastgen.data.load_dataset``), model, Adam with linear warm-up and cosine
 decay, periodic evaluation on the test split, checkpoints with exact resume,
 metrics (``metrics.jsonl``), a summary (``summary.json``) and PNG grids. What
 differs between models is one small hook per kind of model (:class:`PixelKind`,
-:class:`VAEKind`: its options and defaults, model config, loss call, evaluation,
-images), the loop is shared:
+:class:`PixelCNNppKind`, :class:`VAEKind`: its options and defaults, model
+config, loss call, evaluation, images), the loop is shared:
 
 * ``pixelcnn`` / ``gated-pixelcnn``: likelihood from the data (Bernoulli for
   2-level data, a categorical over the data's levels otherwise); loss = NLL;
   evaluation: test NLL; images: samples.png.
+* ``pixelcnnpp``: PixelCNN++ with its discretized logistic mixture (256-level
+  data only); loss = NLL through fastgen.discretized_mix_logistic_nll;
+  evaluation: test NLL in bits/dim; images: samples.png, drawn by naive
+  sampling (one forward pass per pixel: slow, hence only PP_DEFAULTS["samples"]
+  images by default).
 * ``vae``: decoder from the data unless ``--decoder`` says (Bernoulli for
   2-level data, the discretized Gaussian over the levels otherwise); loss = the
   negative ELBO (one latent draw per image, seeded by (seed, step, rank));
@@ -50,10 +55,11 @@ import torch
 import torch.distributed as dist
 
 from fastgen._progress import Progress
-from fastgen.models import VAE, GatedPixelCNN, PixelCNN
+from fastgen.models import VAE, GatedPixelCNN, PixelCNN, PixelCNNpp
 
-MODELS = {"pixelcnn": PixelCNN, "gated-pixelcnn": GatedPixelCNN, "vae": VAE}
-DEPTH_ARG = {"pixelcnn": "blocks", "gated-pixelcnn": "layers"}  # what --layers/--blocks sets
+MODELS = {"pixelcnn": PixelCNN, "gated-pixelcnn": GatedPixelCNN, "pixelcnnpp": PixelCNNpp, "vae": VAE}
+# what --layers/--blocks/--nr-resnet sets
+DEPTH_ARG = {"pixelcnn": "blocks", "gated-pixelcnn": "layers", "pixelcnnpp": "nr_resnet"}
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
@@ -65,9 +71,9 @@ class TrainError(ValueError):
 @dataclasses.dataclass
 class TrainConfig:
     """Options of one training run. ``None`` means "the default", or, when
-    resuming, "the checkpoint's value" (see FIXED_ON_RESUME, INHERITED, DEFAULTS
-    and VAE_DEFAULTS)."""
-    model: Optional[str] = None  # 'pixelcnn', 'gated-pixelcnn' or 'vae'
+    resuming, "the checkpoint's value" (see FIXED_ON_RESUME, INHERITED, DEFAULTS,
+    PP_DEFAULTS and VAE_DEFAULTS)."""
+    model: Optional[str] = None  # 'pixelcnn', 'gated-pixelcnn', 'pixelcnnpp' or 'vae'
     data: Optional[str] = None  # a name of fastgen.data.load_dataset
     root: Optional[str] = None
     steps: Optional[int] = None  # total optimizer steps; else epochs
@@ -75,9 +81,11 @@ class TrainConfig:
     batch: Optional[int] = None  # per process
     lr: Optional[float] = None
     channels: Optional[int] = None
-    depth: Optional[int] = None  # gated layers or residual blocks; None: the model's default
+    depth: Optional[int] = None  # gated layers, residual blocks or pixelcnnpp's nr_resnet; None: the default
     kernel_size: Optional[int] = None
     conditional: Optional[bool] = None
+    nr_mix: Optional[int] = None  # pixelcnnpp: logistic mixture components
+    dropout: Optional[float] = None  # pixelcnnpp: dropout in the gated ResNet blocks
     decoder: Optional[str] = None  # vae: 'bernoulli' or 'gaussian'; None: from the data's levels
     latent: Optional[int] = None  # vae: latent dimensions
     iw_samples: Optional[int] = None  # vae: importance samples of the final IW NLL (0: none)
@@ -104,16 +112,20 @@ COMMON_DEFAULTS = {"batch": 32, "lr": 1e-3, "seed": 0, "eval_every": 0, "ckpt_ev
 # the pixel models' defaults (DEFAULTS) and the VAE's (larger batches: its steps are cheap)
 DEFAULTS = {**COMMON_DEFAULTS, "channels": 64, "kernel_size": 3, "conditional": False}
 VAE_DEFAULTS = {**COMMON_DEFAULTS, "batch": 128, "channels": 32, "latent": 32, "iw_samples": 100, "iw_images": 1000}
+# PixelCNN++: a small network for CPUs (the paper's CIFAR-10 model is --channels 160 --nr-resnet 5 --nr-mix 10
+# --dropout 0.5); few end-of-run samples, as naive sampling runs the whole network once per pixel
+PP_DEFAULTS = {**COMMON_DEFAULTS, "channels": 32, "depth": 2, "conditional": False, "nr_mix": 5, "dropout": 0.1,
+               "samples": 8}
 # options that define the run: a resumed run takes them from the checkpoint, and may not change them
 FIXED_ON_RESUME = ("model", "data", "batch", "lr", "channels", "depth", "kernel_size", "conditional", "decoder",
-                   "latent", "seed")
+                   "latent", "nr_mix", "dropout", "seed")
 # options a resumed run takes from the checkpoint unless given again (not: device, backend, workers, stops)
 INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "ckpt_every", "eval_batches", "samples", "log_every",
                                "iw_samples", "iw_images")
 # options of one kind of model only, with their command-line flags (for the error naming them)
 MODEL_OPTIONS = {"depth": "--layers", "kernel_size": "--kernel-size", "conditional": "--conditional",
                  "decoder": "--decoder", "latent": "--latent", "iw_samples": "--iw-samples",
-                 "iw_images": "--iw-images"}
+                 "iw_images": "--iw-images", "nr_mix": "--nr-mix", "dropout": "--dropout"}
 
 
 # ---- models and checkpoints ------------------------------------------------------------------------------------
@@ -553,7 +565,32 @@ class VAEKind:
         return vae_grids(model, data, cfg.out, n=cfg.samples, seed=cfg.seed)
 
 
-KINDS = {"pixelcnn": PixelKind(), "gated-pixelcnn": PixelKind(), "vae": VAEKind()}
+class PixelCNNppKind(PixelKind):
+    """PixelCNN++: the discretized logistic mixture over 256 levels (no other
+    data), loss = NLL; evaluation and samples.png as the other pixel models
+    (its sampling is naive: one forward pass per pixel)."""
+    defaults = PP_DEFAULTS
+    options = ("depth", "conditional", "nr_mix", "dropout")
+
+    def model_config(self, cfg, data):
+        if data.levels != 256:
+            kind = "binary" if data.levels == 2 else f"{data.levels} levels"
+            raise TrainError(f"pixelcnnpp models 256-level images (its discretized logistic mixture has 256 bins), "
+                             f"but {cfg.data!r} has {data.levels} levels: for {kind} data train pixelcnn or "
+                             f"gated-pixelcnn (a {'Bernoulli' if data.levels == 2 else 'categorical'} likelihood)"
+                             + (", or use --data mnist (its 256 grey levels)" if data.levels == 2 else ""))
+        kwargs = {"image_shape": list(data.shape), "nr_resnet": cfg.depth, "nr_filters": cfg.channels,
+                  "nr_logistic_mix": cfg.nr_mix, "dropout": cfg.dropout,
+                  "num_classes": data.num_classes if cfg.conditional else None}
+        return {"name": cfg.model, "kwargs": kwargs}
+
+    def describe(self, cfg, model, config):
+        classes = f", {model.num_classes} classes" if model.num_classes else ""
+        return (f"{cfg.model}, nr_resnet={model.nr_resnet}, filters={model.nr_filters}, "
+                f"{model.nr_mix}-component discretized logistic mixture, dropout={cfg.dropout:g}{classes}")
+
+
+KINDS = {"pixelcnn": PixelKind(), "gated-pixelcnn": PixelKind(), "pixelcnnpp": PixelCNNppKind(), "vae": VAEKind()}
 
 
 # ---- the training job ---------------------------------------------------------------------------------------------
@@ -583,7 +620,7 @@ class _Loss(torch.nn.Module):
 
 def _resolve(cfg, saved=None):
     """cfg with every None filled: from the checkpoint's arguments when resuming, else the
-    defaults of the model's kind (DEFAULTS, VAE_DEFAULTS)."""
+    defaults of the model's kind (DEFAULTS, PP_DEFAULTS, VAE_DEFAULTS)."""
     values = dataclasses.asdict(cfg)
     if saved is not None:
         for key in FIXED_ON_RESUME:
@@ -624,12 +661,14 @@ def _check(cfg):
     for key in ("batch", "channels", "kernel_size", "log_every"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise TrainError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("steps", "depth", "eval_batches", "stop_at", "latent", "iw_images"):
+    for key in ("steps", "depth", "eval_batches", "stop_at", "latent", "iw_images", "nr_mix"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise TrainError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     for key in ("eval_every", "ckpt_every", "samples", "num_workers", "iw_samples"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise TrainError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        raise TrainError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.steps is not None and cfg.epochs is not None:
         raise TrainError("give --steps or --epochs, not both")
     if cfg.epochs is not None and not cfg.epochs > 0:

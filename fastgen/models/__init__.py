@@ -1,5 +1,7 @@
-"""fastgen's models: PixelCNN and Gated PixelCNN (fastgen.models.pixelcnn), the VAE (fastgen.models.vae)."""
+"""fastgen's models: PixelCNN and Gated PixelCNN (fastgen.models.pixelcnn), PixelCNN++
+(fastgen.models.pixelcnnpp), the VAE (fastgen.models.vae)."""
 from fastgen.models.pixelcnn import AutoregressiveImageModel, GatedPixelCNN, PixelCNN
+from fastgen.models.pixelcnnpp import PixelCNNpp
 from fastgen.models.vae import VAE
 
-__all__ = ["AutoregressiveImageModel", "PixelCNN", "GatedPixelCNN", "VAE"]
+__all__ = ["AutoregressiveImageModel", "PixelCNN", "GatedPixelCNN", "PixelCNNpp", "VAE"]

@@ -195,8 +195,9 @@ def discretized_mix_logistic_nll(x, params, *, nr_mix=None, reduction="sum", bac
 
 
 def sample_discretized_mix_logistic(params, *, channels=None, nr_mix=None, seed=None, temperature=1.0):
-    """x in [-1, 1], [B, C, H, W], drawn from the mixture of every pixel
-    (independently: for a whole image, sample pixel by pixel with fastgen.sample).
+    """x on the 256 levels in [-1, 1], [B, C, H, W], float32 (float64 for float64
+    params: bfloat16 cannot hold every level), drawn from the mixture of every
+    pixel independently (a whole image is sampled pixel by pixel: PixelCNNpp.sample).
     ``channels`` is inferred from K when it fits one layout only; ``seed``:
     uniforms from a CPU generator (None: torch's default generator)."""
     op = "sample_discretized_mix_logistic"
@@ -216,6 +217,5 @@ def sample_discretized_mix_logistic(params, *, channels=None, nr_mix=None, seed=
     u_mix = torch.rand(b, h, w, generator=gen, dtype=torch.float64)
     u_log = torch.rand(b, channels, h, w, generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        x = ref.sample_discretized_mix_logistic(params, channels, nr_mix, u_mix.to(params.device),
-                                                u_log.to(params.device), temperature)
-    return x.to(params.dtype)
+        return ref.sample_discretized_mix_logistic(params, channels, nr_mix, u_mix.to(params.device),
+                                                   u_log.to(params.device), temperature)

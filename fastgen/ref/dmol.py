@@ -103,11 +103,18 @@ def discretized_mix_logistic_nll(x, params, nr_mix, reduction="sum"):
     return nll.to(params.dtype)
 
 
+def quantize(v):
+    """The nearest of the 256 levels (2v/255 - 1) to v, after clamping to [-1, 1]."""
+    return torch.round((torch.clamp(v, -1, 1) + 1) * 127.5) / 127.5 - 1
+
+
 def sample_discretized_mix_logistic(params, channels, nr_mix, u_mix, u_logistic, temperature=1.0):
-    """x in [-1, 1], [B, C, H, W], from uniforms: ``u_mix`` [B, H, W] picks the
-    component (inverse CDF of softmax(logits / temperature)), ``u_logistic``
-    [B, C, H, W] draws each colour from its logistic (scale times temperature,
-    mean shifted by the already drawn colours), clamped to [-1, 1]."""
+    """x on the 256 levels in [-1, 1], [B, C, H, W], from uniforms: ``u_mix``
+    [B, H, W] picks the component (inverse CDF of softmax(logits / temperature)),
+    ``u_logistic`` [B, C, H, W] draws each colour from its logistic (scale times
+    temperature). A logistic draw rounded to the nearest level (and clamped) is
+    a draw of the discretized distribution; each colour is rounded before it
+    shifts the next colours' means, as the likelihood conditions on levels."""
     ct = compute_dtype(params.dtype)
     params = params.to(ct)
     logits, means, log_scales, coeffs = split_params(params, channels, nr_mix)
@@ -119,9 +126,9 @@ def sample_discretized_mix_logistic(params, channels, nr_mix, u_mix, u_logistic,
     u = u_logistic.to(ct).clamp(1e-5, 1 - 1e-5)
     draw = mu + torch.exp(ls) * temperature * (torch.log(u) - torch.log1p(-u))
     if channels == 1:
-        return torch.clamp(draw, -1, 1)
+        return quantize(draw)
     a = torch.tanh(pick(coeffs))
-    x0 = torch.clamp(draw[:, 0], -1, 1)
-    x1 = torch.clamp(draw[:, 1] + a[:, 0] * x0, -1, 1)
-    x2 = torch.clamp(draw[:, 2] + a[:, 1] * x0 + a[:, 2] * x1, -1, 1)
+    x0 = quantize(draw[:, 0])
+    x1 = quantize(draw[:, 1] + a[:, 0] * x0)
+    x2 = quantize(draw[:, 2] + a[:, 1] * x0 + a[:, 2] * x1)
     return torch.stack([x0, x1, x2], 1)

@@ -213,6 +213,8 @@ def test_call_errors():
         m(ok)
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         m.sample(0)
+    with pytest.raises(ValueError, match=r"logistic-mixture models yet: use model.sample\(\)"):
+        fastgen.sample(m, 2)
     c = PixelCNNpp((1, 8, 8), nr_resnet=1, nr_filters=4, num_classes=10)
     with pytest.raises(ValueError, match=r"class-conditional \(num_classes=10\): pass label"):
         c.loss(ok)

@@ -88,7 +88,11 @@ def _settings(model, likelihood, levels, shape):
     """likelihood, levels, shape: given, else the model's (fastgen's models know theirs)."""
     likelihood = likelihood or getattr(model, "likelihood", None) or "bernoulli"
     if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        hint = ""
+        if likelihood == "logistic-mixture":  # PixelCNN++: cached multi-scale sampling is not built yet
+            hint = ("; fastgen.sample does not take PixelCNN++'s logistic-mixture models yet: use model.sample() "
+                    "(one full forward pass per pixel)")
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}{hint}")
     if likelihood == "bernoulli":
         levels = 2
     else:

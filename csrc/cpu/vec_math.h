@@ -3,7 +3,9 @@
 // lane operations. Compiled for AVX-512F only (the callers check
 // fastgen::use_avx512() first). Plain mul/add (no FMA in the source): a file
 // that compiles with fp-contract=off gets the scalar code's exact roundings
-// (csrc/cpu/reparameterize_kl.cpp relies on it).
+// (csrc/cpu/reparameterize_kl.cpp relies on it). Internal linkage (static): each
+// file keeps its own copy, compiled with its own flags; as plain inline
+// functions the linker would keep one copy for all, perhaps one with FMA.
 #pragma once
 #include "cpu/cpu_features.h"
 
@@ -23,15 +25,15 @@ using V = __m512;
 using I = __m512i;
 using M = __mmask16;
 
-inline V set(float a) { return _mm512_set1_ps(a); }
-inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-inline M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
-inline M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline V set(float a) { return _mm512_set1_ps(a); }
+static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+static inline M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 
 // exp(x): 2^n e^r; 0 below -87.3, inf above 88.7, NaN stays NaN.
-inline V exp_f(V x) {
+static inline V exp_f(V x) {
   const V lo = set(-87.3f), hi = set(88.7f);
   const M small = lt(x, lo), big = gt(x, hi);
   const V xc = _mm512_mask_blend_ps(big, _mm512_mask_blend_ps(small, x, lo), hi);
@@ -51,7 +53,7 @@ inline V exp_f(V x) {
 }
 
 // log(x) for normal x > 0: x = 2^e m with m in [sqrt(1/2), sqrt(2)).
-inline V log_pos(V x) {
+static inline V log_pos(V x) {
   const I ix = _mm512_castps_si512(x);
   I e = _mm512_sub_epi32(_mm512_srli_epi32(ix, 23), _mm512_set1_epi32(127));
   I mb = _mm512_or_si512(_mm512_and_si512(ix, _mm512_set1_epi32(0x7FFFFF)), _mm512_set1_epi32(0x3F800000));

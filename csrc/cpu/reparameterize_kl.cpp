@@ -15,12 +15,15 @@
 // dimension), handed to at::parallel_for. Each tile makes its normals into a
 // stack buffer, then reads mu, logvar (and the prior) once and writes z (and
 // the elementwise KL). Row sums of the KL are per-tile partial sums (kept in 16
-// lanes so that the loop vectorises), added in a fixed order: deterministic.
-// Math in float32 for float/bfloat16/half (float64 for double).
+// lanes, added in a fixed order): deterministic. Math in float32 for
+// float/bfloat16/half (float64 for double).
 //
-// Everything in the hot loops is branch-free scalar code GCC vectorises; the
-// file is built with errno-free, non-trapping float math (sqrt and the
-// selects vectorise), and x86 gets AVX-512 and AVX2 clones chosen at load time.
+// Two paths: AVX-512 (16 lanes of intrinsics, chosen at run time where the CPU
+// has it; float/bfloat16/half) and a portable scalar one (double, other CPUs,
+// FASTGEN_CPU_KERNEL=generic). The vector code does the scalar code's
+// operations in the same order, and this file is built without FMA contraction
+// (fp-contract=off), so both paths give the same bits, noise included. No errno
+// and no trapping math: std::sqrt is one instruction.
 
 #pragma GCC optimize("no-math-errno", "no-trapping-math", "fp-contract=off")
 
@@ -43,7 +46,7 @@
 namespace {
 
 constexpr int64_t kTile = 2048;  // elements of one row per tile
-constexpr int kLanes = 16;       // lanes of the vectorised loops (and of the KL partial sums)
+constexpr int kLanes = 16;       // lanes of the AVX-512 path (and of the KL partial sums in both paths)
 
 // ---- float32 math without library calls ----------------------------------------------------------------------
 
@@ -206,7 +209,6 @@ struct Args {
   // forward
   T* z = nullptr;
   T* kl = nullptr;             // elementwise KL, or nullptr
-  A* partial = nullptr;        // per-tile KL sums [tiles], or nullptr
   // backward
   const T* gz = nullptr;       // grad_z, or nullptr
   const A* gk = nullptr;       // grad_kl: per row [B] (gk_rows) or elementwise, or nullptr
@@ -573,7 +575,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward_cpu(const at::Tenso
     std::vector<A> partial(a.B * per_row);
     if (elementwise) a.kl = kl.mutable_data_ptr<scalar_t>();
     if (a.D > 0)
-      for_tiles(a.B, a.D, [&](int64_t row, int64_t j0, int64_t n, int64_t t) { forward_any(a, row, j0, n, &partial[t]); });
+      for_tiles(a.B, a.D,
+                [&](int64_t row, int64_t j0, int64_t n, int64_t t) { forward_any(a, row, j0, n, &partial[t]); });
     if (!elementwise) {
       A* rows = kl.mutable_data_ptr<A>();
       for (int64_t b = 0; b < a.B; ++b) {

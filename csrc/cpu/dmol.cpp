@@ -125,7 +125,8 @@ inline ColourTerm<A> colour_term(A x, A m, A log_scale) {
 // gradient of the tile's params. comp: scratch of M * (1 + 2C) values per position.
 template <class T>
 void tile(const Geometry& g, const T* x, const T* params, int64_t b, int64_t p0, int64_t p1,
-          typename Math<T>::A* nll, const typename Math<T>::A* grad, T* gparams, std::vector<typename Math<T>::A>& comp) {
+          typename Math<T>::A* nll, const typename Math<T>::A* grad, T* gparams,
+          std::vector<typename Math<T>::A>& comp) {
   using A = typename Math<T>::A;
   const int64_t M = g.M, C = g.C, stride = 1 + 2 * C;
   comp.resize(M * stride);
@@ -203,8 +204,12 @@ inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V div(V a, V b) { return _mm512_div_ps(a, b); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline V blend(M m, V a, V b) { return _mm512_mask_blend_ps(m, a, b); }  // m ? b : a
-inline V neg(V a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN))); }
-inline V vabs(V a) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MAX))); }
+inline V neg(V a) {  // flips the sign bit (0 - a would turn -0 into +0)
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+}
+inline V vabs(V a) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MAX)));
+}
 inline M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
 
 // Sixteen pixels p0 .. p0+15 of one image (mask m): loads and stores of one parameter channel.

@@ -315,7 +315,8 @@ inline void sincos_small(V t, V& s_out, V& c_out) {
   const I sin_b = _mm512_castps_si512(_mm512_mask_blend_ps(swap, s, c));
   const I cos_b = _mm512_castps_si512(_mm512_mask_blend_ps(swap, c, s));
   const I sign_s = _mm512_slli_epi32(_mm512_and_si512(k, _mm512_set1_epi32(2)), 30);
-  const I sign_c = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(k, _mm512_set1_epi32(1)), _mm512_set1_epi32(2)), 30);
+  const I k1 = _mm512_add_epi32(k, _mm512_set1_epi32(1));
+  const I sign_c = _mm512_slli_epi32(_mm512_and_si512(k1, _mm512_set1_epi32(2)), 30);
   s_out = _mm512_castsi512_ps(_mm512_xor_si512(sin_b, sign_s));
   c_out = _mm512_castsi512_ps(_mm512_xor_si512(cos_b, sign_c));
 }

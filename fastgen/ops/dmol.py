@@ -2,7 +2,7 @@
 fastgen.ref.dmol for the math and the parameter layout.
 
 ``discretized_mix_logistic_nll(x, params)`` backends:
-* ``ref``  plain PyTorch (fastgen.ref.dmol): any device
+* ``ref``     plain PyTorch (fastgen.ref.dmol): any device
 * ``cpp``     one fused pass each way on CPU (csrc/cpu/dmol.cpp): the forward writes
               only the per-pixel NLL, the backward only the gradient of params
 * ``triton``  the same on GPUs (kernels/dmol.py; CPU tensors under TRITON_INTERPRET=1)

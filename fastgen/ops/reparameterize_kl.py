@@ -97,7 +97,8 @@ def _fake_backward(mu, output_mask):
 
 @torch.library.custom_op("fastgen::reparameterize_kl_triton_forward", mutates_args=())
 def triton_forward(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch.Tensor],
-                   prior_logvar: Optional[torch.Tensor], seed: int, elementwise: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   prior_logvar: Optional[torch.Tensor], seed: int,
+                   elementwise: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     from fastgen.kernels import reparameterize_kl as k
     return k.reparameterize_kl_forward(mu, logvar, prior_mu, prior_logvar, seed, elementwise)
 

@@ -67,6 +67,20 @@ class Op:
         return {name: self.reason(name) for name in self.backends}
 
 
+def takes(backend, device_type, dtypes, tensor=lambda c: c.x):
+    """why_not for a kernel backend that runs one device type and some dtypes; ``tensor(call)`` is the
+    call's tensor that decides (device and dtype)."""
+    def why_not(c):
+        t = tensor(c)
+        if t.device.type != device_type:
+            return f"the {backend} backend takes {device_type} tensors, got {t.device.type}"
+        if t.dtype not in dtypes:
+            names = " and ".join(", ".join(str(d).replace("torch.", "") for d in dtypes).rsplit(", ", 1))
+            return f"the {backend} backend takes {names}, got {t.dtype}"
+        return None
+    return why_not
+
+
 OPS = {}
 
 

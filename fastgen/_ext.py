@@ -14,6 +14,17 @@ def cpp_unavailable():
     return None
 
 
+def cpp_op_unavailable(kernel, op):
+    """None if fastgen._C is loaded and registers ``torch.ops.fastgen.<kernel>``, else why not (an old build
+    lacks the ops added since)."""
+    why = cpp_unavailable()
+    if why is None:
+        import torch
+        if not hasattr(torch.ops.fastgen, kernel):
+            why = f"fastgen._C was built without {op} (an old build): rebuild it with `make build`"
+    return why
+
+
 @functools.lru_cache(None)
 def cuda_ext_unavailable():
     """None if the CUDA part of the extension was built, else why not."""

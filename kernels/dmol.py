@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gated import _sigmoid, _tanh
 from .masked_conv import INTERPRET, _round_out
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,19 +29,8 @@ LOG_HALF_BINS = 4.8481163645546632  # log(127.5)
 
 
 @triton.jit
-def _sigmoid(v):
-    e = tl.exp(-tl.abs(v))
-    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-@triton.jit
 def _softplus(v):
     return tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
-
-
-@triton.jit
-def _tanh(v):
-    return 2.0 * _sigmoid(2.0 * v) - 1.0
 
 
 @triton.jit

@@ -43,14 +43,9 @@ namespace {
 constexpr int64_t kTile = 64;  // positions per tile
 const char* kOp = "discretized_mix_logistic_nll";
 
+// The math type: float32 for float/bfloat16/half, float64 for double.
 template <class T>
-struct Math {
-  using A = float;
-};
-template <>
-struct Math<double> {
-  using A = double;
-};
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <class A>
 inline A sigmoid(A v) {
@@ -74,13 +69,13 @@ struct Pixel {
   const T* base;  // params of this image
   const Geometry* g;
   int64_t p;
-  typename Math<T>::A at(int64_t ch) const { return static_cast<typename Math<T>::A>(base[ch * g->sk + p * g->sp]); }
-  typename Math<T>::A logit(int64_t k) const { return at(k); }
-  typename Math<T>::A mean(int64_t c, int64_t k) const { return at(g->M + c * (g->C == 3 ? 3 : 2) * g->M + k); }
-  typename Math<T>::A log_scale(int64_t c, int64_t k) const {
+  math_t<T> at(int64_t ch) const { return static_cast<math_t<T>>(base[ch * g->sk + p * g->sp]); }
+  math_t<T> logit(int64_t k) const { return at(k); }
+  math_t<T> mean(int64_t c, int64_t k) const { return at(g->M + c * (g->C == 3 ? 3 : 2) * g->M + k); }
+  math_t<T> log_scale(int64_t c, int64_t k) const {
     return at(g->M + c * (g->C == 3 ? 3 : 2) * g->M + g->M + k);
   }
-  typename Math<T>::A coeff(int64_t c, int64_t k) const { return at(g->M + c * 3 * g->M + 2 * g->M + k); }
+  math_t<T> coeff(int64_t c, int64_t k) const { return at(g->M + c * 3 * g->M + 2 * g->M + k); }
   int64_t mean_ch(int64_t c, int64_t k) const { return g->M + c * (g->C == 3 ? 3 : 2) * g->M + k; }
 };
 
@@ -125,9 +120,9 @@ inline ColourTerm<A> colour_term(A x, A m, A log_scale) {
 // gradient of the tile's params. comp: scratch of M * (1 + 2C) values per position.
 template <class T>
 void tile(const Geometry& g, const T* x, const T* params, int64_t b, int64_t p0, int64_t p1,
-          typename Math<T>::A* nll, const typename Math<T>::A* grad, T* gparams,
-          std::vector<typename Math<T>::A>& comp) {
-  using A = typename Math<T>::A;
+          math_t<T>* nll, const math_t<T>* grad, T* gparams,
+          std::vector<math_t<T>>& comp) {
+  using A = math_t<T>;
   const int64_t M = g.M, C = g.C, stride = 1 + 2 * C;
   comp.resize(M * stride);
   for (int64_t p = p0; p < p1; ++p) {
@@ -190,11 +185,7 @@ void tile(const Geometry& g, const T* x, const T* params, int64_t b, int64_t p0,
 
 #ifdef FASTGEN_AVX512
 // ---- AVX-512: float32 params, 16 pixels per step -------------------------------------------------------------
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTGEN_AVX512_BEGIN
 
 namespace avx512 {
 
@@ -357,16 +348,15 @@ void tile(const Geometry& g, const float* x, const float* params, int64_t b, int
 
 }  // namespace avx512
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTGEN_AVX512_END
 #endif  // FASTGEN_AVX512
 
 // The AVX-512 tile for float params on CPUs that have it (with strides that fit its int32 gathers), else the
 // scalar one.
 template <class T>
 void any_tile(const Geometry& g, const T* x, const T* params, int64_t b, int64_t p0, int64_t p1,
-              typename Math<T>::A* nll, const typename Math<T>::A* grad, T* gparams,
-              std::vector<typename Math<T>::A>& comp) {
+              math_t<T>* nll, const math_t<T>* grad, T* gparams,
+              std::vector<math_t<T>>& comp) {
 #ifdef FASTGEN_AVX512
   if constexpr (std::is_same_v<T, float>) {
     if (fastgen::use_avx512() && g.sp * 16 < (int64_t(1) << 31) && g.sp * 16 * g.K < (int64_t(1) << 31))
@@ -418,21 +408,30 @@ void for_tiles(const Geometry& g, F f) {
 
 at::ScalarType math_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Every tile of the call, in parallel: the per-pixel NLL into nll, or (with the per-pixel upstream gradient
+// grad) the gradient of params into gparams.
+void run(const Geometry& g, const at::Tensor& x, const at::Tensor& params, const at::Tensor& nll,
+         const at::Tensor& grad, const at::Tensor& gparams) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "dmol_nll", [&] {
+    using A = math_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* pp = params.const_data_ptr<scalar_t>();
+    A* out = nll.defined() ? nll.mutable_data_ptr<A>() : nullptr;
+    const A* gp = grad.defined() ? grad.const_data_ptr<A>() : nullptr;
+    scalar_t* gout = gparams.defined() ? gparams.mutable_data_ptr<scalar_t>() : nullptr;
+    for_tiles(g, [&](int64_t b, int64_t p0, int64_t p1) {
+      thread_local std::vector<A> comp;
+      any_tile<scalar_t>(g, xp, pp, b, p0, p1, out, gp, gout, comp);
+    });
+  });
+}
+
 // -> the NLL of every pixel [B, H, W] in the math type (float32, float64 for double).
 at::Tensor dmol_nll_forward_cpu(const at::Tensor& x_in, const at::Tensor& params_in, int64_t nr_mix) {
   Geometry g = geometry(x_in, params_in, nr_mix);
   const at::Tensor x = x_in.contiguous(), params = kernel_params(params_in, g);
   at::Tensor nll = at::empty({g.B, x.size(2), x.size(3)}, x.options().dtype(math_type(x.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "dmol_nll_forward", [&] {
-    using A = typename Math<scalar_t>::A;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* pp = params.const_data_ptr<scalar_t>();
-    A* out = nll.mutable_data_ptr<A>();
-    for_tiles(g, [&](int64_t b, int64_t p0, int64_t p1) {
-      thread_local std::vector<A> comp;
-      any_tile<scalar_t>(g, xp, pp, b, p0, p1, out, nullptr, nullptr, comp);
-    });
-  });
+  run(g, x, params, nll, at::Tensor(), at::Tensor());
   return nll;
 }
 
@@ -444,19 +443,8 @@ at::Tensor dmol_nll_backward_cpu(const at::Tensor& grad_nll, const at::Tensor& x
   TORCH_CHECK(grad_nll.scalar_type() == math_type(x.scalar_type()) && grad_nll.numel() == g.B * g.HW, kOp,
               ": grad_nll must be ", math_type(x.scalar_type()), " of shape (", g.B, ", ", x.size(2), ", ", x.size(3),
               "), got ", grad_nll.scalar_type(), " ", grad_nll.sizes());
-  const at::Tensor gn = grad_nll.contiguous();
   at::Tensor gparams = at::empty_like(params);  // params' layout (empty_like keeps the strides)
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params.scalar_type(), "dmol_nll_backward", [&] {
-    using A = typename Math<scalar_t>::A;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* pp = params.const_data_ptr<scalar_t>();
-    const A* gp = gn.const_data_ptr<A>();
-    scalar_t* out = gparams.mutable_data_ptr<scalar_t>();
-    for_tiles(g, [&](int64_t b, int64_t p0, int64_t p1) {
-      thread_local std::vector<A> comp;
-      any_tile<scalar_t>(g, xp, pp, b, p0, p1, nullptr, gp, out, comp);
-    });
-  });
+  run(g, x, params, at::Tensor(), grad_nll.contiguous(), gparams);
   return gparams;
 }
 

@@ -114,12 +114,7 @@ constexpr double kInvFact[11] = {1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800,
 
 #ifdef FASTGEN_AVX512
 // ---- AVX-512 kernels (this section only is compiled for AVX-512F) ---------------------------------------
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-// GCC 12's AVX-512 headers trip these on their own "undefined vector" idiom (false positives).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTGEN_AVX512_BEGIN
 
 namespace avx512 {
 
@@ -391,8 +386,7 @@ TileFn<T> kernel(bool backward, Cond cm) {
 
 }  // namespace avx512
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTGEN_AVX512_END
 #endif  // FASTGEN_AVX512
 
 using fastgen::use_avx512;

@@ -255,12 +255,7 @@ struct WgradArgs {
 
 #ifdef FASTGEN_AVX512
 // ---- AVX-512 kernels (this section only is compiled for AVX-512F) ---------------------------------------
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-// GCC 12's AVX-512 headers trip these on their own "undefined vector" idiom (false positives).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTGEN_AVX512_BEGIN
 
 namespace avx512 {
 
@@ -627,8 +622,7 @@ void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo
 
 }  // namespace avx512
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTGEN_AVX512_END
 #endif  // FASTGEN_AVX512
 
 using fastgen::use_avx512;

@@ -167,25 +167,20 @@ const float* normals(uint64_t seed, int64_t i0, int64_t n, float* buf, GroupsFn 
 
 // ---- loads and stores in the math type -----------------------------------------------------------------------
 
+// The math type: float32 for float/bfloat16/half, float64 for double.
 template <class T>
-struct Math {
-  using A = float;
-};
-template <>
-struct Math<double> {
-  using A = double;
-};
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <class T>
-inline typename Math<T>::A load(const T* p, int64_t i) {
-  return static_cast<typename Math<T>::A>(p[i]);
+inline math_t<T> load(const T* p, int64_t i) {
+  return static_cast<math_t<T>>(p[i]);
 }
 template <>
 inline float load(const at::BFloat16* p, int64_t i) {
   return from_bits(uint32_t(p[i].x) << 16);
 }
 template <class T>
-inline void store(T* p, int64_t i, typename Math<T>::A v) {
+inline void store(T* p, int64_t i, math_t<T> v) {
   p[i] = static_cast<T>(v);
 }
 template <>
@@ -202,7 +197,7 @@ inline double exp_a(double x) { return std::exp(x); }
 
 template <class T>
 struct Args {
-  using A = typename Math<T>::A;
+  using A = math_t<T>;
   int64_t B = 0, D = 0;  // rows, elements per row
   uint64_t seed = 0;
   const T *mu = nullptr, *lv = nullptr, *pm = nullptr, *plv = nullptr;  // pm, plv: nullptr without a prior
@@ -217,8 +212,8 @@ struct Args {
 };
 
 template <class T>
-void forward_tile(const Args<T>& a, int64_t row, int64_t j0, int64_t n, typename Math<T>::A* sum) {
-  using A = typename Math<T>::A;
+void forward_tile(const Args<T>& a, int64_t row, int64_t j0, int64_t n, math_t<T>* sum) {
+  using A = math_t<T>;
   float buf[kTile + 4 * kLanes + 4];
   const int64_t i0 = row * a.D + j0;
   const float* eps = normals(a.seed, i0, n, buf, normal_groups_scalar);
@@ -251,7 +246,7 @@ void forward_tile(const Args<T>& a, int64_t row, int64_t j0, int64_t n, typename
 
 template <class T>
 void backward_tile(const Args<T>& a, int64_t row, int64_t j0, int64_t n) {
-  using A = typename Math<T>::A;
+  using A = math_t<T>;
   float buf[kTile + 4 * kLanes + 4];
   const int64_t i0 = row * a.D + j0;
   const bool need_eps = a.gz && a.glv;
@@ -279,11 +274,7 @@ void backward_tile(const Args<T>& a, int64_t row, int64_t j0, int64_t n) {
 
 #ifdef FASTGEN_AVX512
 // ---- AVX-512: the same operations in the same order on 16 lanes (no FMA: bit-identical to the scalar code) ----
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTGEN_AVX512_BEGIN
 
 namespace avx512 {
 
@@ -475,13 +466,12 @@ void backward_tile(const Args<T>& a, int64_t row, int64_t j0, int64_t n) {
 
 }  // namespace avx512
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTGEN_AVX512_END
 #endif  // FASTGEN_AVX512
 
 // The AVX-512 tile where the CPU has it (float math: not for double), else the scalar one.
 template <class T>
-void forward_any(const Args<T>& a, int64_t row, int64_t j0, int64_t n, typename Math<T>::A* sum) {
+void forward_any(const Args<T>& a, int64_t row, int64_t j0, int64_t n, math_t<T>* sum) {
 #ifdef FASTGEN_AVX512
   if constexpr (!std::is_same_v<T, double>) {
     if (fastgen::use_avx512()) return avx512::forward_tile(a, row, j0, n, sum);
@@ -569,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward_cpu(const at::Tenso
   at::Tensor kl = elementwise ? at::empty_like(in[0])
                               : at::empty({mu.size(0)}, mu.options().dtype(math_type(mu.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mu.scalar_type(), "reparameterize_kl_forward", [&] {
-    using A = typename Math<scalar_t>::A;
+    using A = math_t<scalar_t>;
     Args<scalar_t> a = base_args<scalar_t>(in, seed);
     a.z = z.mutable_data_ptr<scalar_t>();
     const int64_t per_row = (a.D + kTile - 1) / kTile;
@@ -620,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_bac
   at::Tensor gmu = make(output_mask[0]), glv = make(output_mask[1]);
   at::Tensor gpm = make(prior && output_mask[2]), gplv = make(prior && output_mask[3]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mu.scalar_type(), "reparameterize_kl_backward", [&] {
-    using A = typename Math<scalar_t>::A;
+    using A = math_t<scalar_t>;
     Args<scalar_t> a = base_args<scalar_t>(in, seed);
     if (gz.defined()) a.gz = gz.const_data_ptr<scalar_t>();
     if (gk.defined()) a.gk = gk.const_data_ptr<A>(), a.gk_rows = gk_rows;

@@ -13,11 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+FASTGEN_AVX512_BEGIN
 
 namespace fastgen::vec512 {
 
@@ -76,6 +72,5 @@ static inline V log_pos(V x) {
 
 }  // namespace fastgen::vec512
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTGEN_AVX512_END
 #endif  // FASTGEN_AVX512

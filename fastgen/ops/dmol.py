@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from fastgen import _ext
-from fastgen._dispatch import new_op
+from fastgen._dispatch import new_op, takes
 from fastgen.ref import dmol as ref
 from fastgen.ref.dmol import REDUCTIONS, infer_nr_mix
 
@@ -71,9 +71,11 @@ def make_call(x, params, nr_mix, reduction):
     if (x.shape[0], x.shape[2], x.shape[3]) != (params.shape[0], params.shape[2], params.shape[3]):
         raise ValueError(f"{op}: x {tuple(x.shape)} and params {tuple(params.shape)} must agree in batch, height "
                          f"and width")
-    if x.numel() and (x.min() < -1 or x.max() > 1):
-        raise ValueError(f"{op}: x must be in [-1, 1] (pixel value v as 2v/255 - 1), got values in "
-                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+    if x.numel():
+        lo, hi = torch.aminmax(x)  # one pass over x
+        if lo < -1 or hi > 1:
+            raise ValueError(f"{op}: x must be in [-1, 1] (pixel value v as 2v/255 - 1), got values in "
+                             f"[{lo.item():.4g}, {hi.item():.4g}]")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return Call(x, params, nr_mix, reduction)
@@ -138,10 +140,7 @@ def _register_cpp_fakes():
 
 
 def _cpp_unavailable():
-    why = _ext.cpp_unavailable()
-    if why is None and not hasattr(torch.ops.fastgen, "dmol_nll_forward"):
-        why = "fastgen._C was built without dmol_nll (an old build): rebuild it with `make build`"
-    return why
+    return _ext.cpp_op_unavailable("dmol_nll_forward", "discretized_mix_logistic_nll")
 
 
 if _cpp_unavailable() is None:
@@ -159,20 +158,16 @@ def _kernel_runner(backend):
     return run
 
 
-def _cpp_why_not(c):
-    if c.params.device.type != "cpu":
-        return f"the cpp backend takes cpu tensors, got {c.params.device.type}"
-    return None
-
-
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _params(c):
+    return c.params
+
+
 def _triton_why_not(c):
-    why = _ext.triton_why_not(c.params.device.type)
-    if why is None and c.params.dtype not in TRITON_DTYPES:
-        why = f"the triton backend takes float16, bfloat16 and float32, got {c.params.dtype}"
-    return why
+    return (_ext.triton_why_not(c.params.device.type)
+            or takes("triton", c.params.device.type, TRITON_DTYPES, _params)(c))
 
 
 # Measured preference: see benchmarks/RESULTS.md (bench_dmol.py). CUDA: the Triton kernels have run only
@@ -180,7 +175,7 @@ def _triton_why_not(c):
 PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["triton", "ref"]}
 OP = new_op(OP_NAME, PREFERENCE)
 OP.register("ref", lambda c: ref.discretized_mix_logistic_nll(c.x, c.params, c.nr_mix, c.reduction))
-OP.register("cpp", _kernel_runner("cpp"), why_not=_cpp_why_not, unavailable=_cpp_unavailable)
+OP.register("cpp", _kernel_runner("cpp"), why_not=takes("cpp", "cpu", FLOAT_DTYPES, _params), unavailable=_cpp_unavailable)
 OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import autocast, new_op
-from fastgen.ops.masked_conv import _CPP_FAST, FLOAT_DTYPES, _kernel_layout, _takes, masked_conv2d, masked_conv2d_op
+from fastgen._dispatch import autocast, new_op, takes
+from fastgen.ops.masked_conv import _CPP_FAST, FLOAT_DTYPES, _kernel_layout, masked_conv2d, masked_conv2d_op
 from fastgen.ref import gated as ref
 from fastgen.ref.gated import STACKS
 
@@ -318,10 +318,7 @@ def _register_cpp_fakes():
 
 
 def _cpp_unavailable():
-    why = _ext.cpp_unavailable()
-    if why is None and not hasattr(torch.ops.fastgen, "gated_activation_forward"):
-        why = "fastgen._C was built without gated_activation (an old build): rebuild it with `make build`"
-    return why
+    return _ext.cpp_op_unavailable("gated_activation_forward", "gated_activation")
 
 
 if _cpp_unavailable() is None:
@@ -332,7 +329,7 @@ if _cpp_unavailable() is None:
 
 def _triton_why_not(dtypes):
     def why_not(c):
-        return _ext.triton_why_not(c.x.device.type) or _takes("triton", c.x.device.type, dtypes)(c)
+        return _ext.triton_why_not(c.x.device.type) or takes("triton", c.x.device.type, dtypes)(c)
     return why_not
 
 
@@ -364,13 +361,13 @@ def _act_kernel_runner(backend):
 
 ACT = new_op("gated_activation", ACT_PREFERENCE)
 ACT.register("ref", lambda c: ref.gated_activation(*c))
-ACT.register("cpp", _act_kernel_runner("cpp"), why_not=_takes("cpp", "cpu", F32_F64), unavailable=_cpp_unavailable)
+ACT.register("cpp", _act_kernel_runner("cpp"), why_not=takes("cpp", "cpu", F32_F64), unavailable=_cpp_unavailable)
 ACT.register("triton", _act_kernel_runner("triton"), why_not=_triton_why_not(TRITON_DTYPES),
              unavailable=_ext.triton_unavailable)
 
 VERTICAL = new_op("vertical_conv2d", VERTICAL_PREFERENCE)
 VERTICAL.register("ref", _vertical_ref)
-VERTICAL.register("cpp", _vertical_cpp, why_not=_takes("cpp", "cpu", F32_F64), unavailable=_ext.cpp_unavailable)
+VERTICAL.register("cpp", _vertical_cpp, why_not=takes("cpp", "cpu", F32_F64), unavailable=_ext.cpp_unavailable)
 
 CONV = new_op("gated_conv2d", CONV_PREFERENCE)
 CONV.register("ref", lambda c: ref.gated_conv2d(*c))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import autocast, new_op
+from fastgen._dispatch import autocast, new_op, takes
 from fastgen.ref import masked_conv as ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -292,20 +292,8 @@ def _kernel_runner(backend):
     return run
 
 
-def _takes(backend, device_type, dtypes):
-    """why_not for a kernel backend that runs one device type and some dtypes."""
-    def why_not(c):
-        if c.x.device.type != device_type:
-            return f"the {backend} backend takes {device_type} tensors, got {c.x.device.type}"
-        if c.x.dtype not in dtypes:
-            names = " and ".join(", ".join(str(d).replace("torch.", "") for d in dtypes).rsplit(", ", 1))
-            return f"the {backend} backend takes {names}, got {c.x.dtype}"
-        return None
-    return why_not
-
-
 def _triton_why_not(c):
-    return _ext.triton_why_not(c.x.device.type) or _takes("triton", c.x.device.type, TRITON_DTYPES)(c)
+    return _ext.triton_why_not(c.x.device.type) or takes("triton", c.x.device.type, TRITON_DTYPES)(c)
 
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -332,8 +320,8 @@ OP = new_op("masked_conv2d", PREFERENCE)
 OP.register("ref", _ref)
 OP.register("decomposed", _decomposed)
 OP.register("halfconv", _halfconv)
-OP.register("cpp", _kernel_runner("cpp"), why_not=_takes("cpp", "cpu", F32_F64), unavailable=_ext.cpp_unavailable)
-OP.register("cuda", _kernel_runner("cuda"), why_not=_takes("cuda", "cuda", F32_F64), unavailable=_ext.cuda_ext_unavailable)
+OP.register("cpp", _kernel_runner("cpp"), why_not=takes("cpp", "cpu", F32_F64), unavailable=_ext.cpp_unavailable)
+OP.register("cuda", _kernel_runner("cuda"), why_not=takes("cuda", "cuda", F32_F64), unavailable=_ext.cuda_ext_unavailable)
 OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 

@@ -16,7 +16,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from fastgen import _ext
-from fastgen._dispatch import new_op
+from fastgen._dispatch import new_op, takes
 from fastgen.ref import reparameterize_kl as ref
 from fastgen.ref.reparameterize_kl import REDUCTIONS, check_seed, compute_dtype
 
@@ -164,10 +164,7 @@ def _register_cpp_fakes():
 
 
 def _cpp_unavailable():
-    why = _ext.cpp_unavailable()
-    if why is None and not hasattr(torch.ops.fastgen, "reparameterize_kl_forward"):
-        why = "fastgen._C was built without reparameterize_kl (an old build): rebuild it with `make build`"
-    return why
+    return _ext.cpp_op_unavailable("reparameterize_kl_forward", "reparameterize_kl")
 
 
 if _cpp_unavailable() is None:
@@ -192,19 +189,12 @@ def _kernel_runner(backend):
     return run
 
 
-def _takes(backend, device_type, dtypes):
-    def why_not(c):
-        if c.mu.device.type != device_type:
-            return f"the {backend} backend takes {device_type} tensors, got {c.mu.device.type}"
-        if c.mu.dtype not in dtypes:
-            return f"the {backend} backend takes {', '.join(str(d).replace('torch.', '') for d in dtypes)}, " \
-                   f"got {c.mu.dtype}"
-        return None
-    return why_not
+def _mu(c):
+    return c.mu
 
 
 def _triton_why_not(c):
-    return _ext.triton_why_not(c.mu.device.type) or _takes("triton", c.mu.device.type, FLOAT_DTYPES)(c)
+    return _ext.triton_why_not(c.mu.device.type) or takes("triton", c.mu.device.type, FLOAT_DTYPES, _mu)(c)
 
 
 # Preference. CPU (benchmarks/RESULTS.md, bench_vae.py, 2-core AVX-512, fwd+bwd against the textbook code):
@@ -216,7 +206,7 @@ PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["triton", "ref"]}
 
 OP = new_op(OP_NAME, PREFERENCE)
 OP.register("ref", lambda c: ref.reparameterize_kl(*c))
-OP.register("cpp", _kernel_runner("cpp"), why_not=_takes("cpp", "cpu", FLOAT_DTYPES), unavailable=_cpp_unavailable)
+OP.register("cpp", _kernel_runner("cpp"), why_not=takes("cpp", "cpu", FLOAT_DTYPES, _mu), unavailable=_cpp_unavailable)
 OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 

@@ -23,7 +23,7 @@ import fastgen
 from fastgen.ops.dmol import OP, make_call
 from fastgen.ref import dmol as ref
 from fastgen.testing import (OtherLoad, check_outcome, dmol_loss_common, first_call, peak_rss, record_timing,
-                             relative_error)
+                             relative_error, start_record)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,12 +104,7 @@ def sync():
 def test_dmol(benchmark, smoke, bench_results, monkeypatch, case):
     shape, dtype, contender = case
     group = f"{DEVICE} {str(dtype)[6:]} dmol {'x'.join(map(str, shape))} nr_mix {NR_MIX} fwd+bwd"
-    benchmark.group = group
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-                                 "dtype": str(dtype)[6:], "shape": list(shape), "mode": "fwd+bwd",
-                                 "contender": contender, "torch": torch.__version__,
-                                 "threads": torch.get_num_threads()})
-    record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+    record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=list(shape), mode="fwd+bwd")
     x, params = inputs(shape, dtype, DEVICE)
     if contender == "fastgen":
         benchmark.extra_info["backend"] = OP.choose(make_call(x, params.detach(), NR_MIX, "sum"), DEVICE)

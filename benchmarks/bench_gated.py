@@ -27,7 +27,7 @@ import torch
 
 from fastgen.ops.gated import CONV, make_conv_call
 from fastgen.testing import (OtherLoad, check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss,
-                             record_timing, relative_error)
+                             record_timing, relative_error, start_record)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -122,12 +122,7 @@ def reference(kind, shape, mode, dtype):
 def test_gated(benchmark, smoke, bench_results, case):
     kind, shape, dtype, mode, contender = case
     group = f"{DEVICE} {str(dtype)[6:]} {shape_id(kind, shape)} {mode}"
-    benchmark.group = group
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-                                 "dtype": str(dtype)[6:], "shape": shape_id(kind, shape), "mode": mode,
-                                 "contender": contender, "torch": torch.__version__,
-                                 "threads": torch.get_num_threads()})
-    record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+    record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=shape_id(kind, shape), mode=mode)
     # a small call of the horizontal stack's op: which backend takes this device and dtype
     probe = make_conv_call(torch.empty(1, 2, 4, 4, device=DEVICE, dtype=dtype),
                            torch.empty(4, 2, 1, 2, device=DEVICE, dtype=dtype), None, None, "horizontal", "B", 1)

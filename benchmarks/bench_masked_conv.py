@@ -35,7 +35,7 @@ from fastgen.ops.masked_conv import OP, make_call
 from fastgen.ref.masked_conv import causal_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
 from fastgen.testing import (COMMON, COMPILED, OtherLoad, check_outcome, contender_names, first_call, make_masked_conv,
-                             peak_rss, record_timing, relative_error)
+                             peak_rss, record_timing, relative_error, start_record)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -160,14 +160,9 @@ def test_masked_conv(benchmark, smoke, bench_results, case):
     b, ci, co, hw, k, m = shape
     group = f"{DEVICE} {str(dtype)[6:]} {shape_id(shape)} {mode}"
     x, w, bias, g, want, ref_err = inputs(shape, dtype)
-    info = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "dtype": str(dtype)[6:],
-            "shape": shape_id(shape), "mode": mode, "contender": contender, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=shape_id(shape), mode=mode)
     if DEVICE == "cuda":  # what the framework's own convs (common, compile, halfconv) ran with
-        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-    benchmark.group = group
-    benchmark.extra_info.update(info)
-    record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+        benchmark.extra_info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
 
     fastgen_contender = contender.startswith("fastgen")
     call = make_call(x, w, bias, m, 1, "same", 1)

@@ -62,7 +62,7 @@ from fastgen.sampling import cached_logits, sample
 from fastgen.sampling.api import OP
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
-from fastgen.testing import OtherLoad, peak_rss, record_timing, relative_error, tolerance
+from fastgen.testing import OtherLoad, peak_rss, record_timing, relative_error, start_record, tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -268,12 +268,8 @@ def test_sampling(benchmark, smoke, bench_results, case, monkeypatch):
     c, h, w = shape
     total = c * h * w
     group = f"{DEVICE} float32 {model_id(spec)} batch {batch} sample"
-    benchmark.group = group
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-                                 "dtype": "float32", "model": model_id(spec), "batch": batch, "mode": "sample",
-                                 "contender": contender, "torch": torch.__version__,
-                                 "threads": torch.get_num_threads()})
-    record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+    record = start_record(benchmark, group, contender, dtype="float32", model=model_id(spec), batch=batch,
+                          mode="sample")
     model, _ = models(spec)
 
     if contender == "common":

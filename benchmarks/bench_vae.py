@@ -26,7 +26,7 @@ import torch
 import fastgen
 from fastgen.ops.reparameterize_kl import OP, make_call
 from fastgen.ref import reparameterize_kl as ref
-from fastgen.testing import OtherLoad, check_outcome, first_call, peak_rss, record_timing, relative_error
+from fastgen.testing import OtherLoad, check_outcome, first_call, peak_rss, record_timing, relative_error, start_record
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,12 +121,7 @@ def sync():
 def test_vae(benchmark, smoke, bench_results, monkeypatch, case):
     shape, dtype, contender = case
     group = f"{DEVICE} {str(dtype)[6:]} reparameterize_kl {shape[0]}x{shape[1]} fwd+bwd"
-    benchmark.group = group
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-                                 "dtype": str(dtype)[6:], "shape": list(shape), "mode": "fwd+bwd",
-                                 "contender": contender, "torch": torch.__version__,
-                                 "threads": torch.get_num_threads()})
-    record = {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+    record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=list(shape), mode="fwd+bwd")
     probe = make_call(torch.empty(1, 1, device=DEVICE, dtype=dtype), torch.empty(1, 1, device=DEVICE, dtype=dtype),
                       None, None, 0, "sum")
     if contender == "fastgen":

@@ -345,6 +345,17 @@ def tolerance(dtype, same_dtype_ref_error=0.0):
 
 # ---- the benchmarks' checks before timing -----------------------------------------------------------------
 
+def start_record(benchmark, group, contender, **info):
+    """Name the benchmark's group, fill its extra_info (device, torch version,
+    threads, the contender and ``info``: dtype, shape, mode, ...) and return the
+    record for the end-of-run table (``median_s`` set once it is timed)."""
+    benchmark.group = group
+    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                                 **info, "contender": contender, "torch": torch.__version__,
+                                 "threads": torch.get_num_threads()})
+    return {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
+
+
 def first_call(run, record, bench_results, contender, ours):
     """(result, seconds) of a contender's first call. One that raises is recorded as
     'error', then re-raised if it is fastgen's (``ours``) or xfailed if it is a

@@ -320,26 +320,44 @@ def _eval_batches(n_images, batch, max_batches, dist_):
 
 
 @torch.no_grad()
+def _eval_totals(model, data, batch, n_values, batch_values, *, device, amp=False, n_images=None, max_batches=None,
+                 dist_=None):
+    """float64 totals [n_values + 1] over the first ``n_images`` images of
+    ``data`` (None: all) in batches of ``batch`` (at most ``max_batches``):
+    ``batch_values(images, lo, hi, b)`` gives ``n_values`` per-image tensors of
+    batch ``b`` (images lo..hi-1), each summed; the last entry counts the images.
+    The model runs in eval mode (restored after), under bf16 autocast with
+    ``amp``; under torchrun each rank takes every world-th batch and the totals
+    are reduced."""
+    n_images = len(data) if n_images is None else min(n_images, len(data))
+    total = torch.zeros(n_values + 1, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in _eval_batches(n_images, batch, max_batches, dist_):
+            lo, hi = b * batch, min((b + 1) * batch, n_images)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                values = batch_values(data.images[lo:hi].to(device), lo, hi, b)
+            for i, v in enumerate(values):
+                total[i] += v.double().sum()
+            total[-1] += hi - lo
+    finally:
+        model.train(was_training)
+    if dist_ is not None:
+        dist_.sum(total)
+    return total
+
+
 def evaluate(model, data, batch, *, device, amp=False, conditional=False, max_batches=None, dist_=None):
     """(mean NLL in nats per image, number of images) of ``model`` on ``data``
     (.images: the fixed binarization for binarized MNIST), over its first
     ``max_batches`` batches of ``batch`` images (None: all). Under torchrun
     each rank takes every world-th batch and the sums are reduced."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # nats, images
-    was_training = model.training
-    model.eval()
-    try:
-        for b in _eval_batches(len(data), batch, max_batches, dist_):
-            images = data.images[b * batch:(b + 1) * batch].to(device)
-            labels = data.labels[b * batch:(b + 1) * batch].to(device) if conditional else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                log_prob = model.log_prob(images, labels)
-            total[0] -= log_prob.double().sum()
-            total[1] += len(images)
-    finally:
-        model.train(was_training)
-    if dist_ is not None:
-        dist_.sum(total)
+    def nll(images, lo, hi, b):
+        labels = data.labels[lo:hi].to(device) if conditional else None
+        return (-model.log_prob(images, labels),)
+
+    total = _eval_totals(model, data, batch, 1, nll, device=device, amp=amp, max_batches=max_batches, dist_=dist_)
     return (total[0] / total[1]).item(), int(total[1].item())
 
 
@@ -373,52 +391,29 @@ def derived_seed(*parts):
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-@torch.no_grad()
 def evaluate_elbo(model, data, batch, *, device, amp=False, max_batches=None, dist_=None, seed=0):
     """{"elbo", "log_px", "kl" (mean nats per image), "images"} of a VAE on
     ``data`` (.images: the fixed binarization for binarized MNIST), one latent
     draw per image seeded by (seed, batch index), so the result does not depend
     on the number of processes; batches as in :func:`evaluate`."""
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # log p(x|z), KL, images
-    was_training = model.training
-    model.eval()
-    try:
-        for b in _eval_batches(len(data), batch, max_batches, dist_):
-            images = data.images[b * batch:(b + 1) * batch].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                log_px, kl = model.elbo_terms(images, seed=derived_seed("eval", seed, b))
-            total[0] += log_px.double().sum()
-            total[1] += kl.double().sum()
-            total[2] += len(images)
-    finally:
-        model.train(was_training)
-    if dist_ is not None:
-        dist_.sum(total)
+    def terms(images, lo, hi, b):
+        return model.elbo_terms(images, seed=derived_seed("eval", seed, b))
+
+    total = _eval_totals(model, data, batch, 2, terms, device=device, amp=amp, max_batches=max_batches, dist_=dist_)
     log_px, kl = (total[:2] / total[2]).tolist()
     return {"elbo": log_px - kl, "log_px": log_px, "kl": kl, "images": int(total[2].item())}
 
 
-@torch.no_grad()
 def evaluate_iw(model, data, batch, k, n_images, *, device, amp=False, dist_=None, seed=0):
     """{"iw_nll", "neg_elbo" (mean nats per image), "images"}: a VAE's
     importance-weighted NLL estimate with ``k`` draws (VAE.iw_nll), and its
     -ELBO, on the first ``n_images`` images of ``data`` (all if fewer), draws
     seeded by (seed, batch index); batches spread over the ranks."""
-    n_images = min(n_images, len(data))
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # IW NLL, -ELBO, images
-    was_training = model.training
-    model.eval()
-    try:
-        for b in _eval_batches(n_images, batch, None, dist_):
-            images = data.images[b * batch:min((b + 1) * batch, n_images)].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                total[0] += model.iw_nll(images, k, seed=derived_seed("iw", seed, b)).double().sum()
-                total[1] -= model.elbo(images, seed=derived_seed("eval", seed, b)).double().sum()
-            total[2] += len(images)
-    finally:
-        model.train(was_training)
-    if dist_ is not None:
-        dist_.sum(total)
+    def bounds(images, lo, hi, b):
+        return (model.iw_nll(images, k, seed=derived_seed("iw", seed, b)),
+                -model.elbo(images, seed=derived_seed("eval", seed, b)))
+
+    total = _eval_totals(model, data, batch, 2, bounds, device=device, amp=amp, n_images=n_images, dist_=dist_)
     iw, neg_elbo = (total[:2] / total[2]).tolist()
     return {"iw_nll": iw, "neg_elbo": neg_elbo, "images": int(total[2].item())}
 

@@ -175,7 +175,8 @@ def _triton_why_not(c):
 PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["triton", "ref"]}
 OP = new_op(OP_NAME, PREFERENCE)
 OP.register("ref", lambda c: ref.discretized_mix_logistic_nll(c.x, c.params, c.nr_mix, c.reduction))
-OP.register("cpp", _kernel_runner("cpp"), why_not=takes("cpp", "cpu", FLOAT_DTYPES, _params), unavailable=_cpp_unavailable)
+OP.register("cpp", _kernel_runner("cpp"), why_not=takes("cpp", "cpu", FLOAT_DTYPES, _params),
+            unavailable=_cpp_unavailable)
 OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 

@@ -321,7 +321,8 @@ OP.register("ref", _ref)
 OP.register("decomposed", _decomposed)
 OP.register("halfconv", _halfconv)
 OP.register("cpp", _kernel_runner("cpp"), why_not=takes("cpp", "cpu", F32_F64), unavailable=_ext.cpp_unavailable)
-OP.register("cuda", _kernel_runner("cuda"), why_not=takes("cuda", "cuda", F32_F64), unavailable=_ext.cuda_ext_unavailable)
+OP.register("cuda", _kernel_runner("cuda"), why_not=takes("cuda", "cuda", F32_F64),
+            unavailable=_ext.cuda_ext_unavailable)
 OP.register("triton", _kernel_runner("triton"), why_not=_triton_why_not, unavailable=_ext.triton_unavailable)
 
 

@@ -1,8 +1,12 @@
+import json
 import os
+import struct
 
 import pytest
 import torch
 
+from fastgen import cli
+from fastgen.data import DatasetMissingError, load_dataset
 from fastgen.ops.masked_conv import OP as MASKED_CONV
 
 
@@ -25,3 +29,37 @@ def require_backend(op, name, call=None):
 @pytest.fixture
 def masked_conv_op():
     return MASKED_CONV
+
+
+# ---- the command line (tests/test_train.py, test_vae.py, test_pixelcnnpp.py) -------------------------------
+
+def run_cli(args, capsys):
+    """``python -m fastgen ARGS`` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def train_metrics(out, *keys):
+    """(step, loss_nats, then ``keys``) of every train line of out/metrics.jsonl."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss_nats"], *(r[k] for k in keys)) for r in lines if r["kind"] == "train"]
+
+
+def png_size(path):
+    """(width, height) of a PNG file (checking its signature)."""
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", png[16:24])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's 8x8 digits, test split."""
+    try:
+        return load_dataset("digits", "test")
+    except DatasetMissingError as e:
+        pytest.skip(str(e))

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import fastgen
-from fastgen import cli
-from fastgen.data import DatasetMissingError, load_dataset
+from fastgen.data import DatasetMissingError
 from fastgen.models import PixelCNNpp
 from fastgen.train import evaluate, load_model, read_checkpoint, weights_digest
+
+from conftest import run_cli as run, train_metrics
 
 
 def tiny(shape, nr_resnet=1, filters=4, nr_mix=2, num_classes=None, spread=0.3):
@@ -227,29 +228,6 @@ def test_call_errors():
 # ---- the command line ---------------------------------------------------------------------------------------------
 
 TINY = ["--batch", "16", "--filters", "8", "--nr-resnet", "1", "--nr-mix", "2", "--quiet"]
-
-
-def run(args, capsys):
-    """main(args) in this process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(args)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def train_metrics(out):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss_nats"]) for r in lines if r["kind"] == "train"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    try:
-        return load_dataset("digits", "test")
-    except DatasetMissingError as e:
-        pytest.skip(str(e))
 
 
 def test_train_writes_checkpoint_png_bits_per_dim_and_resumes_exactly(tmp_path, capsys, digits):

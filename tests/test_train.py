@@ -10,34 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastgen import cli
 from fastgen.data import DatasetMissingError, load_dataset, read_png
 from fastgen.train import evaluate, load_model, read_checkpoint, weights_digest
 
+from conftest import run_cli as run, train_metrics
+
 TINY = ["--batch", "16", "--channels", "8", "--layers", "1", "--quiet"]
-
-
-def run(args, capsys):
-    """main(args) in this process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(args)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def train_metrics(out):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss_nats"], r["lr"]) for r in lines if r["kind"] == "train"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    try:
-        return load_dataset("digits", "test")
-    except DatasetMissingError as e:
-        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("model", ["pixelcnn", "gated-pixelcnn"])
@@ -55,7 +33,7 @@ def test_trains_writes_checkpoint_metrics_summary_png(model, tmp_path, capsys, d
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 4 and summary["finished"] and summary["test_images"] == len(digits)
     assert summary["steps_per_s"] > 0 and summary["machine"]["torch"] == torch.__version__
-    assert [s for s, _, _ in train_metrics(out)] == [4]  # log_every 10: the last step is logged
+    assert [s for s, _, _ in train_metrics(out, "lr")] == [4]  # log_every 10: the last step is logged
 
     # load_model rebuilds the model from the checkpoint alone and gives the same test NLL
     rebuilt = load_model(str(out))
@@ -98,8 +76,8 @@ def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, capsys, digits
                              "--backend", "ref", "--quiet"], capsys)
     assert code == 0, err
     assert "resuming at step 3 of 6" in stdout
-    assert train_metrics(paused) == train_metrics(straight)  # same seed: the same loss curve, step for step
-    assert [s for s, _, _ in train_metrics(paused)] == [1, 2, 3, 4, 5, 6]
+    assert train_metrics(paused, "lr") == train_metrics(straight, "lr")  # same seed: the same loss curve, step for step
+    assert [s for s, _, _ in train_metrics(paused, "lr")] == [1, 2, 3, 4, 5, 6]
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((paused / "summary.json").read_text())
     assert b["step"] == 6 and b["steps_this_run"] == 3
@@ -122,7 +100,7 @@ def test_resume_of_binarized_mnist_with_dynamic_binarization(tmp_path, capsys):
     assert run(["train", "pixelcnn", "--resume", "--out", str(paused), "--quiet"], capsys)[0] == 0
     # default dispatch (cpp here): equal up to the kernel's summation order; a different binarization
     # draw would change the loss by whole nats
-    got, want = train_metrics(paused), train_metrics(straight)
+    got, want = train_metrics(paused, "lr"), train_metrics(straight, "lr")
     assert [s for s, _, _ in got] == [s for s, _, _ in want] == [1, 2, 3, 4]
     assert [loss for _, loss, _ in got] == pytest.approx([loss for _, loss, _ in want], rel=1e-5)
 

@@ -6,7 +6,6 @@ resume, PNGs, test ELBO / IW NLL, errors, 2-process DDP on gloo)."""
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 
@@ -15,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastgen import cli
-from fastgen.data import DatasetMissingError, load_dataset, read_png
+from fastgen.data import DatasetMissingError, read_png
 from fastgen.models import VAE
 from fastgen.models.vae import _seeds, discretized_gaussian_log_prob
 from fastgen.ref.reparameterize_kl import normal_stream
 from fastgen.train import evaluate_elbo, evaluate_iw, load_model, read_checkpoint, weights_digest
+
+from conftest import png_size, run_cli as run, train_metrics
 
 TINY = ["--batch", "16", "--channels", "8", "--latent", "4", "--quiet"]
 
@@ -238,34 +238,6 @@ def test_overfits_real_images(decoder):
 
 
 # ---- the command line ------------------------------------------------------------------------------------------
-
-def run(args, capsys):
-    try:
-        code = cli.main(args)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def train_metrics(out):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss_nats"]) for r in lines if r["kind"] == "train"]
-
-
-def png_size(path):
-    png = path.read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", png[16:24])  # (width, height)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    try:
-        return load_dataset("digits", "test")
-    except DatasetMissingError as e:
-        pytest.skip(str(e))
-
 
 def test_train_vae_writes_checkpoint_pngs_and_resumes_exactly(tmp_path, capsys, digits):
     common = ["train", "vae", "--data", "digits", "--steps", "6", "--log-every", "1", "--samples", "4",

@@ -10,7 +10,8 @@
 namespace fastgen {
 namespace sampling {
 
-enum Op : int64_t { CONV = 1, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY };
+// CONVT and FILL: multi-scale schedules only (fastgen/sampling/schedule.py, csrc/cpu/schedule.cpp).
+enum Op : int64_t { CONV = 1, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY, CONVT, FILL };
 
 // One instruction; parameters as indexes into the params list (-1: none).
 struct Code {

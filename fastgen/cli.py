@@ -83,9 +83,7 @@ def add_train_parser(sub):
                                                   f"(default {DEFAULTS['ckpt_every']}; 0: at the end only)")
     p.add_argument("--eval-batches", type=int, help="evaluate on this many test batches (default: the whole split)")
     p.add_argument("--samples", type=int, help=f"images in OUT/samples.png at the end "
-                                               f"(default {DEFAULTS['samples']}; pixelcnnpp "
-                                               f"{PP_DEFAULTS['samples']}: its sampling is naive, one forward pass "
-                                               f"per pixel; 0: none, and a vae writes no PNGs)")
+                                               f"(default {DEFAULTS['samples']}; 0: none, and a vae writes no PNGs)")
     p.add_argument("--backend", help="force one fastgen backend (see `python -m fastgen backends`); default: dispatch")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -125,8 +123,8 @@ def add_sample_parser(sub):
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
     p.add_argument("--method", choices=METHODS,
-                   help="pixel models: cached: each activation computed once (the default of pixelcnn and "
-                        "gated-pixelcnn); naive: the whole network per pixel (pixelcnnpp's only method)")
+                   help="pixel models: cached: each activation computed once (the default); naive: the whole "
+                        "network per pixel")
     p.add_argument("--label", type=int, help="class of every image (class-conditional models only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0): same seed, same images")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -163,7 +161,7 @@ def _sample_device(name):
 def sample_command(args):
     from fastgen._dispatch import OPS
     from fastgen.data import save_grid
-    from fastgen.models import VAE, PixelCNNpp
+    from fastgen.models import VAE
     from fastgen.train import load_model
     # check the arguments before the (slower) model load
     if args.n < 1:
@@ -198,18 +196,13 @@ def sample_command(args):
         labels = torch.arange(args.n, device=device) % classes
         nrow = min(args.n, classes)
 
-    vae, naive_only = isinstance(model, VAE), isinstance(model, PixelCNNpp)
+    vae = isinstance(model, VAE)
     if vae and args.method not in (None, "cached"):
         raise SampleError(f"--method {args.method} is for the pixel models: a VAE decodes prior draws in one pass")
-    if naive_only and args.method == "cached":
-        raise SampleError("--method cached: PixelCNN++ has no cached sampler yet; it samples naively (the default "
-                          "for it, --method naive)")
-    method = args.method or ("naive" if naive_only else "cached")
+    method = args.method or "cached"
     t0 = time.perf_counter()
     if vae:  # z ~ N(0, temperature^2 I), decoded to display images (0..255)
         images = model.sample(args.n, seed=args.seed, temperature=args.temperature)
-    elif naive_only:
-        images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, progress=not args.quiet)
     else:
         images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, method=method,
                               backend=_engine_backend(args.backend), progress=not args.quiet)

@@ -13,9 +13,8 @@ config, loss call, evaluation, images), the loop is shared:
   evaluation: test NLL; images: samples.png.
 * ``pixelcnnpp``: PixelCNN++ with its discretized logistic mixture (256-level
   data only); loss = NLL through fastgen.discretized_mix_logistic_nll;
-  evaluation: test NLL in bits/dim; images: samples.png, drawn by naive
-  sampling (one forward pass per pixel: slow, hence only PP_DEFAULTS["samples"]
-  images by default).
+  evaluation: test NLL in bits/dim; images: samples.png (cached multi-scale
+  sampling).
 * ``vae``: decoder from the data unless ``--decoder`` says (Bernoulli for
   2-level data, the discretized Gaussian over the levels otherwise); loss = the
   negative ELBO (one latent draw per image, seeded by (seed, step, rank));
@@ -113,9 +112,8 @@ COMMON_DEFAULTS = {"batch": 32, "lr": 1e-3, "seed": 0, "eval_every": 0, "ckpt_ev
 DEFAULTS = {**COMMON_DEFAULTS, "channels": 64, "kernel_size": 3, "conditional": False}
 VAE_DEFAULTS = {**COMMON_DEFAULTS, "batch": 128, "channels": 32, "latent": 32, "iw_samples": 100, "iw_images": 1000}
 # PixelCNN++: a small network for CPUs (the paper's CIFAR-10 model is --channels 160 --nr-resnet 5 --nr-mix 10
-# --dropout 0.5); few end-of-run samples, as naive sampling runs the whole network once per pixel
-PP_DEFAULTS = {**COMMON_DEFAULTS, "channels": 32, "depth": 2, "conditional": False, "nr_mix": 5, "dropout": 0.1,
-               "samples": 8}
+# --dropout 0.5)
+PP_DEFAULTS = {**COMMON_DEFAULTS, "channels": 32, "depth": 2, "conditional": False, "nr_mix": 5, "dropout": 0.1}
 # options that define the run: a resumed run takes them from the checkpoint, and may not change them
 FIXED_ON_RESUME = ("model", "data", "batch", "lr", "channels", "depth", "kernel_size", "conditional", "decoder",
                    "latent", "nr_mix", "dropout", "seed")

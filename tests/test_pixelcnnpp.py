@@ -1,5 +1,5 @@
 """fastgen.models.PixelCNNpp: output layout and likelihood, causality (through
-the gradient), class conditioning, overfitting real images, naive sampling,
+the gradient), class conditioning, overfitting real images, sampling,
 clear errors, and `python -m fastgen train pixelcnnpp` (checkpoint, exact
 resume, PNG, bits/dim, DDP)."""
 import json
@@ -212,10 +212,10 @@ def test_call_errors():
         m(torch.full((2, 1, 8, 8), 3.0))
     with pytest.raises(ValueError, match="x must be a floating tensor"):
         m(ok)
-    with pytest.raises(ValueError, match="n must be an int >= 1"):
+    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
         m.sample(0)
-    with pytest.raises(ValueError, match=r"logistic-mixture models yet: use model.sample\(\)"):
-        fastgen.sample(m, 2)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        m.sample(2, temperature=0)
     c = PixelCNNpp((1, 8, 8), nr_resnet=1, nr_filters=4, num_classes=10)
     with pytest.raises(ValueError, match=r"class-conditional \(num_classes=10\): pass label"):
         c.loss(ok)
@@ -269,11 +269,12 @@ def test_train_writes_checkpoint_png_bits_per_dim_and_resumes_exactly(tmp_path, 
     code, _, err = run(["train", "pixelcnnpp", "--resume", "--out", str(paused), "--nr-mix", "3"], capsys)
     assert code == 2 and "trained with nr_mix=2" in err
 
-    # python -m fastgen sample: naive is PixelCNN++'s method
-    code, stdout, err = run(["sample", str(straight), "--n", "2", "--out", str(tmp_path / "s.png"), "--quiet"], capsys)
-    assert code == 0 and "(naive)" in stdout, err
-    code, _, err = run(["sample", str(straight), "--method", "cached", "--out", str(tmp_path / "c.png")], capsys)
-    assert code == 2 and "no cached sampler" in err
+    # python -m fastgen sample: cached multi-scale sampling by default, the same images as naive
+    for method in ("cached", "naive"):
+        code, stdout, err = run(["sample", str(straight), "--n", "2", "--method", method, "--quiet",
+                                 "--out", str(tmp_path / f"{method}.png")], capsys)
+        assert code == 0 and f"({method})" in stdout, err
+    assert (tmp_path / "cached.png").read_bytes() == (tmp_path / "naive.png").read_bytes()
 
 
 def test_train_conditional_and_ddp_two_processes_gloo(tmp_path, digits):

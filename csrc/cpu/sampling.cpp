@@ -22,6 +22,7 @@
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
+#include "cpu/sampling_act.h"  // activate()
 #include "sampling_code.h"  // the program's code lists, parsed for both engines
 
 namespace {
@@ -40,7 +41,6 @@ namespace portable {
 }  // namespace portable
 
 using namespace fastgen::sampling;  // the opcodes
-enum Act { IDENTITY, RELU, LEAKY_RELU, ELU, TANH, SIGMOID, SILU, GELU, SOFTPLUS };
 
 template <class T>
 struct Instr {
@@ -119,20 +119,6 @@ struct Engine {
       portable::conv_rows<T>(rows, src, in.taps, in.cin, in.w.data(), in.ldw, co0, co1, out, bias);
     if (!exact)
       for (int64_t r = 0; r < rows; ++r) std::copy(out[r] + lo, out[r] + hi, s.dst[r] + lo);
-  }
-
-  static T activate(int64_t act, T v, T p) {
-    switch (act) {
-      case RELU: return v > 0 ? v : T(0);
-      case LEAKY_RELU: return v > 0 ? v : v * p;
-      case ELU: return v > 0 ? v : p * std::expm1(v);
-      case TANH: return std::tanh(v);
-      case SIGMOID: return T(1) / (T(1) + std::exp(-v));
-      case SILU: return v / (T(1) + std::exp(-v));
-      case GELU: return T(0.5) * v * (T(1) + std::erf(v * T(0.70710678118654752440)));
-      case SOFTPLUS: return v > T(20) ? v : std::log1p(std::exp(v));
-      default: return v;
-    }
   }
 
   // One instruction at one position, output channels [lo, hi) (the non-convolution ops).

@@ -15,6 +15,14 @@ void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int6
                    at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
                    int64_t y0, int64_t y1, bool teacher);
 
+// Runs a multi-scale Schedule (fastgen/sampling/schedule.py, Schedule.encode) over the steps [t0, t1)
+// (csrc/cpu/schedule.cpp).
+void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& code,
+                      const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
+                      const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
+                      at::Tensor images, at::Tensor out_params, const std::vector<int64_t>& config,
+                      double temperature, int64_t t0, int64_t t1, bool teacher);
+
 #ifdef FASTGEN_WITH_CUDA
 // The same for CUDA tensors (csrc/cuda/sampling_glue.cpp), after sample_cached's checks.
 void sample_cached_cuda(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& pixel,

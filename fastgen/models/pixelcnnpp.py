@@ -39,17 +39,19 @@ Images go in as integer pixel values 0..255 (uint8, as fastgen.data loads
 them) and become 2v/255 - 1 in [-1, 1]. ``forward(x, label)`` takes that
 [-1, 1] tensor and returns the parameters [B, K, H, W]. ``log_prob`` /
 ``loss`` are in nats per image (``loss`` is the mean NLL per image, as the
-other pixel models'); ``bits_per_dim(nats)`` converts. ``sample`` is naive:
-one full forward pass per pixel (cached multi-scale sampling is not done yet).
+other pixel models'); ``bits_per_dim(nats)`` converts. ``sample`` is
+fastgen.sample: cached multi-scale sampling (fastgen/sampling/schedule.py) or
+naive.
 """
 import math
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from fastgen.ops.dmol import OP as DMOL
-from fastgen.ops.dmol import discretized_mix_logistic_nll, sample_discretized_mix_logistic
+from fastgen.ops.dmol import discretized_mix_logistic_nll
 
 LEVELS = 256  # the mixture's bins are fixed at 2/255 wide (fastgen.ref.dmol)
 PARAMS_PER_MIX = {1: 3, 3: 10}  # logits, means, log-scales (+ 3 coefficients and 2 more colours for RGB)
@@ -160,6 +162,46 @@ class GatedResnet(nn.Module):
         return x + value * torch.sigmoid(gate)
 
 
+def _check_shape(x, what, image_shape):
+    c, h, w = image_shape
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"PixelCNNpp: {what} must be [B, {c}, {h}, {w}] (the model's image_shape), got {got}")
+
+
+def _check_label(label, batch, num_classes):
+    if num_classes is None:
+        if label is not None:
+            raise ValueError("PixelCNNpp: a label was given but the model is not class-conditional "
+                             "(num_classes=None)")
+        return
+    if label is None:
+        raise ValueError(f"PixelCNNpp: the model is class-conditional (num_classes={num_classes}): "
+                         f"pass label, an integer tensor of shape ({batch},)")
+    if not isinstance(label, torch.Tensor) or tuple(label.shape) != (batch,) or label.is_floating_point():
+        raise ValueError(f"PixelCNNpp: label must be an integer tensor of shape ({batch},)")
+    if label.numel() and (label.min() < 0 or label.max() >= num_classes):
+        raise ValueError(f"PixelCNNpp: labels must be in 0..{num_classes - 1}, got "
+                         f"{label.min().item()}..{label.max().item()}")
+
+
+def _check_forward(x, label, image_shape, num_classes):
+    """forward's checks of its input. Wrapped for torch.fx: a traced forward
+    (cached sampling, fastgen/sampling/schedule.py) records this call instead
+    of running its data-dependent tests on proxies."""
+    _check_shape(x, "x", image_shape)
+    if not x.is_floating_point():
+        raise ValueError(f"PixelCNNpp: x must be a floating tensor in [-1, 1] (2v/255 - 1; log_prob and loss "
+                         f"take the integer images), got {x.dtype}")
+    if x.numel() and (x.min() < -1 or x.max() > 1):
+        raise ValueError(f"PixelCNNpp: x must be in [-1, 1] (2v/255 - 1 for pixel values v), got values in "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+    _check_label(label, x.shape[0], num_classes)
+
+
+torch.fx.wrap("_check_forward")
+
+
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"PixelCNNpp: {name} must be an int >= {low}, got {value!r}")
@@ -241,15 +283,9 @@ class PixelCNNpp(nn.Module):
 
     # ---- checks ------------------------------------------------------------------------------------------------
 
-    def _check_shape(self, x, what):
-        c, h, w = self.image_shape
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"PixelCNNpp: {what} must be [B, {c}, {h}, {w}] (the model's image_shape), got {got}")
-
     def check_images(self, images, label=None):
         """Integer pixel values 0..255 of the model's shape, and a label if the model is class-conditional."""
-        self._check_shape(images, "images")
+        _check_shape(images, "images", self.image_shape)
         if images.is_floating_point() and not torch.equal(images, images.round()):
             raise ValueError(f"PixelCNNpp: images must hold integer pixel values 0..{self.levels - 1} (use the "
                              f"uint8 images of fastgen.data), got non-integer floats")
@@ -259,19 +295,7 @@ class PixelCNNpp(nn.Module):
         self.check_label(label, images.shape[0])
 
     def check_label(self, label, batch):
-        if self.num_classes is None:
-            if label is not None:
-                raise ValueError("PixelCNNpp: a label was given but the model is not class-conditional "
-                                 "(num_classes=None)")
-            return
-        if label is None:
-            raise ValueError(f"PixelCNNpp: the model is class-conditional (num_classes={self.num_classes}): "
-                             f"pass label, an integer tensor of shape ({batch},)")
-        if not isinstance(label, torch.Tensor) or tuple(label.shape) != (batch,) or label.is_floating_point():
-            raise ValueError(f"PixelCNNpp: label must be an integer tensor of shape ({batch},)")
-        if label.numel() and (label.min() < 0 or label.max() >= self.num_classes):
-            raise ValueError(f"PixelCNNpp: labels must be in 0..{self.num_classes - 1}, got "
-                             f"{label.min().item()}..{label.max().item()}")
+        _check_label(label, batch, self.num_classes)
 
     # ---- the network -------------------------------------------------------------------------------------------
 
@@ -281,14 +305,7 @@ class PixelCNNpp(nn.Module):
 
     def forward(self, x, label=None):
         """Mixture parameters [B, K, H, W] (fastgen.ref.dmol's layout) for x in [-1, 1], [B, C, H, W]."""
-        self._check_shape(x, "x")
-        if not x.is_floating_point():
-            raise ValueError(f"PixelCNNpp: x must be a floating tensor in [-1, 1] (2v/255 - 1; log_prob and loss "
-                             f"take the integer images), got {x.dtype}")
-        if x.numel() and (x.min() < -1 or x.max() > 1):
-            raise ValueError(f"PixelCNNpp: x must be in [-1, 1] (2v/255 - 1 for pixel values v), got values in "
-                             f"[{x.min().item():.4g}, {x.max().item():.4g}]")
-        self.check_label(label, x.shape[0])
+        _check_forward(x, label, self.image_shape, self.num_classes)
         x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
         # every later output sees only the rows above (u) or the earlier pixels (ul): shift the first layer
         u_list = [down_shift(self.u_in(x))]
@@ -333,44 +350,15 @@ class PixelCNNpp(nn.Module):
 
     # ---- sampling ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def sample(self, n, label=None, *, seed=None, temperature=1.0, progress=False):
-        """n images, int64 [n, C, H, W] with values 0..255: naive pixel-by-pixel
-        sampling, one full forward pass per pixel (H*W passes). Each pixel's
-        colours are drawn from the mixture at that pixel
-        (fastgen.sample_discretized_mix_logistic, ``temperature`` scaling the
-        logistics and the mixture logits) and rounded to the nearest level.
-        ``seed``: the same seed gives the same images (None: torch's default
-        generator). ``label`` [n]: the classes of a class-conditional model."""
-        from fastgen._progress import Progress
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"PixelCNNpp.sample: n must be an int >= 1, got {n!r}")
-        if not temperature > 0:
-            raise ValueError(f"PixelCNNpp.sample: temperature must be > 0, got {temperature}")
-        self.check_label(label, n)
-        c, h, w = self.image_shape
-        param = next(self.parameters())
-        # one seed per pixel, all from one generator: the draws depend on the seed only
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        pixel_seeds = torch.randint(2 ** 62, (h, w), generator=gen).tolist()
-        images = torch.zeros(n, c, h, w, dtype=torch.long, device=param.device)
-        x = torch.zeros(n, c, h, w, dtype=param.dtype, device=param.device)
-        was_training = self.training
-        self.eval()  # no dropout
-        bar = Progress(h * w, "sampling (naive)", enabled=progress)
-        try:
-            for i in range(h):
-                for j in range(w):
-                    params = self(x, label)[:, :, i:i + 1, j:j + 1]
-                    params = params.to(torch.promote_types(params.dtype, torch.float32))
-                    draw = sample_discretized_mix_logistic(params, channels=c, nr_mix=self.nr_mix,
-                                                           seed=pixel_seeds[i][j], temperature=temperature)
-                    v = torch.round((draw[:, :, 0, 0].double() + 1) * ((self.levels - 1) / 2))
-                    v = v.clamp(0, self.levels - 1).long()
-                    images[:, :, i, j] = v
-                    x[:, :, i, j] = self.feed(v)  # the value log_prob would feed for this level
-                    bar.update()
-        finally:
-            bar.close()
-            self.train(was_training)
-        return images
+    def sample(self, n, label=None, *, temperature=1.0, seed=None, method="cached", backend=None, progress=False):
+        """n images, int64 [n, C, H, W] with values 0..255: fastgen.sample, which
+        draws each pixel's colours from the mixture there (``temperature``
+        scaling the logistics and the mixture logits), each rounded to its level
+        before it shifts the next colour's mean. method='cached' runs every
+        layer of every scale once per position (fastgen/sampling/schedule.py);
+        'naive' the whole network per pixel. ``seed``: the same seed gives the
+        same images with either method; ``label`` [n]: the classes of a
+        class-conditional model."""
+        from fastgen.sampling import sample
+        return sample(self, n, condition=label, temperature=temperature, seed=seed, method=method,
+                      backend=backend, progress=progress)

@@ -15,13 +15,15 @@ import torch
 from fastgen import _ext
 from fastgen._dispatch import new_op
 from fastgen._progress import Progress
-from fastgen.sampling.cached import run_torch
+from fastgen.sampling.cached import run_schedule_torch, run_torch
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
 from fastgen.sampling.program import compile_program
+from fastgen.sampling.schedule import compile_schedule
 
-LIKELIHOODS = ("bernoulli", "categorical")
+LIKELIHOODS = ("bernoulli", "categorical", "logistic-mixture")
 METHODS = ("cached", "naive")
+MIXTURE_LEVELS = 256  # the discretized logistic mixture's bins (fastgen.ref.dmol)
 
 # The C++ engine is the CPU's only compiled engine (benchmarks/RESULTS.md, bench_sampling.py).
 OP = new_op("sample_cached", {"cpu": ["cpp"]})
@@ -84,17 +86,69 @@ OP.register("cpp", _run_engine, why_not=_engine_why_not("cpu", "C++"), unavailab
 OP.register("cuda", _run_engine, why_not=_engine_why_not("cuda", "CUDA"), unavailable=_ext.cuda_ext_unavailable)
 
 
+# Multi-scale networks (PixelCNN++: fastgen/sampling/schedule.py): the C++ engine on the CPU.
+SCHEDULE_OP = new_op("sample_scheduled", {"cpu": ["cpp"]})
+
+
+def _run_schedule_ref(job):
+    return run_schedule_torch(job["prog"], job["u"], job["feed"], temperature=job["temperature"],
+                              images=job["images"], progress=job["progress"])
+
+
+def _schedule_why_not(job):
+    prog = job["prog"]
+    if prog.device.type != "cpu":
+        return f"the C++ engine runs CPU models, got {prog.device.type}"
+    if prog.dtype not in (torch.float32, torch.float64):
+        return f"the C++ engine takes float32 or float64 models, got {prog.dtype}"
+    from fastgen import _C
+    if not hasattr(_C, "sample_scheduled"):
+        return "fastgen._C predates the multi-scale engine: rebuild it (`make build`)"
+    return None
+
+
+def _run_schedule_engine(job):
+    """The C++ engine: one call for all steps, or one per row to show progress."""
+    from fastgen import _C
+    prog = job["prog"]
+    slots, code, params, scalars = prog.encode()
+    c, h, w = prog.shape
+    # channels padded to 16: the micro-kernel's vectors never leave a position
+    bufs = [torch.zeros(prog.batch, s.rows, s.w, -(-s.channels // 16) * 16, dtype=prog.dtype) for s in prog.slots]
+    images = job["images"]
+    teacher = images is not None
+    out_images = images.long().contiguous() if teacher else torch.zeros(prog.batch, c, h, w, dtype=torch.long)
+    out_params = torch.zeros(prog.batch, prog.out_channels, h, w, dtype=prog.dtype) if teacher else \
+        torch.empty(0, dtype=prog.dtype)
+    config = [c, h, w, prog.input, prog.nr_mix, prog.out_channels] + prog.output.encode()
+    u, feed = job["u"].contiguous(), job["feed"].contiguous()
+    bar = Progress(h * w, "sampling (cached multi-scale, C++)", enabled=job["progress"])
+    step = w if job["progress"] else h * w
+    try:
+        for t0 in range(0, h * w, step):
+            _C.sample_scheduled(slots, code, params, scalars, bufs, u, feed, out_images, out_params, config,
+                                float(job["temperature"]), t0, min(h * w, t0 + step), teacher)
+            bar.update(min(h * w, t0 + step) - bar.n)
+    finally:
+        bar.close()
+    return out_images, (out_params if teacher else None)
+
+
+SCHEDULE_OP.register("ref", _run_schedule_ref)
+SCHEDULE_OP.register("cpp", _run_schedule_engine, why_not=_schedule_why_not, unavailable=_ext.cpp_unavailable)
+
+
 def _settings(model, likelihood, levels, shape):
     """likelihood, levels, shape: given, else the model's (fastgen's models know theirs)."""
     likelihood = likelihood or getattr(model, "likelihood", None) or "bernoulli"
     if likelihood not in LIKELIHOODS:
-        hint = ""
-        if likelihood == "logistic-mixture":  # PixelCNN++: cached multi-scale sampling is not built yet
-            hint = ("; fastgen.sample does not take PixelCNN++'s logistic-mixture models yet: use model.sample() "
-                    "(one full forward pass per pixel)")
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}{hint}")
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     if likelihood == "bernoulli":
         levels = 2
+    elif likelihood == "logistic-mixture":
+        if levels not in (None, MIXTURE_LEVELS):
+            raise ValueError(f"a discretized logistic mixture has {MIXTURE_LEVELS} levels, got levels={levels!r}")
+        levels = MIXTURE_LEVELS
     else:
         levels = levels or getattr(model, "levels", None) or 256
     if not isinstance(levels, int) or levels < 2:
@@ -108,6 +162,12 @@ def _settings(model, likelihood, levels, shape):
     return likelihood, levels, shape
 
 
+def _draw_shape(likelihood, shape):
+    """(uniforms per pixel, H, W): one per channel; a mixture's pixel one more, for the component."""
+    c, h, w = shape
+    return (c + 1 if likelihood == "logistic-mixture" else c), h, w
+
+
 def _check_condition(model, condition, n):
     if condition is not None and hasattr(model, "check_label"):
         model.check_label(condition, n)
@@ -115,6 +175,11 @@ def _check_condition(model, condition, n):
 
 def _engine_job(model, n, likelihood, levels, shape, condition, temperature, u, feed, images, progress, backend):
     param = next(model.parameters())
+    if likelihood == "logistic-mixture":
+        prog = compile_schedule(model, shape=shape, batch=n, condition=condition)
+        job = dict(prog=prog, u=u, feed=feed_table(feed, likelihood, levels, param.dtype, param.device),
+                   temperature=temperature, images=images, progress=progress)
+        return SCHEDULE_OP.run(job, prog.device.type, backend)
     prog = compile_program(model, shape=shape, batch=n, likelihood=likelihood, levels=levels, condition=condition)
     job = dict(prog=prog, u=u, feed=feed_table(feed, likelihood, levels, param.dtype, param.device),
                likelihood=likelihood, levels=levels, temperature=temperature, images=images, progress=progress)
@@ -148,7 +213,7 @@ def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     _check_condition(model, condition, n)
     param = next(model.parameters())
-    u = uniforms(n, shape, seed, param.device)
+    u = uniforms(n, _draw_shape(likelihood, shape), seed, param.device)
     was_training = model.training
     model.eval()
     try:
@@ -173,7 +238,8 @@ def cached_logits(model, images, *, likelihood=None, levels=None, condition=None
     likelihood, levels, shape = _settings(model, likelihood, levels, tuple(images.shape[1:]))
     _check_condition(model, condition, images.shape[0])
     param = next(model.parameters())
-    u = torch.zeros(shape[1], shape[2], shape[0], images.shape[0], dtype=torch.float64, device=param.device)
+    c, h, w = _draw_shape(likelihood, shape)
+    u = torch.zeros(h, w, c, images.shape[0], dtype=torch.float64, device=param.device)
     was_training = model.training
     model.eval()
     try:

@@ -1,13 +1,15 @@
-"""The torch executor of a cached-sampling Program (fastgen/sampling/program.py):
-per-slot caches as tensors, each instruction as framework ops over the batch.
-Runs on any device and dtype; the C++ engine (csrc/cpu/sampling.cpp) runs the
-same program faster on the CPU."""
+"""The torch executors of cached sampling: of a Program (fastgen/sampling/program.py)
+and of a multi-scale Schedule (fastgen/sampling/schedule.py). Per-slot caches
+as tensors, each instruction as framework ops over the batch; any device and
+dtype. The C++ engines (csrc/cpu/sampling.cpp, schedule.cpp) run the same
+programs faster on the CPU."""
 import torch
 import torch.nn.functional as F
 
 from fastgen._progress import Progress
-from fastgen.sampling.common import draw
+from fastgen.sampling.common import draw, draw_mixture
 from fastgen.sampling.program import ACT, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL
+from fastgen.sampling.schedule import CONVT, FILL
 
 _ACT_FNS = {
     "identity": lambda a, p: a,
@@ -126,3 +128,110 @@ def run_torch(prog, u, feed_table, *, likelihood, levels, temperature=1.0, image
     finally:
         bar.close()
     return out_images, logits_out
+
+
+class ScheduleEngine:
+    """The torch executor of a Schedule (fastgen/sampling/schedule.py): whole
+    slots [B, H, W, C] (no rings), each instruction at a list of positions."""
+
+    def __init__(self, prog):
+        self.prog = prog
+        self.bufs = [torch.zeros(prog.batch, s.h, s.w, s.channels, dtype=prog.dtype, device=prog.device)
+                     for s in prog.slots]
+
+    def read(self, ref, ys, xs, channels, valid=None):
+        """Operand ``ref`` at positions (ys, xs) of its view: [B, n, channels], zeros outside."""
+        buf = self.bufs[ref.slot]
+        sy, sx = ys - ref.oy, xs - ref.ox
+        ok = (sy >= ref.y0) & (sy < ref.y1) & (sx >= ref.x0) & (sx < ref.x1)
+        if valid is not None:
+            ok &= valid
+        v = buf[:, sy.clamp(0, buf.shape[1] - 1), sx.clamp(0, buf.shape[2] - 1), ref.c0:ref.c0 + channels]
+        return torch.where(ok[None, :, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def run(self, i, pos):
+        s = self.prog.slots[i.out]
+        ys, xs = pos // s.w, pos % s.w
+        out = self.bufs[i.out]
+        if i.op in (CONV, CONVT):
+            acc = torch.zeros(out.shape[0], len(pos), s.channels, dtype=out.dtype, device=out.device)
+            if i.bias is not None:
+                acc += i.bias
+            sy, sx = i.stride
+            for t, (dy, dx) in enumerate(i.taps):
+                if i.op == CONV:
+                    src = self.read(i.a, ys * sy + dy, xs * sx + dx, i.channels)
+                else:  # the input position that scatters into (y, x) through tap t, if any
+                    ry, rx = ys - dy, xs - dx
+                    src = self.read(i.a, ry.div(sy, rounding_mode="floor"), rx.div(sx, rounding_mode="floor"),
+                                    i.channels, (ry % sy == 0) & (rx % sx == 0))
+                acc += src @ i.weight[t]
+            out[:, ys, xs] = acc
+            return
+        if i.op == FILL:
+            out[:, ys, xs, i.out_off:i.out_off + i.channels] = i.param
+            return
+        a = self.read(i.a, ys, xs, i.channels)
+        if i.op == COPY:
+            out[:, ys, xs, i.out_off:i.out_off + i.channels] = a
+            return
+        if i.op == ACT:
+            v = _ACT_FNS[i.act](a, i.param)
+        elif i.op == AFFINE:
+            v = a * i.scale + i.shift
+        elif i.op == ADD:
+            b = self.read(i.b, ys, xs, i.channels)
+            v = a + b if i.param == 1.0 else a + i.param * b
+        elif i.op == MUL:
+            v = a * self.read(i.b, ys, xs, i.channels)
+        elif i.op == CONST:
+            c = i.const[:, None] if i.const.dim() == 2 else i.const[:, ys, xs]
+            v = a * c if i.multiply else a + c
+        elif i.op == GATE:
+            blocks = a.reshape(*a.shape[:2], i.data_channels, 2, -1)
+            v = (torch.tanh(blocks[:, :, :, 0]) * torch.sigmoid(blocks[:, :, :, 1])).reshape(*a.shape[:2], -1)
+        else:
+            raise RuntimeError(f"unknown opcode {i.op}")
+        out[:, ys, xs] = v
+
+
+@torch.no_grad()
+def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, progress=False):
+    """Generate with the torch executor of a Schedule. ``u`` [H, W, C + 1, B]:
+    the uniforms of the mixture draws; ``images`` (teacher forcing): feed these
+    levels instead, and also return the parameters each step read, [B, K, H, W].
+    Returns (images int64 [B, C, H, W], parameters or None)."""
+    c, h, w = prog.shape
+    eng = ScheduleEngine(prog)
+    b, k = prog.batch, prog.out_channels
+    out_images = torch.zeros(b, c, h, w, dtype=torch.long, device=prog.device)
+    params_out = None
+    if images is not None:
+        params_out = torch.zeros(b, k, h, w, dtype=prog.dtype, device=prog.device)
+        images = images.to(prog.device).long()
+    # the work of each step: (instruction, first, last) of its queue
+    work = [[] for _ in range(h * w)]
+    for i in prog.code:
+        start = i.start.tolist()
+        for t in torch.nonzero(i.start[1:] > i.start[:-1]).flatten().tolist():
+            work[t].append((i, start[t], start[t + 1]))
+    inp = eng.bufs[prog.input]
+    bar = Progress(h * w, "sampling (cached multi-scale, torch)", enabled=progress)
+    try:
+        for t in range(h * w):
+            for i, lo, hi in work[t]:
+                eng.run(i, i.queue[lo:hi].to(prog.device))
+            y, x = divmod(t, w)
+            at = torch.tensor([y], device=prog.device), torch.tensor([x], device=prog.device)
+            params = eng.read(prog.output, *at, k)[:, 0]
+            if images is not None:
+                v = images[:, :, y, x]
+                params_out[:, :, y, x] = params
+            else:
+                v = draw_mixture(params, u[y, x], c, prog.nr_mix, temperature)
+            out_images[:, :, y, x] = v
+            inp[:, y, x] = feed_table[v]
+            bar.update()
+    finally:
+        bar.close()
+    return out_images, params_out

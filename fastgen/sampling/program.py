@@ -243,6 +243,7 @@ def _describe(node):
 
 
 class _Compiler:
+    SUPPORTED = _CAUSAL_OPS  # named in the errors
     def __init__(self, gm, shape, batch, dtype, device, condition, has_condition, likelihood, levels):
         self.gm, self.shape, self.batch = gm, tuple(shape), batch
         self.likelihood, self.levels = likelihood, levels
@@ -278,14 +279,19 @@ class _Compiler:
         return t.detach().to(device=self.device, dtype=self.dtype)
 
     # -- constants
-    def const_layout(self, t, channels):
-        """A constant operand of a position-wise op with a [B, C, H, W] value:
+    def extent(self, a):
+        """(H, W) of a value (one scale: the image's)."""
+        return self.shape[1:]
+
+    def const_layout(self, t, a):
+        """A constant operand of a position-wise op with the value ``a``, [B, C, H, W]:
         ('scalar', float) | ('channel', [C]) | ('image', [B, C]) | ('map', [B, H, W, C])."""
+        channels = a.channels
         if not isinstance(t, torch.Tensor):
             return "scalar", float(t)
         if t.numel() == 1:
             return "scalar", float(t.reshape(()).item())
-        _, h, w = self.shape
+        h, w = self.extent(a)
         if t.dim() > 4:
             self.error(f"a constant of shape {tuple(t.shape)} cannot broadcast against a [B, C, H, W] activation")
         t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
@@ -315,7 +321,7 @@ class _Compiler:
         return Val(out, a.kind, c)
 
     def with_const(self, a, t, multiply, inplace=False):
-        layout, v = self.const_layout(t, a.channels)
+        layout, v = self.const_layout(t, a)
         if layout in ("scalar", "channel"):
             if multiply:
                 return self.affine(a, scale=v, inplace=inplace)
@@ -454,16 +460,13 @@ class _Compiler:
 
     # -- nodes
     def run(self):
-        c, h, w = self.shape
         env = {}
         placeholders = 0
         for node in self.gm.graph.nodes:
             self.node = node
             if node.op == "placeholder":
                 if placeholders == 0:
-                    slot = self.new_slot(c, "pixel", "input")
-                    self.prog.input = slot
-                    env[node] = Val(slot, "pixel", c)
+                    env[node] = self.input_val()
                 elif placeholders == 1 and self.has_condition:
                     env[node] = self.condition
                 else:
@@ -474,14 +477,7 @@ class _Compiler:
                 out = env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
                 if not isinstance(out, Val):
                     self.error("the network's output must be one tensor computed from the image")
-                if out.kind != "pixel":
-                    self.error("the output at a pixel depends on pixels to its right in the same row "
-                               "(a vertical-stack value reaches the output without the one-row shift)")
-                if out.channels != c * (self.levels if self.likelihood == "categorical" else 1):
-                    want = f"[B, {c} * {self.levels}, H, W]" if self.likelihood == "categorical" else f"[B, {c}, H, W]"
-                    self.error(f"the network's output has {out.channels} channels; {self.likelihood} sampling of "
-                               f"{c}-channel images reads {want}")
-                self.prog.output = out.slot
+                self.set_output(out)
                 break
             args = torch.fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
@@ -498,6 +494,22 @@ class _Compiler:
         self.node = None
         self.finish()
         return self.prog
+
+    def input_val(self):
+        c = self.shape[0]
+        self.prog.input = self.new_slot(c, "pixel", "input")
+        return Val(self.prog.input, "pixel", c)
+
+    def set_output(self, out):
+        c = self.shape[0]
+        if out.kind != "pixel":
+            self.error("the output at a pixel depends on pixels to its right in the same row "
+                       "(a vertical-stack value reaches the output without the one-row shift)")
+        if out.channels != c * (self.levels if self.likelihood == "categorical" else 1):
+            want = f"[B, {c} * {self.levels}, H, W]" if self.likelihood == "categorical" else f"[B, {c}, H, W]"
+            self.error(f"the network's output has {out.channels} channels; {self.likelihood} sampling of "
+                       f"{c}-channel images reads {want}")
+        self.prog.output = out.slot
 
     def evaluate(self, node, args, kwargs):
         """A node that does not depend on the image: run it once."""
@@ -544,7 +556,7 @@ class _Compiler:
                 shift = shift + self.tensor(m.bias)
             return self.affine(a, scale, shift)
         self.error(f"the module {type(m).__name__} is not one cached sampling can run exactly; it supports "
-                   f"{_CAUSAL_OPS}. Use method='naive'")
+                   f"{self.SUPPORTED}. Use method='naive'")
 
     def activation(self, a, act, params, inplace=False):
         if act == "leaky_relu":
@@ -591,7 +603,7 @@ class _Compiler:
             if isinstance(bound.arguments["cond"], Val):
                 self.error("gated_activation's cond depends on the image")
             return self.gate(bound.arguments["input"], bound.arguments["data_channels"], bound.arguments["cond"])
-        self.error(f"it is not position-wise or causal; cached sampling supports {_CAUSAL_OPS}. "
+        self.error(f"it is not position-wise or causal; cached sampling supports {self.SUPPORTED}. "
                    f"Use method='naive'")
 
     def method(self, name, args, kwargs):
@@ -616,12 +628,12 @@ class _Compiler:
                 size = -(-a.channels // n)
                 return self.chunks(a, [size] * n)
             return self.chunks(a, list(n) if isinstance(n, (list, tuple)) else [n] * -(-a.channels // n))
-        self.error(f"it is not position-wise or causal; cached sampling supports {_CAUSAL_OPS}. "
+        self.error(f"it is not position-wise or causal; cached sampling supports {self.SUPPORTED}. "
                    f"Use method='naive'")
 
     def fake(self, a):
         """A meta tensor with a Val's full shape (for shape queries)."""
-        _, h, w = self.shape
+        h, w = self.extent(a)
         return torch.empty(self.batch, a.channels, h, w, device="meta")
 
     def arith(self, f, args, kwargs, inplace):

@@ -1,0 +1,181 @@
+"""Cached multi-scale sampling (fastgen/sampling/schedule.py; the C++ engine
+csrc/cpu/schedule.cpp and the torch executor): exact against the full forward
+pass (teacher forcing) and against naive sampling (same seed, float64), for
+PixelCNN++ (grey and RGB, class-conditional) and for another network of
+strided, transposed and masked convolutions; rings; clear errors for
+non-causal networks and unsupported operations."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastgen
+from fastgen.models import PixelCNNpp
+from fastgen.sampling.api import cached_logits
+from fastgen.sampling.program import CompileError
+from fastgen.sampling.schedule import compile_schedule
+
+ENGINES = ["cpp", "ref"]
+
+
+def tiny(shape, num_classes=None, nr_resnet=1, filters=8, nr_mix=2, spread=0.1, dtype=torch.float64):
+    """A small PixelCNN++ in eval mode, its weights moved off the init (the
+    class biases start at zero) so that every input and label matters."""
+    torch.manual_seed(0)
+    m = PixelCNNpp(shape, nr_resnet=nr_resnet, nr_filters=filters, nr_logistic_mix=nr_mix, dropout=0.0,
+                   num_classes=num_classes).to(dtype).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * spread)
+    return m
+
+
+def labels_for(m, n):
+    return None if m.num_classes is None else torch.arange(n) % m.num_classes
+
+
+class MultiScaleNet(nn.Module):
+    """Not PixelCNN++: a mask-A convolution, a causal stride-2 convolution down
+    (padding above and to the left, then the whole coarse map shifted one row
+    down), a coarse 3x3 over the rows above, a transposed convolution up with
+    output_padding, a channel concatenation, and a head of 3 * nr_mix
+    parameters per pixel (one channel)."""
+
+    def __init__(self, nr_mix=2, c=6):
+        super().__init__()
+        self.first = fastgen.MaskedConv2d(1, c, 5, mask_type="A", padding=2)
+        self.down = nn.Conv2d(c, c, 2, stride=2)
+        self.coarse = nn.Conv2d(c, c, (2, 3))
+        self.up = nn.ConvTranspose2d(c, c, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Conv2d(2 * c, 3 * nr_mix, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        d = self.down(F.pad(h, (1, 0, 1, 0))[:, :, :-1, :-1])  # coarse (i, j) sees fine rows < 2i+1, cols < 2j+1
+        d = F.pad(d, (0, 0, 1, 0))[:, :, :-1]  # ... then only coarse rows above: fine rows < 2i
+        d = torch.tanh(self.coarse(F.pad(d, (1, 1, 1, 0))))
+        u = F.pad(self.up(d), (0, 0, 2, 0))[:, :, :-2]  # a fine row reads coarse rows strictly above it
+        return self.head(torch.cat([h, F.elu(u)], 1))
+
+
+# ---- exactness ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("shape, classes", [((1, 8, 12), None), ((3, 8, 8), 3)])
+def test_cached_equals_naive_in_float64(engine, shape, classes):
+    m = tiny(shape, classes)
+    label = labels_for(m, 3)
+    naive = m.sample(3, label, seed=5, method="naive")
+    cached = m.sample(3, label, seed=5, backend=engine)
+    assert torch.equal(cached, naive)
+    assert cached.shape == (3, *shape) and cached.dtype == torch.int64
+    assert cached.min() >= 0 and cached.max() <= 255 and len(cached.unique()) > 20
+    # temperature scales the logistics and the mixture logits the same way in both
+    cold = m.sample(3, label, seed=5, temperature=0.5, backend=engine)
+    assert torch.equal(cold, m.sample(3, label, seed=5, temperature=0.5, method="naive"))
+    assert not torch.equal(cold, cached)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_teacher_forced_parameters_equal_the_forward_pass(engine, dtype):
+    # float32 at the init (activations of order one); float64 with the weights spread
+    m = tiny((3, 8, 12), num_classes=4, nr_resnet=2, spread=0.1 if dtype == torch.float64 else 0.0, dtype=dtype)
+    images = torch.randint(0, 256, (3, 3, 8, 12))
+    label = labels_for(m, 3)
+    params = cached_logits(m, images, condition=label, backend=engine)
+    full = m(m.feed(images), label)
+    assert params.shape == full.shape == (3, 20, 8, 12) and params.dtype == dtype
+    scale = full.abs().max().item()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(params, full, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_another_multi_scale_network(engine):
+    torch.manual_seed(1)
+    m = MultiScaleNet().double().eval()
+    args = dict(likelihood="logistic-mixture", shape=(1, 8, 10))
+    naive = fastgen.sample(m, 3, seed=4, method="naive", **args)
+    assert torch.equal(fastgen.sample(m, 3, seed=4, backend=engine, **args), naive)
+    images = torch.randint(0, 256, (2, 1, 8, 10))
+    params = cached_logits(m, images, likelihood="logistic-mixture", backend=engine)
+    torch.testing.assert_close(params, m(images.double() * 2 / 255 - 1), rtol=1e-12, atol=1e-12)
+
+
+def test_progress_runs_row_by_row_to_the_same_images():
+    m = tiny((1, 8, 8))
+    assert torch.equal(m.sample(2, seed=1, progress=True), m.sample(2, seed=1))
+
+
+# ---- the schedule ----------------------------------------------------------------------------------------------
+
+def test_rings_hold_a_few_rows_of_each_scale():
+    m = tiny((3, 16, 16), nr_resnet=2)
+    prog = compile_schedule(m, shape=(3, 16, 16), batch=1)
+    scales = {(s.h, s.w) for s in prog.slots}
+    assert {(16, 16), (8, 8), (4, 4)} <= scales  # three scales, and padded / cropped views cost no slots
+    full = sum(s.h * s.w * s.channels for s in prog.slots)
+    ring = sum(s.rows * s.w * s.channels for s in prog.slots)
+    assert ring < full / 3
+    assert max(s.rows for s in prog.slots if s.h == 16) <= 4
+    # every position of every instruction is queued once, at the step after its last input pixel
+    for i in prog.code:
+        q = i.queue.sort().values
+        assert torch.equal(q.unique(), q)
+        assert i.start[-1] == len(i.queue)
+
+
+def test_queues_follow_the_pixels():
+    m = tiny((1, 8, 8))
+    prog = compile_schedule(m, shape=(1, 8, 8), batch=1)
+    out = prog.slots[prog.output.slot]
+    # the output at pixel t is ready once pixel t - 1 is known, never later
+    assert (out.ready.flatten() < torch.arange(64)).all()
+    # a coarse (4x4) position waits for fine pixels: none is ready before pixel 0 is drawn except the first rows
+    coarse = [s for s in prog.slots if s.h == 2 and s.ready is not None]
+    assert coarse and all(s.ready.max() > 8 for s in coarse)
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+class Net(nn.Module):
+    def __init__(self, body, nr_mix=1):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3 * nr_mix, 3, padding=1)
+        self.body = body
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def sample_net(body):
+    return fastgen.sample(Net(body).double(), 1, likelihood="logistic-mixture", shape=(1, 4, 4))
+
+
+def test_a_network_that_sees_the_future_names_the_pixel():
+    with pytest.raises(CompileError, match=r"the output at pixel \(0, 0\) depends on pixel \(1, 1\).*not causal"):
+        sample_net(lambda m, x: m.conv(x))
+    # the same convolution on the input shifted down and right by one: causal
+    shifted = lambda m, x: m.conv(F.pad(x, (2, 0, 2, 0))[:, :, :-2, :-2])  # noqa: E731
+    assert sample_net(shifted).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize("body, match", [
+    (lambda m, x: F.max_pool2d(m.conv(x), 1), "max_pool2d"),
+    (lambda m, x: m.conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))[:, :, 1:-1, 1:-1], "only zero padding"),
+    (lambda m, x: m.conv(x).add_(1), "in-place"),
+    (lambda m, x: m.conv(x)[:, :, ::2], "step 1"),
+])
+def test_unsupported_operations_are_named(body, match):
+    with pytest.raises(CompileError, match=match):
+        sample_net(body)
+
+
+def test_output_and_settings_errors():
+    wrong_k = lambda m, x: torch.cat([m.conv(x), m.conv(x)[:, :1]], 1)  # noqa: E731
+    with pytest.raises(CompileError, match=r"4 channels: a discretized logistic mixture of 1-channel images needs "
+                                           r"3 \* nr_mix"):
+        sample_net(wrong_k)
+    with pytest.raises(ValueError, match="a discretized logistic mixture has 256 levels, got levels=16"):
+        fastgen.sample(Net(lambda m, x: m.conv(x)), 1, likelihood="logistic-mixture", levels=16, shape=(1, 4, 4))

@@ -19,8 +19,10 @@ pre-drawn uniforms (fastgen.sampling.common.uniforms) for every contender:
 * ``cached[ref]``  the same with ``backend='ref'``: the torch executor, whole images.
 
 Groups: one per model and batch size (1, 16, 64, 256, the paper's sweep). On
-the CPU a 28x28 binarized-MNIST PixelCNN and Gated PixelCNN; on a GPU also
-32x32x3 256-way categorical ones. extra_info: ``seconds_per_batch``,
+the CPU a 28x28 binarized-MNIST PixelCNN and Gated PixelCNN, and a 28x28 PixelCNN++
+(the CPU defaults of `train pixelcnnpp`: 32 filters, 2 blocks per scale, 5 mixture
+components; cached = the multi-scale schedule, fastgen/sampling/schedule.py); on a
+GPU also 32x32x3 256-way categorical ones and a 32x32x3 PixelCNN++ (64 filters). extra_info: ``seconds_per_batch``,
 ``images_per_s`` and, for the cached contenders, ``speedup_vs_naive`` (naive's
 extrapolated median over theirs; the table's "vs common" column), with
 ``target_vs_naive`` / ``meets_target`` for the device's default engine (cpp on
@@ -39,7 +41,12 @@ Checks before timing (a wrong contender is reported as wrong, never timed):
   value where the uniform lies within float32 reach of a decision boundary of
   the float64 run (4x the float32 forward pass's largest logit error, at least
   1e-5; after such a flip the image goes its own way): near ties are counted
-  (extra_info ``near_tie_flips``), any other difference is WRONG.
+  (extra_info ``near_tie_flips``), any other difference is WRONG. PixelCNN++:
+  the mixture's draw has continuous decision boundaries (the rounding of each
+  logistic draw to a level), so the samples checked are those of the same
+  engine run on the float64 copy of the model, which must equal the float64
+  naive run exactly; the float32 engine is checked by its teacher-forced
+  parameters (above).
 
 Memory (CPU real runs, largest batch): the peak RSS of a fresh subprocess
 (fastgen.testing.peak_rss) for one naive pixel step (one full forward pass) and
@@ -58,8 +65,9 @@ import pytest
 import torch
 
 from fastgen.models.pixelcnn import GatedPixelCNN, PixelCNN
+from fastgen.models.pixelcnnpp import PixelCNNpp
 from fastgen.sampling import cached_logits, sample
-from fastgen.sampling.api import OP
+from fastgen.sampling.api import OP, SCHEDULE_OP, _draw_shape
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
 from fastgen.testing import OtherLoad, peak_rss, record_timing, relative_error, start_record, tolerance
@@ -72,12 +80,19 @@ NEAR_TIE = 1e-5   # least reach of a near tie (see near_tie)
 CHECK_ELEMENTS = 16  # batch elements compared with the float64 naive run
 
 # models: (kind, (C, H, W), channels, blocks / layers, likelihood, levels)
-MNIST = [("pixelcnn", (1, 28, 28), 64, 7, "bernoulli", 2), ("gated", (1, 28, 28), 64, 8, "bernoulli", 2)]
-CIFAR = [("pixelcnn", (3, 32, 32), 120, 7, "categorical", 256), ("gated", (3, 32, 32), 120, 12, "categorical", 256)]
+MNIST = [("pixelcnn", (1, 28, 28), 64, 7, "bernoulli", 2), ("gated", (1, 28, 28), 64, 8, "bernoulli", 2),
+         ("pixelcnnpp", (1, 28, 28), 32, 2, "logistic-mixture", 256)]
+PP_NR_MIX = 5  # PixelCNN++'s mixture components (train pixelcnnpp's CPU default)
+CIFAR = [("pixelcnn", (3, 32, 32), 120, 7, "categorical", 256), ("gated", (3, 32, 32), 120, 12, "categorical", 256),
+         ("pixelcnnpp", (3, 32, 32), 64, 2, "logistic-mixture", 256)]
+# the torch executor of a multi-scale schedule runs framework ops per instruction and step: minutes per batch
+REF_MAX_BATCH = {"pixelcnnpp": 64}
 MODELS = {"cpu": MNIST, "cuda": MNIST + CIFAR}
 BATCHES = [1, 16, 64, 256]
 SMOKE_MODELS = [("pixelcnn", (1, 8, 8), 8, 2, "bernoulli", 2), ("gated", (1, 8, 8), 8, 2, "bernoulli", 2),
-                ("pixelcnn", (3, 8, 8), 12, 2, "categorical", 256), ("gated", (3, 8, 8), 12, 2, "categorical", 256)]
+                ("pixelcnn", (3, 8, 8), 12, 2, "categorical", 256), ("gated", (3, 8, 8), 12, 2, "categorical", 256),
+                ("pixelcnnpp", (1, 8, 8), 8, 1, "logistic-mixture", 256),
+                ("pixelcnnpp", (3, 8, 8), 8, 1, "logistic-mixture", 256)]
 SMOKE_BATCHES = [2]
 # pixel steps of the naive prefix that is timed (then extrapolated), per batch size
 NAIVE_STEPS = {"cpu": {1: 56, 16: 16, 64: 8, 256: 2}, "cuda": {1: 96, 16: 96, 64: 48, 256: 24}}
@@ -88,6 +103,8 @@ CONTENDERS = ["common", "cached[cpp]", "cached[cuda]", "cached[ref]"]
 
 def model_id(spec):
     kind, (c, h, w), ch, depth, lik, levels = spec
+    if kind == "pixelcnnpp":
+        return f"PixelCNNpp {c}x{h}x{w} {ch}ch {depth}blocks mix{PP_NR_MIX}"
     name = "PixelCNN" if kind == "pixelcnn" else "GatedPixelCNN"
     depth_s = f"{depth}blocks" if kind == "pixelcnn" else f"{depth}layers"
     lik_s = "bernoulli" if lik == "bernoulli" else f"categorical{levels}"
@@ -118,6 +135,8 @@ def build_model(spec, device=DEVICE, dtype=torch.float32):
     torch.manual_seed(MODEL_SEED)
     if kind == "pixelcnn":
         model = PixelCNN(shape, channels=channels, blocks=depth, likelihood=likelihood, levels=levels)
+    elif kind == "pixelcnnpp":
+        model = PixelCNNpp(shape, nr_resnet=depth, nr_filters=channels, nr_logistic_mix=PP_NR_MIX, dropout=0.0)
     else:
         model = GatedPixelCNN(shape, channels=channels, layers=depth, likelihood=likelihood, levels=levels)
     return model.to(device=device, dtype=dtype).eval()
@@ -192,9 +211,11 @@ def reference(spec, batch, steps):
     _, shape, _, _, likelihood, levels = spec
     _, model64 = models(spec)
     idx = check_elements(batch)
-    u = uniforms(batch, shape, SEED, DEVICE)[..., idx.to(DEVICE)]
+    u = uniforms(batch, _draw_shape(likelihood, shape), SEED, DEVICE)[..., idx.to(DEVICE)]
     images = naive_sample(model64, u, likelihood=likelihood, levels=levels, shape=shape, max_steps=steps,
                           feed_table=feed_table(None, likelihood, levels, torch.float64, DEVICE))
+    if likelihood == "logistic-mixture":  # compared exactly (module docstring): no margins
+        return images.cpu(), None
     # the logits every prefix step saw: one forward pass on the finished prefix (the model is causal)
     with torch.no_grad():
         logits = model64(model64.feed(images)).cpu()
@@ -226,7 +247,7 @@ def compare_samples(got, spec, batch, steps):
             continue
         first = torch.where(diff, order, h * w * c).flatten().argmin()  # the first differing draw
         step = (got[i].flatten()[first] - want[i].flatten()[first]).abs().item()
-        if step == 1 and margins[i].flatten()[first] < near_tie(spec):
+        if margins is not None and step == 1 and margins[i].flatten()[first] < near_tie(spec):
             ties += 1
         else:
             wrong += 1
@@ -240,7 +261,7 @@ def rss_step(spec):
     model = build_model(model_spec, device="cpu")
     batch, shape, likelihood, levels = spec["shape"][0], model_spec[1], model_spec[4], model_spec[5]
     if spec["contender"] == "common":
-        u = uniforms(batch, shape, SEED, "cpu")
+        u = uniforms(batch, _draw_shape(likelihood, shape), SEED, "cpu")
         table = feed_table(None, likelihood, levels, torch.float32, "cpu")
 
         def step():
@@ -270,11 +291,13 @@ def test_sampling(benchmark, smoke, bench_results, case, monkeypatch):
     group = f"{DEVICE} float32 {model_id(spec)} batch {batch} sample"
     record = start_record(benchmark, group, contender, dtype="float32", model=model_id(spec), batch=batch,
                           mode="sample")
-    model, _ = models(spec)
+    model, model64 = models(spec)
+    mixture = likelihood == "logistic-mixture"
+    op = SCHEDULE_OP if mixture else OP
 
     if contender == "common":
         steps = total // 2 if smoke else min(NAIVE_STEPS[DEVICE][batch], total)
-        u = uniforms(batch, shape, SEED, DEVICE)
+        u = uniforms(batch, _draw_shape(likelihood, shape), SEED, DEVICE)
         table = feed_table(None, likelihood, levels, torch.float32, DEVICE)
         benchmark.extra_info.update(
             backend=f"naive ({steps}/{total} steps, extrapolated)" if steps < total else "naive",
@@ -287,11 +310,13 @@ def test_sampling(benchmark, smoke, bench_results, case, monkeypatch):
             return out
     else:
         backend = contender[len("cached["):-1]
-        why = OP.reason(backend)
+        why = op.reason(backend)
         if backend == "cpp" and DEVICE != "cpu":
             why = "the C++ engine runs CPU models"
         if backend == "cuda" and DEVICE != "cuda":
             why = "the CUDA engine runs CUDA models"
+        if backend == "ref" and batch > REF_MAX_BATCH.get(spec[0], batch):
+            why = f"the torch executor is timed up to batch {REF_MAX_BATCH[spec[0]]} on this model (minutes per batch)"
         if why:
             pytest.skip(f"backend {backend}: {why}")
         steps = total
@@ -321,9 +346,12 @@ def test_sampling(benchmark, smoke, bench_results, case, monkeypatch):
                        f"{contender} cannot run this case: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     first_s = time.perf_counter() - t0
     check_steps = min(steps, total // 2 if smoke else NAIVE_STEPS[DEVICE][batch])
-    wrong, ties = compare_samples(got, spec, batch, check_steps)
-    benchmark.extra_info.update(checked_images=len(check_elements(batch)), checked_steps=check_steps,
-                                near_tie_flips=ties)
+    unchecked = mixture and contender == "common"  # naive float32 sampling of a mixture: the reference's own code
+    if mixture and contender != "common":  # the engine on the float64 model, exactly (module docstring)
+        got = sample(model64, batch, seed=SEED, backend=backend)
+    wrong, ties = (0, 0) if unchecked else compare_samples(got, spec, batch, check_steps)
+    benchmark.extra_info.update(checked_images=0 if unchecked else len(check_elements(batch)),
+                                checked_steps=check_steps, near_tie_flips=ties)
     if wrong:
         _fail_or_xfail(record, bench_results, contender, "WRONG",
                        f"{contender} is WRONG on {group}: {wrong} of {len(check_elements(batch))} checked images "
@@ -348,7 +376,7 @@ def test_sampling(benchmark, smoke, bench_results, case, monkeypatch):
     if contender != "common" and "speedup_vs_common" in info:
         info["speedup_vs_naive"] = info["speedup_vs_common"]
         target = TARGETS.get((DEVICE, h), {}).get(batch)
-        if target and backend == OP.choose(None, DEVICE):  # the targets are the default engine's
+        if target and backend == op.choose(None, DEVICE):  # the targets are the default engine's
             info["target_vs_naive"] = target
             info["meets_target"] = info["speedup_vs_naive"] >= target
     if DEVICE == "cpu" and not smoke and batch == max(BATCHES) and contender in ("common", "cached[cpp]"):

@@ -11,9 +11,11 @@ from torch import nn
 
 import fastgen
 from fastgen.models import PixelCNNpp
-from fastgen.sampling.api import cached_logits
+from fastgen.sampling.api import SCHEDULE_OP, cached_logits
 from fastgen.sampling.program import CompileError
 from fastgen.sampling.schedule import compile_schedule
+
+from conftest import require_backend
 
 ENGINES = ["cpp", "ref"]
 
@@ -63,6 +65,7 @@ class MultiScaleNet(nn.Module):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("shape, classes", [((1, 8, 12), None), ((3, 8, 8), 3)])
 def test_cached_equals_naive_in_float64(engine, shape, classes):
+    require_backend(SCHEDULE_OP, engine)
     m = tiny(shape, classes)
     label = labels_for(m, 3)
     naive = m.sample(3, label, seed=5, method="naive")
@@ -79,6 +82,7 @@ def test_cached_equals_naive_in_float64(engine, shape, classes):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_teacher_forced_parameters_equal_the_forward_pass(engine, dtype):
+    require_backend(SCHEDULE_OP, engine)
     # float32 at the init (activations of order one); float64 with the weights spread
     m = tiny((3, 8, 12), num_classes=4, nr_resnet=2, spread=0.1 if dtype == torch.float64 else 0.0, dtype=dtype)
     images = torch.randint(0, 256, (3, 3, 8, 12))
@@ -93,6 +97,7 @@ def test_teacher_forced_parameters_equal_the_forward_pass(engine, dtype):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_another_multi_scale_network(engine):
+    require_backend(SCHEDULE_OP, engine)
     torch.manual_seed(1)
     m = MultiScaleNet().double().eval()
     args = dict(likelihood="logistic-mixture", shape=(1, 8, 10))
@@ -108,17 +113,38 @@ def test_progress_runs_row_by_row_to_the_same_images():
     assert torch.equal(m.sample(2, seed=1, progress=True), m.sample(2, seed=1))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, classes", [((1, 8, 12), None), ((3, 8, 8), 3)])
+def test_cuda_engine_matches_the_reference(shape, classes):
+    """The CUDA engine on a GPU: teacher forcing against the full forward pass,
+    and the same images as the torch executor for a seed (float64)."""
+    require_backend(SCHEDULE_OP, "cuda")
+    m = tiny(shape, classes).cuda()
+    label = labels_for(m, 3)
+    label = None if label is None else label.cuda()
+    images = torch.randint(0, 256, (3, *shape)).cuda()
+    full = m(m.feed(images), label)
+    torch.testing.assert_close(cached_logits(m, images, condition=label, backend="cuda"), full, rtol=0,
+                               atol=1e-12 * full.abs().max().item())
+    cuda = m.sample(3, label, seed=5, backend="cuda")
+    assert torch.equal(cuda, m.sample(3, label, seed=5, backend="ref"))
+    assert torch.equal(cuda.cpu(), m.cpu().sample(3, None if label is None else label.cpu(), seed=5, backend="cpp"))
+
+
 # ---- the schedule ----------------------------------------------------------------------------------------------
 
-def test_rings_hold_a_few_rows_of_each_scale():
+def test_rings_hold_a_few_rows_at_most():
     m = tiny((3, 16, 16), nr_resnet=2)
     prog = compile_schedule(m, shape=(3, 16, 16), batch=1)
     scales = {(s.h, s.w) for s in prog.slots}
     assert {(16, 16), (8, 8), (4, 4)} <= scales  # three scales, and padded / cropped views cost no slots
     full = sum(s.h * s.w * s.channels for s in prog.slots)
-    ring = sum(s.rows * s.w * s.channels for s in prog.slots)
-    assert ring < full / 3
-    assert max(s.rows for s in prog.slots if s.h == 16) <= 4
+    ring = sum(s.ring * s.channels for s in prog.slots)
+    assert ring < full / 8
+    # a value read only where it was just computed keeps a position or two; one read by a convolution over
+    # the rows above, about a row; an up-pass value waiting for the down pass's short-cut, a few rows
+    assert min(s.ring for s in prog.slots) <= 2
+    assert max(s.ring for s in prog.slots if s.h == 16) <= 4 * 16
     # every position of every instruction is queued once, at the step after its last input pixel
     for i in prog.code:
         q = i.queue.sort().values
@@ -132,8 +158,8 @@ def test_queues_follow_the_pixels():
     out = prog.slots[prog.output.slot]
     # the output at pixel t is ready once pixel t - 1 is known, never later
     assert (out.ready.flatten() < torch.arange(64)).all()
-    # a coarse (4x4) position waits for fine pixels: none is ready before pixel 0 is drawn except the first rows
-    coarse = [s for s in prog.slots if s.h == 2 and s.ready is not None]
+    # the coarsest scale (2x2) waits for fine pixels: its last positions only after the first fine row
+    coarse = [s for s in prog.slots if s.h == 2]
     assert coarse and all(s.ready.max() > 8 for s in coarse)
 
 

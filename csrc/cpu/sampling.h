@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "schedule_code.h"
+
 namespace fastgen {
 
 // Runs a Program (fastgen/sampling/program.py, Program.encode) over the rows [y0, y1).
@@ -31,6 +33,13 @@ void sample_cached_cuda(const std::vector<int64_t>& slot_info, const std::vector
                         const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
                         at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
                         int64_t y0, int64_t y1, bool teacher);
+
+// The same for CUDA tensors (csrc/cuda/schedule_glue.cpp), after sample_scheduled's checks and parse.
+void sample_scheduled_cuda(const std::vector<schedule::SlotInfo>& slots, const std::vector<schedule::Code>& code,
+                           const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& bufs,
+                           const at::Tensor& u, const at::Tensor& feed, at::Tensor images, at::Tensor out_params,
+                           const std::vector<int64_t>& config, double temperature, int64_t t0, int64_t t1,
+                           bool teacher);
 #endif
 
 }  // namespace fastgen

@@ -7,9 +7,9 @@
 // it to the input slot.
 //
 // Threads split the batch: each runs every step for its own images. Slots are
-// rings [B, rows, W, Cp] allocated by the caller (Cp: channels rounded up to
-// 16, so the convolution micro-kernel's vectors never leave a position); the
-// row y of a slot lives in ring row y % rows. Operands read zeros outside their
+// rings [B, R, Cp] of positions allocated by the caller (Cp: channels rounded
+// up to 16, so the convolution micro-kernel's vectors never leave a position);
+// position (y, x) of a slot W wide lives at (y W + x) % R. Operands read zeros outside their
 // view (Ref). Draws read the caller's uniforms u [H, W, C + 1, B] (float64)
 // exactly as the torch samplers do (fastgen.sampling.common.draw_mixture).
 #include <torch/extension.h>
@@ -24,7 +24,7 @@
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // activate()
-#include "sampling_code.h"     // the opcodes
+#include "schedule_code.h"     // the parsed program
 
 namespace {
 
@@ -42,6 +42,7 @@ namespace portable {
 }  // namespace portable
 
 using namespace fastgen::sampling;  // the opcodes, activate()
+using fastgen::schedule::Code;
 
 constexpr double LOG_SCALE_MIN = -7.0;  // fastgen.ref.dmol
 constexpr double U_MIN = 1e-5;          // the logistic draw's uniforms are clamped to [U_MIN, 1 - U_MIN]
@@ -50,10 +51,7 @@ struct Slot {
   int64_t C, H, W, R, Cp;
 };
 
-// An operand: channels [c0, ..) of a slot through a view (fastgen/sampling/schedule.py, Ref).
-struct Ref {
-  int64_t slot = -1, c0 = 0, oy = 0, ox = 0, y0 = 0, y1 = 0, x0 = 0, x1 = 0;
-};
+using Ref = fastgen::schedule::RefCode;  // an operand: channels [c0, ..) of a slot through a view
 
 template <class T>
 struct Instr {
@@ -95,7 +93,7 @@ struct Engine {
 
   T* at(int64_t s, int64_t b, int64_t y, int64_t x) const {
     const Slot& sl = slots[s];
-    return data[s] + ((b * sl.R + y % sl.R) * sl.W + x) * sl.Cp;
+    return data[s] + (b * sl.R + (y * sl.W + x) % sl.R) * sl.Cp;
   }
 
   // The operand at position (y, x) of its view, or zeros outside it.
@@ -248,135 +246,56 @@ void draw_mixture(const T* p, int64_t C, int64_t M, T temperature, const double*
   }
 }
 
-Ref decode_ref(const int64_t* c, const std::vector<Slot>& slots, int64_t channels, bool optional) {
-  Ref r;
-  if (optional && c[0] == -1) return r;
-  r.slot = c[0], r.c0 = c[1], r.oy = c[2], r.ox = c[3], r.y0 = c[4], r.y1 = c[5], r.x0 = c[6], r.x1 = c[7];
-  TORCH_CHECK(r.slot >= 0 && r.slot < (int64_t)slots.size(), "sample_scheduled: bad slot index ", r.slot);
-  const Slot& s = slots[r.slot];
-  TORCH_CHECK(r.c0 >= 0 && r.c0 + channels <= s.C && 0 <= r.y0 && r.y1 <= s.H && 0 <= r.x0 && r.x1 <= s.W,
-              "sample_scheduled: an operand outside its slot");
-  return r;
-}
-
-// The parsed, checked program: weights repacked for the micro-kernel.
+// The CPU form of the parsed program (csrc/schedule_code.h): pointers, and each convolution's weights
+// repacked [taps][cin][ldw] (ldw: the output slot's padded channels) with a padded bias.
 template <class T>
-std::vector<Instr<T>> decode(const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
-                             const std::vector<double>& scalars, const std::vector<Slot>& slots, int64_t steps) {
-  const int64_t nparams = params.size();
-  auto param = [&](int64_t i, bool optional) -> const at::Tensor* {
-    TORCH_CHECK((optional && i == -1) || (i >= 0 && i < nparams), "sample_scheduled: bad parameter index ", i);
-    return i < 0 ? nullptr : &params[i];
-  };
-  auto values = [&](int64_t i, int64_t n) {
-    const at::Tensor* t = param(i, false);
-    TORCH_CHECK(t->scalar_type() == c10::CppTypeToScalarType<T>::value && t->numel() == n,
-                "sample_scheduled: a parameter of the wrong size or dtype");
-    return t->data_ptr<T>();
-  };
-  auto scalar = [&](int64_t i) {
-    TORCH_CHECK(i >= 0 && i < (int64_t)scalars.size(), "sample_scheduled: bad scalar index ", i);
-    return static_cast<T>(scalars[i]);
-  };
+std::vector<Instr<T>> decode(const std::vector<fastgen::schedule::Code>& codes, const std::vector<at::Tensor>& params,
+                             const std::vector<Slot>& slots) {
+  auto ptr = [&](int64_t i) -> const T* { return i < 0 ? nullptr : params[i].data_ptr<T>(); };
   std::vector<Instr<T>> out;
-  for (size_t pos = 0; pos < code.size();) {
-    const int64_t len = code[pos];
-    TORCH_CHECK(len >= 22 && pos + len <= code.size(), "sample_scheduled: malformed program");
-    const int64_t* c = code.data() + pos + 1;
+  for (const fastgen::schedule::Code& c : codes) {
     Instr<T> in;
-    in.op = c[0], in.out = c[1], in.ch = c[2];
-    TORCH_CHECK(in.out >= 0 && in.out < (int64_t)slots.size() && in.ch >= 0, "sample_scheduled: bad instruction");
-    const Slot& so = slots[in.out];
-    const bool reads = in.op != FILL;
-    if (reads) in.a = decode_ref(c + 3, slots, in.ch, false);
-    in.b = decode_ref(c + 11, slots, in.ch, true);
-    const at::Tensor* q = param(c[19], false);
-    const at::Tensor* st = param(c[20], false);
-    TORCH_CHECK(q->scalar_type() == at::kLong && st->scalar_type() == at::kLong && st->numel() == steps + 1,
-                "sample_scheduled: a queue must be int64 with int64 starts [steps + 1]");
-    in.queue = q->data_ptr<int64_t>(), in.start = st->data_ptr<int64_t>();
-    TORCH_CHECK(in.start[0] == 0 && in.start[steps] <= q->numel() &&
-                    (q->numel() == 0 || (q->min().item<int64_t>() >= 0 && q->max().item<int64_t>() < so.H * so.W)),
-                "sample_scheduled: a queue outside its slot");
-    const int64_t* e = c + 21;  // the op's own fields
-    const int64_t extra = len - 22;
-    switch (in.op) {
-      case CONV:
-      case CONVT: {
-        TORCH_CHECK(extra >= 5 && extra == 5 + 2 * e[4], "sample_scheduled: malformed convolution");
-        const int64_t taps = e[4], cout = so.C;
-        in.sy = e[2], in.sx = e[3];
-        TORCH_CHECK(in.sy >= 1 && in.sx >= 1, "sample_scheduled: bad stride");
-        in.dy.assign(e + 5, e + 5 + taps);
-        in.dx.assign(e + 5 + taps, e + 5 + 2 * taps);
-        const T* wp = values(e[0], taps * in.ch * cout);
-        in.ldw = so.Cp;
-        in.w.assign(taps * in.ch * in.ldw, T(0));
-        for (int64_t t = 0; t < taps * in.ch; ++t) std::copy_n(wp + t * cout, cout, in.w.begin() + t * in.ldw);
-        in.has_bias = e[1] >= 0;
-        if (in.has_bias) {
-          in.bias.assign(in.ldw, T(0));
-          std::copy_n(values(e[1], cout), cout, in.bias.begin());
-        }
-        if (in.op == CONVT) {
-          const int64_t block = in.ch * in.ldw;
-          for (int64_t py = 0; py < in.sy; ++py)
-            for (int64_t px = 0; px < in.sx; ++px) {
-              std::vector<int64_t> ts;
-              std::vector<T> ws;
-              for (int64_t t = 0; t < taps; ++t)
-                if (((py - in.dy[t]) % in.sy + in.sy) % in.sy == 0 && ((px - in.dx[t]) % in.sx + in.sx) % in.sx == 0) {
-                  ts.push_back(t);
-                  ws.insert(ws.end(), in.w.begin() + t * block, in.w.begin() + (t + 1) * block);
-                }
-              in.class_taps.push_back(ts);
-              in.class_w.push_back(ws);
-            }
-          // a negative dy would make (y - dy) / sy round toward zero: the class test guarantees exact division
-        }
-        break;
+    in.op = c.op, in.out = c.out, in.ch = c.ch, in.a = c.a, in.b = c.b;
+    in.queue = params[c.queue].data_ptr<int64_t>(), in.start = params[c.start].data_ptr<int64_t>();
+    in.act = c.act, in.param = static_cast<T>(c.param);
+    in.scale = ptr(c.scale), in.shift = ptr(c.shift), in.cst = ptr(c.cst);
+    in.multiply = c.multiply, in.is_map = c.is_map, in.dc = c.dc, in.out_off = c.out_off;
+    if (c.op == CONV || c.op == CONVT) {
+      const int64_t taps = c.dy.size(), cout = slots[c.out].C;
+      in.sy = c.sy, in.sx = c.sx, in.dy = c.dy, in.dx = c.dx;
+      in.ldw = slots[c.out].Cp;
+      in.w.assign(taps * in.ch * in.ldw, T(0));
+      const T* wp = ptr(c.w);
+      for (int64_t t = 0; t < taps * in.ch; ++t) std::copy_n(wp + t * cout, cout, in.w.begin() + t * in.ldw);
+      in.has_bias = c.bias >= 0;
+      if (in.has_bias) {
+        in.bias.assign(in.ldw, T(0));
+        std::copy_n(ptr(c.bias), cout, in.bias.begin());
       }
-      case ACT: TORCH_CHECK(extra == 2, "sample_scheduled: malformed ACT"); in.act = e[0], in.param = scalar(e[1]); break;
-      case AFFINE:
-        TORCH_CHECK(extra == 2, "sample_scheduled: malformed AFFINE");
-        in.scale = values(e[0], in.ch), in.shift = values(e[1], in.ch);
-        break;
-      case ADD: TORCH_CHECK(extra == 1 && in.b.slot >= 0, "sample_scheduled: malformed ADD"); in.param = scalar(e[0]); break;
-      case MUL: TORCH_CHECK(extra == 0 && in.b.slot >= 0, "sample_scheduled: malformed MUL"); break;
-      case CONST: {
-        TORCH_CHECK(extra == 3, "sample_scheduled: malformed CONST");
-        in.multiply = e[1] != 0, in.is_map = e[2] != 0;
-        const at::Tensor* k = param(e[0], false);
-        TORCH_CHECK(k->numel() == (in.is_map ? so.H * so.W : 1) * in.ch * k->size(0),
-                    "sample_scheduled: CONST of the wrong size");
-        in.cst = values(e[0], k->numel());
-        break;
+      if (c.op == CONVT) {  // the taps that reach each output class (y % sy, x % sx): (y - dy) divides exactly
+        const int64_t block = in.ch * in.ldw;
+        for (int64_t py = 0; py < in.sy; ++py)
+          for (int64_t px = 0; px < in.sx; ++px) {
+            std::vector<int64_t> ts;
+            std::vector<T> ws;
+            for (int64_t t = 0; t < taps; ++t)
+              if (((py - in.dy[t]) % in.sy + in.sy) % in.sy == 0 && ((px - in.dx[t]) % in.sx + in.sx) % in.sx == 0) {
+                ts.push_back(t);
+                ws.insert(ws.end(), in.w.begin() + t * block, in.w.begin() + (t + 1) * block);
+              }
+            in.class_taps.push_back(ts);
+            in.class_w.push_back(ws);
+          }
       }
-      case GATE:
-        TORCH_CHECK(extra == 1 && e[0] >= 1 && in.ch % (2 * e[0]) == 0, "sample_scheduled: malformed GATE");
-        in.dc = e[0];
-        break;
-      case COPY:
-        TORCH_CHECK(extra == 1 && e[0] >= 0 && e[0] + in.ch <= so.C, "sample_scheduled: malformed COPY");
-        in.out_off = e[0];
-        break;
-      case FILL:
-        TORCH_CHECK(extra == 2 && e[0] >= 0 && e[0] + in.ch <= so.C, "sample_scheduled: malformed FILL");
-        in.out_off = e[0], in.param = scalar(e[1]);
-        break;
-      default: TORCH_CHECK(false, "sample_scheduled: unknown opcode ", in.op);
     }
-    if (in.op != COPY && in.op != FILL && in.op != CONV && in.op != CONVT)
-      TORCH_CHECK(so.C == (in.op == GATE ? in.ch / 2 : in.ch), "sample_scheduled: output slot channels");
     out.push_back(std::move(in));
-    pos += len;
   }
   return out;
 }
 
 template <class T>
-void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
-              const std::vector<double>& scalars, const std::vector<at::Tensor>& bufs, const at::Tensor& u,
+void generate(const std::vector<Slot>& slots, const std::vector<fastgen::schedule::Code>& code,
+              const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& bufs, const at::Tensor& u,
               const at::Tensor& feed, at::Tensor& images, at::Tensor& out_params, const std::vector<int64_t>& config,
               double temperature, int64_t t0, int64_t t1, bool teacher) {
   const int64_t C = config[0], H = config[1], W = config[2], in_slot = config[3], M = config[4], K = config[5];
@@ -390,8 +309,8 @@ void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& code, 
     cmax = std::max(cmax, slots[s].Cp);
   }
   e.zeros.assign(cmax, T(0));
-  Ref out_ref = decode_ref(config.data() + 6, slots, K, false);
-  const std::vector<Instr<T>> prog = decode<T>(code, params, scalars, slots, H * W);
+  const Ref out_ref{config[6], config[7], config[8], config[9], config[10], config[11], config[12], config[13]};
+  const std::vector<Instr<T>> prog = decode<T>(code, params, slots);
   const double* uu = u.data_ptr<double>();
   const T* table = feed.data_ptr<T>();
   int64_t* img = images.data_ptr<int64_t>();
@@ -430,7 +349,7 @@ void generate(const std::vector<Slot>& slots, const std::vector<int64_t>& code, 
 
 namespace fastgen {
 
-void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& code,
+void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& code_list,
                       const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
                       const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
                       at::Tensor images, at::Tensor out_params, const std::vector<int64_t>& config,
@@ -443,43 +362,57 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
   const int64_t C = config[0], H = config[1], W = config[2], M = config[4], K = config[5];
   TORCH_CHECK((C == 1 && K == 3 * M) || (C == 3 && K == 10 * M), "sample_scheduled: K must be 3 nr_mix (C = 1) "
               "or 10 nr_mix (C = 3)");
+  const at::Device device = images.device();
   TORCH_CHECK(images.dim() == 4 && images.scalar_type() == at::kLong && images.is_contiguous() &&
-                  images.size(1) == C && images.size(2) == H && images.size(3) == W && !images.is_cuda(),
-              "sample_scheduled: images must be contiguous int64 CPU [B, C, H, W]");
+                  images.size(1) == C && images.size(2) == H && images.size(3) == W,
+              "sample_scheduled: images must be contiguous int64 [B, C, H, W]");
   const int64_t B = images.size(0);
-  TORCH_CHECK(u.scalar_type() == at::kDouble && u.is_contiguous() && u.numel() == H * W * (C + 1) * B,
-              "sample_scheduled: u must be contiguous float64 [H, W, C + 1, B]");
+  TORCH_CHECK(u.scalar_type() == at::kDouble && u.is_contiguous() && u.numel() == H * W * (C + 1) * B &&
+                  u.device() == device,
+              "sample_scheduled: u must be contiguous float64 [H, W, C + 1, B] on the images' device");
   TORCH_CHECK(0 <= t0 && t0 <= t1 && t1 <= H * W, "sample_scheduled: bad step range");
   std::vector<Slot> slots;
+  std::vector<fastgen::schedule::SlotInfo> info;
   for (size_t s = 0; s < bufs.size(); ++s) {
     const at::Tensor& t = bufs[s];
     const int64_t c = slot_info[4 * s], h = slot_info[4 * s + 1], w = slot_info[4 * s + 2], r = slot_info[4 * s + 3];
-    TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && !t.is_cuda() && t.dim() == 4 && t.size(0) == B &&
-                    r >= 1 && r <= h && t.size(1) == r && t.size(2) == w && t.size(3) >= c && t.size(3) % 16 == 0,
-                "sample_scheduled: slot ", s, " must be contiguous CPU [B, rows, W, Cp] with Cp >= C, a multiple of 16");
-    slots.push_back({c, h, w, r, t.size(3)});
+    TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.device() == device && t.dim() == 3 &&
+                    t.size(0) == B && r >= 1 && r <= h * w && t.size(1) == r && t.size(2) >= c && t.size(2) % 16 == 0,
+                "sample_scheduled: slot ", s, " must be a contiguous ring [B, R, Cp] on the images' device, with "
+                "1 <= R <= H W and Cp >= C a multiple of 16");
+    slots.push_back({c, h, w, r, t.size(2)});
+    info.push_back({c, h, w, r});
   }
   TORCH_CHECK(config[3] >= 0 && config[3] < (int64_t)slots.size() && slots[config[3]].C == C &&
                   slots[config[3]].H == H && slots[config[3]].W == W,
               "sample_scheduled: the input slot must be [C, H, W]");
   for (const auto& p : params)
-    TORCH_CHECK(p.is_contiguous() && !p.is_cuda() && (p.scalar_type() == dt || p.scalar_type() == at::kLong),
-                "sample_scheduled: parameters must be contiguous CPU ", dt, " (queues int64)");
-  TORCH_CHECK(feed.numel() == 256 && feed.is_contiguous(), "sample_scheduled: feed table of 256 values");
+    TORCH_CHECK(p.is_contiguous() && p.device() == device && (p.scalar_type() == dt || p.scalar_type() == at::kLong),
+                "sample_scheduled: parameters must be contiguous ", dt, " (queues int64) on the images' device");
+  TORCH_CHECK(feed.numel() == 256 && feed.is_contiguous() && feed.device() == device,
+              "sample_scheduled: feed table of 256 values on the images' device");
+  const std::vector<fastgen::schedule::Code> code = fastgen::schedule::parse(code_list, params, scalars, info, H * W, dt);
+  fastgen::schedule::parse_ref(config.data() + 6, info, K, false);  // checks the output's Ref
   if (teacher) {
     TORCH_CHECK(out_params.scalar_type() == dt && out_params.is_contiguous() && out_params.dim() == 4 &&
                     out_params.size(0) == B && out_params.size(1) == K && out_params.size(2) == H &&
-                    out_params.size(3) == W,
+                    out_params.size(3) == W && out_params.device() == device,
                 "sample_scheduled: teacher forcing needs contiguous parameters [B, K, H, W]");
     TORCH_CHECK(images.numel() == 0 || (images.min().item<int64_t>() >= 0 && images.max().item<int64_t>() < 256),
                 "sample_scheduled: teacher images must hold values 0..255");
   }
+  if (images.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    return sample_scheduled_cuda(info, code, params, bufs, u, feed, images, out_params, config, temperature, t0, t1,
+                                 teacher);
+#else
+    TORCH_CHECK(false, "sample_scheduled: fastgen._C was built without CUDA");
+#endif
+  }
   if (dt == at::kFloat)
-    generate<float>(slots, code, params, scalars, bufs, u, feed, images, out_params, config, temperature, t0, t1,
-                    teacher);
+    generate<float>(slots, code, params, bufs, u, feed, images, out_params, config, temperature, t0, t1, teacher);
   else
-    generate<double>(slots, code, params, scalars, bufs, u, feed, images, out_params, config, temperature, t0, t1,
-                     teacher);
+    generate<double>(slots, code, params, bufs, u, feed, images, out_params, config, temperature, t0, t1, teacher);
 }
 
 }  // namespace fastgen

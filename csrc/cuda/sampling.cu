@@ -8,34 +8,18 @@
 #include <cstdint>
 
 #include "cuda/sampling.cuh"
+#include "cuda/sampling_ops.cuh"  // the opcodes, activate()
 
 namespace fastgen {
 namespace cuda {
 namespace {
 
-enum Op { CONV = 1, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY };
-enum Act { IDENTITY, RELU, LEAKY_RELU, ELU, TANH, SIGMOID, SILU, GELU, SOFTPLUS };
 constexpr int kThreads = 256;
 
 template <typename T>
 __device__ T* slot_at(const SampleJob& j, int s, int b, int y, int x) {
   const SampleSlot& sl = j.slots[s];
   return static_cast<T*>(sl.data) + ((int64_t(b) * sl.R + y % sl.R) * (j.W + 2 * j.P) + x + j.P) * sl.Cp;
-}
-
-template <typename T>
-__device__ T activate(int act, T v, T p) {
-  switch (act) {
-    case RELU: return v > T(0) ? v : T(0);
-    case LEAKY_RELU: return v > T(0) ? v : v * p;
-    case ELU: return v > T(0) ? v : p * expm1(v);
-    case TANH: return tanh(v);
-    case SIGMOID: return T(1) / (T(1) + exp(-v));
-    case SILU: return v / (T(1) + exp(-v));
-    case GELU: return T(0.5) * v * (T(1) + erf(v * T(0.70710678118654752440)));
-    case SOFTPLUS: return v > T(20) ? v : log1p(exp(v));
-    default: return v;
-  }
 }
 
 // The instructions for image b at row y, columns [x0, x1): all output channels,

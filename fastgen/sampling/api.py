@@ -9,6 +9,12 @@ The cached engines are the backends of the op ``sample_cached``:
   (nvcc) but not yet run on a GPU: it stays out of the default order until it
   has been tested and measured there (benchmarks/RESULTS.md);
 * ``ref``: the torch executor (fastgen/sampling/cached.py), any device and dtype.
+
+A discretized logistic mixture (PixelCNN++, likelihood 'logistic-mixture') is
+compiled into a multi-scale schedule (fastgen/sampling/schedule.py) and run by
+the backends of the op ``sample_scheduled``: ``cpp`` (csrc/cpu/schedule.cpp),
+``cuda`` (csrc/cuda/schedule.cu: compiled, not yet run on a GPU, so opt-in) and
+``ref`` (the torch executor).
 """
 import torch
 
@@ -29,7 +35,7 @@ MIXTURE_LEVELS = 256  # the discretized logistic mixture's bins (fastgen.ref.dmo
 OP = new_op("sample_cached", {"cpu": ["cpp"]})
 
 
-def _engine_why_not(device_type, name):
+def _engine_why_not(device_type, name, entry="sample_cached"):
     def why_not(job):
         prog = job["prog"]
         if prog.device.type != device_type:
@@ -37,8 +43,8 @@ def _engine_why_not(device_type, name):
         if prog.dtype not in (torch.float32, torch.float64):
             return f"the {name} engine takes float32 or float64 models, got {prog.dtype}"
         from fastgen import _C
-        if not hasattr(_C, "sample_cached"):
-            return "fastgen._C predates the cached-sampling engine: rebuild it (`make build`)"
+        if not hasattr(_C, entry):
+            return f"fastgen._C predates this engine ({entry}): rebuild it (`make build`)"
         return None
     return why_not
 
@@ -86,7 +92,8 @@ OP.register("cpp", _run_engine, why_not=_engine_why_not("cpu", "C++"), unavailab
 OP.register("cuda", _run_engine, why_not=_engine_why_not("cuda", "CUDA"), unavailable=_ext.cuda_ext_unavailable)
 
 
-# Multi-scale networks (PixelCNN++: fastgen/sampling/schedule.py): the C++ engine on the CPU.
+# Multi-scale networks (PixelCNN++: fastgen/sampling/schedule.py): the C++ engine on the CPU. The CUDA
+# engine (csrc/cuda/schedule.cu) compiles but has not run on a GPU: opt-in (backend='cuda') until measured.
 SCHEDULE_OP = new_op("sample_scheduled", {"cpu": ["cpp"]})
 
 
@@ -95,34 +102,28 @@ def _run_schedule_ref(job):
                               images=job["images"], progress=job["progress"])
 
 
-def _schedule_why_not(job):
-    prog = job["prog"]
-    if prog.device.type != "cpu":
-        return f"the C++ engine runs CPU models, got {prog.device.type}"
-    if prog.dtype not in (torch.float32, torch.float64):
-        return f"the C++ engine takes float32 or float64 models, got {prog.dtype}"
-    from fastgen import _C
-    if not hasattr(_C, "sample_scheduled"):
-        return "fastgen._C predates the multi-scale engine: rebuild it (`make build`)"
-    return None
-
-
 def _run_schedule_engine(job):
-    """The C++ engine: one call for all steps, or one per row to show progress."""
+    """The compiled engines (C++ on CPU tensors, CUDA on CUDA tensors): one call
+    for all steps, or one per row to show progress."""
     from fastgen import _C
     prog = job["prog"]
+    dev = prog.device
     slots, code, params, scalars = prog.encode()
+    params = [p.to(dev) for p in params]  # the queues are built on the CPU
     c, h, w = prog.shape
-    # channels padded to 16: the micro-kernel's vectors never leave a position
-    bufs = [torch.zeros(prog.batch, s.rows, s.w, -(-s.channels // 16) * 16, dtype=prog.dtype) for s in prog.slots]
+    # channels padded to 16: the CPU micro-kernel's vectors never leave a position
+    bufs = [torch.zeros(prog.batch, s.ring, -(-s.channels // 16) * 16, dtype=prog.dtype, device=dev)
+            for s in prog.slots]
     images = job["images"]
     teacher = images is not None
-    out_images = images.long().contiguous() if teacher else torch.zeros(prog.batch, c, h, w, dtype=torch.long)
-    out_params = torch.zeros(prog.batch, prog.out_channels, h, w, dtype=prog.dtype) if teacher else \
-        torch.empty(0, dtype=prog.dtype)
+    out_images = images.to(dev).long().contiguous() if teacher else \
+        torch.zeros(prog.batch, c, h, w, dtype=torch.long, device=dev)
+    out_params = torch.zeros(prog.batch, prog.out_channels, h, w, dtype=prog.dtype, device=dev) if teacher else \
+        torch.empty(0, dtype=prog.dtype, device=dev)
     config = [c, h, w, prog.input, prog.nr_mix, prog.out_channels] + prog.output.encode()
-    u, feed = job["u"].contiguous(), job["feed"].contiguous()
-    bar = Progress(h * w, "sampling (cached multi-scale, C++)", enabled=job["progress"])
+    u, feed = job["u"].to(dev).contiguous(), job["feed"].to(dev).contiguous()
+    bar = Progress(h * w, f"sampling (cached multi-scale, {'C++' if dev.type == 'cpu' else dev.type})",
+                   enabled=job["progress"])
     step = w if job["progress"] else h * w
     try:
         for t0 in range(0, h * w, step):
@@ -135,7 +136,10 @@ def _run_schedule_engine(job):
 
 
 SCHEDULE_OP.register("ref", _run_schedule_ref)
-SCHEDULE_OP.register("cpp", _run_schedule_engine, why_not=_schedule_why_not, unavailable=_ext.cpp_unavailable)
+SCHEDULE_OP.register("cpp", _run_schedule_engine, why_not=_engine_why_not("cpu", "C++", "sample_scheduled"),
+                     unavailable=_ext.cpp_unavailable)
+SCHEDULE_OP.register("cuda", _run_schedule_engine, why_not=_engine_why_not("cuda", "CUDA", "sample_scheduled"),
+                     unavailable=_ext.cuda_ext_unavailable)
 
 
 def _settings(model, likelihood, levels, shape):

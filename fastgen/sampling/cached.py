@@ -131,12 +131,13 @@ def run_torch(prog, u, feed_table, *, likelihood, levels, temperature=1.0, image
 
 
 class ScheduleEngine:
-    """The torch executor of a Schedule (fastgen/sampling/schedule.py): whole
-    slots [B, H, W, C] (no rings), each instruction at a list of positions."""
+    """The torch executor of a Schedule (fastgen/sampling/schedule.py): slots
+    as rings [B, ring, C] (position (y, x) at (y W + x) % ring, as the C++
+    engine keeps them), each instruction at a list of positions."""
 
     def __init__(self, prog):
         self.prog = prog
-        self.bufs = [torch.zeros(prog.batch, s.h, s.w, s.channels, dtype=prog.dtype, device=prog.device)
+        self.bufs = [torch.zeros(prog.batch, s.ring, s.channels, dtype=prog.dtype, device=prog.device)
                      for s in prog.slots]
 
     def read(self, ref, ys, xs, channels, valid=None):
@@ -146,13 +147,15 @@ class ScheduleEngine:
         ok = (sy >= ref.y0) & (sy < ref.y1) & (sx >= ref.x0) & (sx < ref.x1)
         if valid is not None:
             ok &= valid
-        v = buf[:, sy.clamp(0, buf.shape[1] - 1), sx.clamp(0, buf.shape[2] - 1), ref.c0:ref.c0 + channels]
+        at = (sy * self.prog.slots[ref.slot].w + sx).clamp(min=0) % buf.shape[1]
+        v = buf[:, at, ref.c0:ref.c0 + channels]
         return torch.where(ok[None, :, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
 
     def run(self, i, pos):
         s = self.prog.slots[i.out]
         ys, xs = pos // s.w, pos % s.w
         out = self.bufs[i.out]
+        at = pos % out.shape[1]  # the ring positions written
         if i.op in (CONV, CONVT):
             acc = torch.zeros(out.shape[0], len(pos), s.channels, dtype=out.dtype, device=out.device)
             if i.bias is not None:
@@ -166,14 +169,14 @@ class ScheduleEngine:
                     src = self.read(i.a, ry.div(sy, rounding_mode="floor"), rx.div(sx, rounding_mode="floor"),
                                     i.channels, (ry % sy == 0) & (rx % sx == 0))
                 acc += src @ i.weight[t]
-            out[:, ys, xs] = acc
+            out[:, at] = acc
             return
         if i.op == FILL:
-            out[:, ys, xs, i.out_off:i.out_off + i.channels] = i.param
+            out[:, at, i.out_off:i.out_off + i.channels] = i.param
             return
         a = self.read(i.a, ys, xs, i.channels)
         if i.op == COPY:
-            out[:, ys, xs, i.out_off:i.out_off + i.channels] = a
+            out[:, at, i.out_off:i.out_off + i.channels] = a
             return
         if i.op == ACT:
             v = _ACT_FNS[i.act](a, i.param)
@@ -192,7 +195,7 @@ class ScheduleEngine:
             v = (torch.tanh(blocks[:, :, :, 0]) * torch.sigmoid(blocks[:, :, :, 1])).reshape(*a.shape[:2], -1)
         else:
             raise RuntimeError(f"unknown opcode {i.op}")
-        out[:, ys, xs] = v
+        out[:, at] = v
 
 
 @torch.no_grad()
@@ -230,7 +233,7 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
             else:
                 v = draw_mixture(params, u[y, x], c, prog.nr_mix, temperature)
             out_images[:, :, y, x] = v
-            inp[:, y, x] = feed_table[v]
+            inp[:, t % inp.shape[1]] = feed_table[v]
             bar.update()
     finally:
         bar.close()

@@ -23,9 +23,11 @@ pixel t is ready by t - 1; otherwise compilation fails naming the pixel.
 
 Values are *views* of slots: zero padding (F.pad), crops (slicing along H and W)
 and channel slices cost nothing; an operand reads zeros outside the view's own
-extent and outside the slot. Each slot keeps a ring of its last ``rows`` rows,
-``rows`` found by replaying the schedule (fastgen's C++ engine uses rings; the
-torch executor keeps whole slots).
+extent and outside the slot. Each slot keeps a ring of its last ``ring``
+positions in raster order (position (y, x) at (y W + x) mod ring), ``ring``
+found by replaying the schedule: a value read only where it was just computed
+keeps a position or two, one read by a convolution over the rows above about
+a row.
 
 The network's output at a pixel must not depend on any channel of that pixel:
 the likelihood draws all of the pixel's channels at once, from the output there
@@ -96,7 +98,7 @@ class Slot:
     w: int
     name: str
     ready: Optional[torch.Tensor] = None  # [h, w] int64: the ready map
-    rows: int = 1                         # ring rows
+    ring: int = 1                         # ring positions
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Schedule:
     def encode(self):
         """(slots, code, params, scalars) for the C++ engine.
 
-        slots: [C, H, W, rows] per slot. Code: instructions, each [length, op,
+        slots: [C, H, W, ring] per slot. Code: instructions, each [length, op,
         out, channels, a (8: Ref.encode, or -1s), b (8), queue, start, ...]:
         CONV / CONVT [.., w, bias(-1), sy, sx, T, dy.., dx..], ACT [.., act,
         scalar], AFFINE [.., scale, shift], ADD [.., scalar], MUL [..], CONST
@@ -187,7 +189,7 @@ class Schedule:
             elif i.op == FILL:
                 body += [i.out_off, scalar(i.param)]
             code += [len(body) + 1] + body
-        slots = [v for s in self.slots for v in (s.channels, s.h, s.w, s.rows)]
+        slots = [v for s in self.slots for v in (s.channels, s.h, s.w, s.ring)]
         return slots, code, params, scalars
 
 
@@ -442,7 +444,7 @@ class _ScheduleCompiler(_Compiler):
             keep = steps < n  # positions ready only after the last pixel are never needed
             i.queue = order[keep].to(torch.int64)
             i.start = torch.searchsorted(steps[keep], torch.arange(n + 1, dtype=torch.int64))
-        self.ring_rows()
+        self.ring_positions()
 
     def read_map(self, ref, h, w, ys=None, xs=None):
         """The ready map of an operand over output positions: [h, w] (or at the
@@ -480,53 +482,58 @@ class _ScheduleCompiler(_Compiler):
                 out = torch.maximum(out, self.read_map(ref, s.h, s.w))
         return out
 
-    def ring_rows(self):
-        """Each slot's ring: 1 + the most rows between the newest row it holds
-        and the oldest row a reader still reads, over the whole schedule
-        (positions run at step ready + 1; the draw reads the output at step t)."""
+    def ring_positions(self):
+        """Each slot's ring: 1 + the most positions (raster order) between the
+        newest position it holds and the oldest one still read or written, over
+        the whole schedule (positions run at step ready + 1; the draw reads the
+        output at step t). Counting writes keeps a late write to an old position
+        from landing on a live one."""
         prog = self.prog
         c, h, w = self.shape
         n = h * w
 
-        def newest_row(slot):
-            """[n + 1]: the newest row of the slot holding a position computed by the end of step t."""
-            s = prog.slots[slot]
-            first = (s.ready.min(1).values + 1).clamp(min=0)  # the step each row is first written
-            newest = torch.full((n + 1,), -1, dtype=torch.int64)
-            for r in range(s.h):
-                if first[r] <= n:
-                    newest[first[r]:] = r
-            return newest
+        def steps_of(slot):
+            return (prog.slots[slot].ready.flatten() + 1).clamp(min=0)
 
-        newest = [newest_row(k) for k in range(len(prog.slots))]
+        def newest_position(slot):
+            """[n + 1]: the newest position (y W + x) of the slot computed by the end of step t."""
+            s = prog.slots[slot]
+            first = torch.full((n + 1,), -1, dtype=torch.int64)
+            first.scatter_reduce_(0, steps_of(slot).clamp(max=n), torch.arange(s.h * s.w), "amax")
+            return first.cummax(0).values
+
+        newest = [newest_position(k) for k in range(len(prog.slots))]
         need = [1] * len(prog.slots)
 
-        def reads(ref, steps, rows):
+        def uses(slot, steps, positions):
             ok = steps < n
             if ok.any():
-                lag = newest[ref.slot][steps[ok]] - rows[ok] + 1
-                need[ref.slot] = max(need[ref.slot], int(lag.max()))
+                lag = newest[slot][steps[ok]] - positions[ok] + 1
+                need[slot] = max(need[slot], int(lag.max()))
+
+        def reads(ref, steps, ys, xs, valid=None):
+            sy, sx = ys - ref.oy, xs - ref.ox
+            ok = (sy >= ref.y0) & (sy < ref.y1) & (sx >= ref.x0) & (sx < ref.x1)
+            if valid is not None:
+                ok &= valid
+            uses(ref.slot, steps[ok], sy[ok] * prog.slots[ref.slot].w + sx[ok])
 
         for i in prog.code:
             s = prog.slots[i.out]
-            steps = (s.ready + 1).clamp(min=0)
+            steps = steps_of(i.out).view(s.h, s.w)
+            uses(i.out, steps.flatten(), torch.arange(s.h * s.w))  # its own writes
             if i.op in (CONV, CONVT):
                 for ys, xs, valid in self.tap_positions(i, s.h, s.w):
-                    sy, sx = ys - i.a.oy, xs - i.a.ox
-                    ok = valid & (sy >= i.a.y0) & (sy < i.a.y1) & (sx >= i.a.x0) & (sx < i.a.x1)
-                    reads(i.a, steps[ok], sy[ok])
+                    reads(i.a, steps, ys, xs, valid)
             else:
-                ys = torch.arange(s.h)[:, None].expand(s.h, s.w)
+                ys, xs = torch.meshgrid(torch.arange(s.h), torch.arange(s.w), indexing="ij")
                 for ref in (i.a, i.b):
                     if ref is not None:
-                        sy, sx = ys - ref.oy, torch.arange(s.w)[None, :].expand(s.h, s.w) - ref.ox
-                        ok = (sy >= ref.y0) & (sy < ref.y1) & (sx >= ref.x0) & (sx < ref.x1)
-                        reads(ref, steps[ok], sy[ok])
-        out = prog.output  # the draw of pixel t reads the output at step t
+                        reads(ref, steps, ys, xs)
         t = torch.arange(n)
-        reads(out, t, t // w - out.oy)
+        reads(prog.output, t, t // w, t % w)  # the draw of pixel t reads the output at step t
         for k, s in enumerate(prog.slots):
-            s.rows = max(1, min(s.h, need[k]))
+            s.ring = max(1, min(s.h * s.w, need[k]))
 
 
 def compile_schedule(model, *, shape, batch, condition=None):

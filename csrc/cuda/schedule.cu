@@ -1,0 +1,184 @@
+// The CUDA engine of multi-scale cached sampling (see schedule.cuh). One
+// thread block runs every step for one image: at step t each instruction on its
+// queue's positions for t (threads across positions and output channels, a
+// barrier between instructions), then the draw of pixel t from the mixture at
+// the output (one thread, in T, as csrc/cpu/schedule.cpp and the torch sampler
+// compute it) and the feed. Weights are read from global memory ([taps][cin]
+// [cout]: consecutive threads read consecutive output channels).
+#include <cstdint>
+
+#include "cuda/schedule.cuh"
+#include "cuda/sampling_ops.cuh"  // the opcodes, activate()
+
+namespace fastgen {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr double kLogScaleMin = -7.0;  // fastgen.ref.dmol
+constexpr double kUMin = 1e-5;         // the logistic draw's uniforms are clamped to [kUMin, 1 - kUMin]
+
+template <typename T>
+__device__ T* slot_at(const ScheduleJob& j, int s, int b, int y, int x) {
+  const ScheduleSlot& sl = j.slots[s];
+  return static_cast<T*>(sl.data) + (int64_t(b) * sl.R + (int64_t(y) * sl.W + x) % sl.R) * sl.Cp;
+}
+
+// The operand at position (y, x) of its view, or null (zeros) outside it.
+template <typename T>
+__device__ const T* read(const ScheduleJob& j, const ScheduleRef& r, int b, int y, int x) {
+  const int sy = y - r.oy, sx = x - r.ox;
+  if (sy < r.y0 || sy >= r.y1 || sx < r.x0 || sx >= r.x1) return nullptr;
+  return slot_at<T>(j, r.slot, b, sy, sx) + r.c0;
+}
+
+template <typename T>
+__device__ T value(const T* p, int i) {
+  return p ? p[i] : T(0);
+}
+
+// One instruction for image b at its queue's positions [lo, hi). Ends with a barrier.
+template <typename T>
+__device__ void run(const ScheduleJob& j, const ScheduleInstr& in, int b, int64_t lo, int64_t hi) {
+  const ScheduleSlot& so = j.slots[in.out];
+  const int width = (in.op == CONV || in.op == CONVT) ? in.cout : in.op == GATE ? in.ch / 2 : in.ch;
+  const int64_t total = (hi - lo) * width;
+  for (int64_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int64_t p = in.queue[lo + idx / width];
+    const int co = idx % width, y = p / so.W, x = p % so.W;
+    T* o = slot_at<T>(j, in.out, b, y, x);
+    switch (in.op) {
+      case CONV:
+      case CONVT: {
+        const T* w = static_cast<const T*>(in.w);
+        T acc = in.bias ? static_cast<const T*>(in.bias)[co] : T(0);
+        for (int t = 0; t < in.taps; ++t) {
+          int iy, ix;
+          if (in.op == CONV) {
+            iy = y * in.sy + in.dy[t], ix = x * in.sx + in.dx[t];
+          } else {  // input (y - dy) / sy where that divides exactly
+            const int ry = y - in.dy[t], rx = x - in.dx[t];
+            if (ry % in.sy != 0 || rx % in.sx != 0) continue;
+            iy = ry / in.sy, ix = rx / in.sx;
+          }
+          const T* s = read<T>(j, in.a, b, iy, ix);
+          if (!s) continue;
+          const T* wt = w + int64_t(t) * in.ch * in.cout + co;
+          for (int ci = 0; ci < in.ch; ++ci) acc += s[ci] * wt[int64_t(ci) * in.cout];
+        }
+        o[co] = acc;
+        break;
+      }
+      case FILL: o[in.out_off + co] = T(in.param); break;
+      case COPY: o[in.out_off + co] = value(read<T>(j, in.a, b, y, x), co); break;
+      case ACT: o[co] = activate<T>(in.act, value(read<T>(j, in.a, b, y, x), co), T(in.param)); break;
+      case AFFINE:
+        o[co] = value(read<T>(j, in.a, b, y, x), co) * static_cast<const T*>(in.scale)[co] +
+                static_cast<const T*>(in.shift)[co];
+        break;
+      case ADD: {
+        const T a = value(read<T>(j, in.a, b, y, x), co), q = value(read<T>(j, in.b, b, y, x), co);
+        o[co] = in.param == 1.0 ? a + q : a + T(in.param) * q;
+        break;
+      }
+      case MUL: o[co] = value(read<T>(j, in.a, b, y, x), co) * value(read<T>(j, in.b, b, y, x), co); break;
+      case CONST: {
+        const T* kk = static_cast<const T*>(in.cst) +
+                      (in.is_map ? ((int64_t(b) * so.H + y) * so.W + x) * in.ch : int64_t(b) * in.ch);
+        const T a = value(read<T>(j, in.a, b, y, x), co);
+        o[co] = in.multiply ? a * kk[co] : a + kk[co];
+        break;
+      }
+      case GATE: {  // input: dc blocks of (tanh half, sigmoid half)
+        const int cd = in.ch / (2 * in.dc), d = co / cd, jj = co % cd;
+        const T* a = read<T>(j, in.a, b, y, x);
+        const T f = value(a, 2 * d * cd + jj), g = value(a, 2 * d * cd + cd + jj);
+        o[co] = tanh(f) / (T(1) + exp(-g));
+        break;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ int quantize(T v) {
+  return int(nearbyint((fmin(fmax(v, T(-1)), T(1)) + T(1)) * T(127.5)));
+}
+
+// One pixel's levels from the mixture parameters p (fastgen.ref.dmol's layout), as csrc/cpu/schedule.cpp's
+// draw_mixture: u[0] picks the component, u[(1 + c) * stride] draws colour c. p null: zeros (an output
+// outside its slot).
+template <typename T>
+__device__ void draw_mixture(const T* p, int C, int M, T temperature, const double* u, int stride, int* levels) {
+  T mx = -INFINITY;
+  for (int k = 0; k < M; ++k) mx = fmax(mx, value(p, k) / temperature);
+  T sum = 0;
+  for (int k = 0; k < M; ++k) sum += exp(value(p, k) / temperature - mx);
+  T cdf = 0;
+  int k = 0;
+  const T um = T(u[0]);
+  for (int i = 0; i < M; ++i) k += (cdf += exp(value(p, i) / temperature - mx) / sum) < um;
+  k = k < M - 1 ? k : M - 1;
+  const int per = C == 1 ? 2 : 3;
+  T x[3];
+  for (int c = 0; c < C; ++c) {
+    const int blk = M + c * per * M;
+    const T mu = value(p, blk + k), ls = fmax(value(p, blk + M + k), T(kLogScaleMin));
+    const T uc = fmin(fmax(T(u[(1 + c) * stride]), T(kUMin)), T(1 - kUMin));
+    T v = mu + exp(ls) * temperature * (log(uc) - log1p(-uc));
+    if (c == 1) v += tanh(value(p, M + k + 2 * M)) * x[0];
+    if (c == 2) {  // in the torch sampler's order: (draw + a_1 x_0) + a_2 x_1
+      v += tanh(value(p, M + 3 * M + k + 2 * M)) * x[0];
+      v += tanh(value(p, M + 6 * M + k + 2 * M)) * x[1];
+    }
+    levels[c] = quantize(v);
+    x[c] = T(levels[c]) / T(127.5) - T(1);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleJob j) {
+  const int b = blockIdx.x;
+  const T* feed = static_cast<const T*>(j.feed);
+  for (int t = j.t0; t < j.t1; ++t) {
+    for (int k = 0; k < j.n_code; ++k) {
+      const ScheduleInstr& in = j.code[k];
+      const int64_t lo = in.start[t], hi = in.start[t + 1];
+      if (hi > lo) run<T>(j, in, b, lo, hi);  // the same test in every thread: the barrier is safe
+    }
+    if (threadIdx.x == 0) {
+      const int y = t / j.W, x = t % j.W;
+      const T* p = read<T>(j, j.out, b, y, x);
+      int lv[3];
+      if (j.params) {  // teacher forcing
+        for (int k = 0; k < j.K; ++k)
+          static_cast<T*>(j.params)[((int64_t(b) * j.K + k) * j.H + y) * j.W + x] = value(p, k);
+        for (int c = 0; c < j.C; ++c) lv[c] = int(j.images[((int64_t(b) * j.C + c) * j.H + y) * j.W + x]);
+      } else {
+        draw_mixture<T>(p, j.C, j.M, T(j.temperature), j.u + int64_t(t) * (j.C + 1) * j.B + b, j.B, lv);
+      }
+      T* inp = slot_at<T>(j, j.in_slot, b, y, x);
+      for (int c = 0; c < j.C; ++c) {
+        j.images[((int64_t(b) * j.C + c) * j.H + y) * j.W + x] = lv[c];
+        inp[c] = feed[lv[c]];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t sample_scheduled(const ScheduleJob& job, cudaStream_t stream) {
+  if (job.B == 0 || job.t0 >= job.t1) return cudaSuccess;
+  schedule_kernel<T><<<job.B, kThreads, 0, stream>>>(job);
+  return cudaGetLastError();
+}
+
+template cudaError_t sample_scheduled<float>(const ScheduleJob&, cudaStream_t);
+template cudaError_t sample_scheduled<double>(const ScheduleJob&, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace fastgen

@@ -1,0 +1,156 @@
+// The code of a multi-scale schedule (fastgen/sampling/schedule.py,
+// Schedule.encode), parsed and checked once for both engines: the CPU engine
+// (csrc/cpu/schedule.cpp) and the CUDA glue (csrc/cuda/schedule_glue.cpp)
+// turn each parsed instruction into their own form.
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "sampling_code.h"  // the opcodes
+
+namespace fastgen {
+namespace schedule {
+
+using sampling::ACT;
+using sampling::ADD;
+using sampling::AFFINE;
+using sampling::CONST;
+using sampling::CONV;
+using sampling::CONVT;
+using sampling::COPY;
+using sampling::FILL;
+using sampling::GATE;
+using sampling::MUL;
+
+// A slot: channels, height, width, ring rows.
+struct SlotInfo {
+  int64_t C, H, W, R;
+};
+
+// An operand: channels [c0, ..) of a slot through a view; slot -1: none (Ref in schedule.py).
+struct RefCode {
+  int64_t slot = -1, c0 = 0, oy = 0, ox = 0, y0 = 0, y1 = 0, x0 = 0, x1 = 0;
+};
+
+// One instruction; parameters as indexes into the params list (-1: none).
+struct Code {
+  int64_t op = 0, out = 0, ch = 0;  // ch: channels read from a (and b); COPY, FILL: written
+  RefCode a, b;
+  int64_t queue = -1, start = -1;   // int64 params: positions by step, [steps + 1] starts
+  int64_t w = -1, bias = -1;        // CONV, CONVT: weight [taps, ch, C_out], bias [C_out]
+  int64_t sy = 1, sx = 1;
+  std::vector<int64_t> dy, dx;
+  int64_t act = 0;
+  double param = 0;                 // ACT: slope / alpha; ADD: alpha; FILL: the value
+  int64_t scale = -1, shift = -1;   // AFFINE: [ch]
+  int64_t cst = -1;                 // CONST: [B, ch] or [B, H, W, ch]
+  bool multiply = false, is_map = false;
+  int64_t dc = 1, out_off = 0;      // GATE; COPY, FILL
+};
+
+inline RefCode parse_ref(const int64_t* c, const std::vector<SlotInfo>& slots, int64_t channels, bool optional) {
+  RefCode r;
+  if (optional && c[0] == -1) return r;
+  r.slot = c[0], r.c0 = c[1], r.oy = c[2], r.ox = c[3], r.y0 = c[4], r.y1 = c[5], r.x0 = c[6], r.x1 = c[7];
+  TORCH_CHECK(r.slot >= 0 && r.slot < (int64_t)slots.size(), "sample_scheduled: bad slot index ", r.slot);
+  const SlotInfo& s = slots[r.slot];
+  TORCH_CHECK(r.c0 >= 0 && r.c0 + channels <= s.C && 0 <= r.y0 && r.y1 <= s.H && 0 <= r.x0 && r.x1 <= s.W,
+              "sample_scheduled: an operand outside its slot");
+  return r;
+}
+
+// Parses and checks the code against the slots, the params (dtype dt; queues int64) and `steps` = H * W.
+inline std::vector<Code> parse(const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
+                               const std::vector<double>& scalars, const std::vector<SlotInfo>& slots,
+                               int64_t steps, at::ScalarType dt) {
+  const int64_t nparams = params.size();
+  auto param = [&](int64_t i, int64_t numel, at::ScalarType type) {
+    TORCH_CHECK(i >= 0 && i < nparams, "sample_scheduled: bad parameter index ", i);
+    TORCH_CHECK(params[i].scalar_type() == type && (numel < 0 || params[i].numel() == numel),
+                "sample_scheduled: a parameter of the wrong size or dtype");
+    return i;
+  };
+  auto scalar = [&](int64_t i) {
+    TORCH_CHECK(i >= 0 && i < (int64_t)scalars.size(), "sample_scheduled: bad scalar index ", i);
+    return scalars[i];
+  };
+  std::vector<Code> out;
+  for (size_t pos = 0; pos < code.size();) {
+    const int64_t len = code[pos];
+    TORCH_CHECK(len >= 22 && pos + len <= code.size(), "sample_scheduled: malformed program");
+    const int64_t* c = code.data() + pos + 1;
+    Code in;
+    in.op = c[0], in.out = c[1], in.ch = c[2];
+    TORCH_CHECK(in.out >= 0 && in.out < (int64_t)slots.size() && in.ch >= 0, "sample_scheduled: bad instruction");
+    const SlotInfo& so = slots[in.out];
+    if (in.op != FILL) in.a = parse_ref(c + 3, slots, in.ch, false);
+    in.b = parse_ref(c + 11, slots, in.ch, true);
+    in.queue = param(c[19], -1, at::kLong);
+    in.start = param(c[20], steps + 1, at::kLong);
+    const at::Tensor &q = params[in.queue], &st = params[in.start];  // checked with tensor ops: any device
+    TORCH_CHECK(st.dim() == 1 && st[0].item<int64_t>() == 0 && st[steps].item<int64_t>() <= q.numel() &&
+                    (st.slice(0, 1) >= st.slice(0, 0, steps)).all().item<bool>() &&
+                    (q.numel() == 0 || (q.min().item<int64_t>() >= 0 && q.max().item<int64_t>() < so.H * so.W)),
+                "sample_scheduled: a queue outside its slot, or starts that do not increase from 0");
+    const int64_t* e = c + 21;  // the op's own fields
+    const int64_t extra = len - 22;
+    switch (in.op) {
+      case CONV:
+      case CONVT: {
+        TORCH_CHECK(extra >= 5 && extra == 5 + 2 * e[4], "sample_scheduled: malformed convolution");
+        const int64_t taps = e[4];
+        in.w = param(e[0], taps * in.ch * so.C, dt);
+        if (e[1] >= 0) in.bias = param(e[1], so.C, dt);
+        in.sy = e[2], in.sx = e[3];
+        TORCH_CHECK(in.sy >= 1 && in.sx >= 1, "sample_scheduled: bad stride");
+        in.dy.assign(e + 5, e + 5 + taps);
+        in.dx.assign(e + 5 + taps, e + 5 + 2 * taps);
+        break;
+      }
+      case ACT:
+        TORCH_CHECK(extra == 2, "sample_scheduled: malformed ACT");
+        in.act = e[0], in.param = scalar(e[1]);
+        break;
+      case AFFINE:
+        TORCH_CHECK(extra == 2, "sample_scheduled: malformed AFFINE");
+        in.scale = param(e[0], in.ch, dt), in.shift = param(e[1], in.ch, dt);
+        break;
+      case ADD:
+        TORCH_CHECK(extra == 1 && in.b.slot >= 0, "sample_scheduled: malformed ADD");
+        in.param = scalar(e[0]);
+        break;
+      case MUL: TORCH_CHECK(extra == 0 && in.b.slot >= 0, "sample_scheduled: malformed MUL"); break;
+      case CONST: {
+        TORCH_CHECK(extra == 3, "sample_scheduled: malformed CONST");
+        in.multiply = e[1] != 0, in.is_map = e[2] != 0;
+        in.cst = param(e[0], -1, dt);
+        const at::Tensor& k = params[in.cst];
+        TORCH_CHECK(k.dim() >= 1 && k.numel() == (in.is_map ? so.H * so.W : 1) * in.ch * k.size(0),
+                    "sample_scheduled: CONST of the wrong size");
+        break;
+      }
+      case GATE:
+        TORCH_CHECK(extra == 1 && e[0] >= 1 && in.ch % (2 * e[0]) == 0, "sample_scheduled: malformed GATE");
+        in.dc = e[0];
+        break;
+      case COPY:
+        TORCH_CHECK(extra == 1 && e[0] >= 0 && e[0] + in.ch <= so.C, "sample_scheduled: malformed COPY");
+        in.out_off = e[0];
+        break;
+      case FILL:
+        TORCH_CHECK(extra == 2 && e[0] >= 0 && e[0] + in.ch <= so.C, "sample_scheduled: malformed FILL");
+        in.out_off = e[0], in.param = scalar(e[1]);
+        break;
+      default: TORCH_CHECK(false, "sample_scheduled: unknown opcode ", in.op);
+    }
+    if (in.op != COPY && in.op != FILL && in.op != CONV && in.op != CONVT)
+      TORCH_CHECK(so.C == (in.op == GATE ? in.ch / 2 : in.ch), "sample_scheduled: output slot channels");
+    out.push_back(std::move(in));
+    pos += len;
+  }
+  return out;
+}
+
+}  // namespace schedule
+}  // namespace fastgen

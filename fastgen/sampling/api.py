@@ -196,15 +196,19 @@ def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None
     """``n`` images [n, C, H, W] (int64 values) from an autoregressive image model.
 
     ``model(x)`` (or ``model(x, condition)``) maps the image as fed, [n, C, H, W],
-    to Bernoulli logits [n, C, H, W] or categorical logits [n, C*levels, H, W]
-    with channel c's logits in block c. ``likelihood``, ``levels`` and ``shape``
-    = (C, H, W) default to the model's own (fastgen's models know them).
-    ``feed`` maps sampled values (a tensor) to the network's input, elementwise;
-    default binary as {0, 1}, categorical as value / (levels - 1).
-    ``method``: 'cached' computes each activation once (fastgen/sampling/program.py
-    says which networks it takes, and names any operation it cannot); 'naive'
-    runs the whole network per pixel and colour channel. Both read the same
-    uniforms: for one seed they give the same images (exactly in float64).
+    to Bernoulli logits [n, C, H, W], categorical logits [n, C*levels, H, W]
+    with channel c's logits in block c, or ('logistic-mixture', PixelCNN++) a
+    discretized logistic mixture's parameters [n, K, H, W] in fastgen.ref.dmol's
+    layout (256 levels; all of a pixel's colours drawn from its mixture).
+    ``likelihood``, ``levels`` and ``shape`` = (C, H, W) default to the model's
+    own (fastgen's models know them). ``feed`` maps sampled values (a tensor) to
+    the network's input, elementwise; default binary as {0, 1}, categorical as
+    value / (levels - 1), a mixture's as 2 value / 255 - 1.
+    ``method``: 'cached' computes each activation once (fastgen/sampling/program.py,
+    and schedule.py for mixtures, say which networks they take, and name any
+    operation they cannot); 'naive' runs the whole network per pixel (and colour
+    channel). Both read the same uniforms: for one seed they give the same
+    images (exactly in float64).
     ``backend``: the cached engine, 'cpp', 'cuda' or 'ref' (torch); default: dispatch.
     Colour images follow the sub-pixel order (R, then G, then B at each pixel).
     """

@@ -23,22 +23,10 @@
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // activate()
+#include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows
 #include "sampling_code.h"  // the program's code lists, parsed for both engines
 
 namespace {
-
-#ifdef FASTGEN_AVX512
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-namespace avx512 {
-#include "cpu/sampling_conv.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
-namespace portable {
-#include "cpu/sampling_conv.h"
-}  // namespace portable
 
 using namespace fastgen::sampling;  // the opcodes
 

@@ -24,22 +24,10 @@
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // activate()
+#include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows
 #include "schedule_code.h"     // the parsed program
 
 namespace {
-
-#ifdef FASTGEN_AVX512
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-namespace avx512 {
-#include "cpu/sampling_conv.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
-namespace portable {
-#include "cpu/sampling_conv.h"
-}  // namespace portable
 
 using namespace fastgen::sampling;  // the opcodes, activate()
 using fastgen::schedule::Code;

@@ -88,6 +88,24 @@ class Instr:
     count: int = 0
 
 
+class Pool:
+    """The params and scalars lists of an encoded program: param(t) / scalar(v) append and return the index
+    the code stores (param(None): -1)."""
+
+    def __init__(self):
+        self.params, self.scalars = [], []
+
+    def param(self, t):
+        if t is None:
+            return -1
+        self.params.append(t.contiguous())
+        return len(self.params) - 1
+
+    def scalar(self, v):
+        self.scalars.append(float(v))
+        return len(self.scalars) - 1
+
+
 @dataclass
 class Program:
     batch: int
@@ -113,17 +131,8 @@ class Program:
         MUL [.., b], CONST [.., const, multiply, is_map], GATE [.., data_channels],
         COPY [.., out_off, in_off, count]; w, bias, scale, shift, const index
         params, scalar indexes scalars."""
-        params, scalars = [], []
-
-        def param(t):
-            if t is None:
-                return -1
-            params.append(t.contiguous())
-            return len(params) - 1
-
-        def scalar(v):
-            scalars.append(float(v))
-            return len(scalars) - 1
+        pool = Pool()
+        param, scalar = pool.param, pool.scalar
 
         def code(instrs):
             out = []
@@ -150,7 +159,7 @@ class Program:
             return out
 
         slots = [v for s in self.slots for v in (s.channels, s.rows)]
-        return slots, code(self.pixel), code(self.post), code(self.row), params, scalars
+        return slots, code(self.pixel), code(self.post), code(self.row), pool.params, pool.scalars
 
 
 # ---- tracing -------------------------------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ from torch import nn
 
 from fastgen.nn import MaskedConv2d
 from fastgen.ref.dmol import infer_nr_mix
-from fastgen.sampling.program import (ACT, ACTS, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL, CompileError, Val,
-                                      _Compiler, trace)
+from fastgen.sampling.program import (ACT, ACTS, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL, CompileError, Pool,
+                                      Val, _Compiler, trace)
 
 CONVT, FILL = 9, 10  # opcodes beyond program.py's, shared with csrc/cpu/schedule.cpp
 _SCHEDULE_OPS = ("convolutions of any kernel, stride, dilation and zero padding (fastgen.MaskedConv2d, nn.Conv2d), "
@@ -153,18 +153,8 @@ class Schedule:
         out_off], FILL [.., out_off, scalar]; w, bias, scale, shift, const,
         queue and start index params (queue and start are int64), scalar
         indexes scalars."""
-        params, scalars = [], []
-
-        def param(t):
-            if t is None:
-                return -1
-            params.append(t.contiguous())
-            return len(params) - 1
-
-        def scalar(v):
-            scalars.append(float(v))
-            return len(scalars) - 1
-
+        pool = Pool()
+        param, scalar = pool.param, pool.scalar
         code = []
         for i in self.code:
             body = [i.op, i.out, i.channels]
@@ -190,7 +180,7 @@ class Schedule:
                 body += [i.out_off, scalar(i.param)]
             code += [len(body) + 1] + body
         slots = [v for s in self.slots for v in (s.channels, s.h, s.w, s.ring)]
-        return slots, code, params, scalars
+        return slots, code, pool.params, pool.scalars
 
 
 def _pair(v):

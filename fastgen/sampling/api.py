@@ -241,8 +241,9 @@ def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None
 def cached_logits(model, images, *, likelihood=None, levels=None, condition=None, backend=None, feed=None):
     """Teacher forcing through the cached path: feed ``images`` (int values
     [B, C, H, W]) pixel by pixel and return the logits each step computed,
-    [B, C_out, H, W] (channel c's block from the step of colour channel c).
-    Equals ``model(feed(images))`` for an exact cached path."""
+    [B, C_out, H, W] (channel c's block from the step of colour channel c; a
+    mixture's parameters from the pixel's step). Equals ``model(feed(images))``
+    for an exact cached path."""
     likelihood, levels, shape = _settings(model, likelihood, levels, tuple(images.shape[1:]))
     _check_condition(model, condition, images.shape[0])
     param = next(model.parameters())

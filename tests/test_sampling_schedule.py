@@ -2,7 +2,8 @@
 csrc/cpu/schedule.cpp and the torch executor): exact against the full forward
 pass (teacher forcing) and against naive sampling (same seed, float64), for
 PixelCNN++ (grey and RGB, class-conditional) and for another network of
-strided, transposed and masked convolutions; rings; clear errors for
+strided, transposed and masked convolutions, and for one of every other
+operation (dilation, the gate, conditioning maps, BatchNorm); rings; clear errors for
 non-causal networks and unsupported operations."""
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastgen
+from fastgen.functional import gated_activation
 from fastgen.models import PixelCNNpp
 from fastgen.sampling.api import SCHEDULE_OP, cached_logits
 from fastgen.sampling.program import CompileError
@@ -60,6 +62,29 @@ class MultiScaleNet(nn.Module):
         return self.head(torch.cat([h, F.elu(u)], 1))
 
 
+class EveryOp(nn.Module):
+    """The schedule's other operations: a 2x3 convolution over the two rows
+    above, the gate with a conditioning map, a dilated convolution, eval-mode
+    BatchNorm, leaky ReLU, a product, an add with alpha, tanh; all causal."""
+
+    def __init__(self, c=4, nr_mix=2):
+        super().__init__()
+        self.first = nn.Conv2d(1, 2 * c, (2, 3))
+        self.dilated = nn.Conv2d(c, c, 3, dilation=2)
+        self.bn = nn.BatchNorm2d(c)
+        self.head = nn.Conv2d(c, 3 * nr_mix, 1)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x, cond):
+        h = self.first(F.pad(x, (1, 1, 2, 0))[:, :, :-1])  # output row y reads input rows y-2, y-1
+        g = gated_activation(h, cond)  # a global name: torch.fx traces it as a leaf
+        d = self.bn(self.dilated(F.pad(g, (2, 2, 4, 0))))  # rows y-4..y of g, which sees only rows above
+        e = F.leaky_relu(d, 0.1) * torch.sigmoid(g)
+        return self.head(torch.tanh(torch.add(e, g, alpha=0.5)))
+
+
 # ---- exactness ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -106,6 +131,21 @@ def test_another_multi_scale_network(engine):
     images = torch.randint(0, 256, (2, 1, 8, 10))
     params = cached_logits(m, images, likelihood="logistic-mixture", backend=engine)
     torch.testing.assert_close(params, m(images.double() * 2 / 255 - 1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_operation(engine):
+    require_backend(SCHEDULE_OP, engine)
+    torch.manual_seed(2)
+    m = EveryOp().double().eval()
+    cond = torch.randn(3, 8, 6, 7, dtype=torch.float64)  # a conditioning map: a constant of every position
+    args = dict(likelihood="logistic-mixture", shape=(1, 6, 7), condition=cond)
+    naive = fastgen.sample(m, 3, seed=6, method="naive", **args)
+    assert torch.equal(fastgen.sample(m, 3, seed=6, backend=engine, **args), naive)
+    assert len(naive.unique()) > 20
+    images = torch.randint(0, 256, (3, 1, 6, 7))
+    params = cached_logits(m, images, likelihood="logistic-mixture", condition=cond, backend=engine)
+    torch.testing.assert_close(params, m(images.double() * 2 / 255 - 1, cond), rtol=1e-12, atol=1e-12)
 
 
 def test_progress_runs_row_by_row_to_the_same_images():

@@ -65,7 +65,8 @@ class MultiScaleNet(nn.Module):
 class EveryOp(nn.Module):
     """The schedule's other operations: a 2x3 convolution over the two rows
     above, the gate with a conditioning map, a dilated convolution, eval-mode
-    BatchNorm, leaky ReLU, a product, an add with alpha, tanh; all causal."""
+    BatchNorm, leaky ReLU, a product, a crop padded back with zeros, an add
+    with alpha, tanh; all causal."""
 
     def __init__(self, c=4, nr_mix=2):
         super().__init__()
@@ -82,6 +83,8 @@ class EveryOp(nn.Module):
         g = gated_activation(h, cond)  # a global name: torch.fx traces it as a leaf
         d = self.bn(self.dilated(F.pad(g, (2, 2, 4, 0))))  # rows y-4..y of g, which sees only rows above
         e = F.leaky_relu(d, 0.1) * torch.sigmoid(g)
+        g = F.pad(g[:, :, :-1, 1:], (0, 1, 0, 1))  # cropped, then padded back on the same sides: zeros there
+        g = F.pad(F.pad(g, (-1, 0, 0, 0)), (1, 0, 0, 0))  # the same with negative padding: column 0 zero
         return self.head(torch.tanh(torch.add(e, g, alpha=0.5)))
 
 

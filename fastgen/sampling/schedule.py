@@ -33,6 +33,7 @@ The network's output at a pixel must not depend on any channel of that pixel:
 the likelihood draws all of the pixel's channels at once, from the output there
 (PixelCNN++'s discretized logistic mixture couples the colours itself).
 """
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -74,12 +75,18 @@ class Ref:
 @dataclass
 class SVal(Val):
     """A traced tensor that depends on the image, as a view of a slot
-    (kind 'spatial'): extent h x w, channels from c0, offset (oy, ox)."""
+    (kind 'spatial'): extent h x w, channels from c0, offset (oy, ox), and
+    the window of slot rows [y0, y1) and columns [x0, x1) it shows (crops
+    narrow it; padding never widens it: a crop padded back reads zeros)."""
     h: int = 0
     w: int = 0
     c0: int = 0
     oy: int = 0
     ox: int = 0
+    y0: int = 0
+    y1: int = 0
+    x0: int = 0
+    x1: int = 0
 
 
 @dataclass
@@ -197,13 +204,21 @@ class _ScheduleCompiler(_Compiler):
         self.prog = Schedule(batch=self.batch, shape=self.shape, dtype=self.dtype, device=self.device)
 
     # -- values
-    def val(self, slot, channels, h, w, c0=0, oy=0, ox=0):
-        return SVal(slot, "spatial", channels, h, w, c0, oy, ox)
+    def val(self, slot, channels, h, w):
+        """A whole new slot as a value."""
+        return SVal(slot, "spatial", channels, h, w, 0, 0, 0, 0, h, 0, w)
+
+    def view(self, a, **changes):
+        """The value ``a`` seen differently (fields of SVal changed); the window
+        narrows to the slot rows and columns inside the new extent (value row r
+        is slot row r - oy), so crops (slices, negative padding) hide what they
+        cut and padding never shows it again."""
+        v = dataclasses.replace(a, **changes)
+        return dataclasses.replace(v, y0=max(v.y0, -v.oy), y1=min(v.y1, v.h - v.oy), x0=max(v.x0, -v.ox),
+                                   x1=min(v.x1, v.w - v.ox))
 
     def ref(self, a):
-        s = self.prog.slots[a.slot]
-        return Ref(a.slot, a.c0, a.oy, a.ox, max(0, -a.oy), min(s.h, a.h - a.oy), max(0, -a.ox),
-                   min(s.w, a.w - a.ox))
+        return Ref(a.slot, a.c0, a.oy, a.ox, a.y0, a.y1, a.x0, a.x1)
 
     def extent(self, a):
         return a.h, a.w
@@ -278,7 +293,7 @@ class _ScheduleCompiler(_Compiler):
         return self.emit_new(GATE, a, a.channels // 2, "gate", data_channels=data_channels)
 
     def channel_slice(self, a, start, stop):
-        return self.val(a.slot, stop - start, a.h, a.w, a.c0 + start, a.oy, a.ox)
+        return self.view(a, channels=stop - start, c0=a.c0 + start)
 
     def cat(self, vals):
         if not all(isinstance(v, (SVal, Fill)) for v in vals):
@@ -307,7 +322,7 @@ class _ScheduleCompiler(_Compiler):
         h, w = a.h + top + bottom, a.w + left + right
         if h < 1 or w < 1:
             self.error("F.pad cropping a tensor to nothing")
-        return self.val(a.slot, a.channels, h, w, a.c0, a.oy + top, a.ox + left)
+        return self.view(a, h=h, w=w, oy=a.oy + top, ox=a.ox + left)
 
     def getitem(self, a, index):
         if not isinstance(a, SVal) or not isinstance(index, tuple) or len(index) > 4 or index[0] != slice(None) \
@@ -320,7 +335,7 @@ class _ScheduleCompiler(_Compiler):
                 self.error(f"indexing {index!r}: only slices with step 1 (channel slices, crops along H and W)")
             bounds[d] = (start, stop)
         (c0, c1), (ya, yb), (xa, xb) = bounds
-        return self.val(a.slot, c1 - c0, yb - ya, xb - xa, a.c0 + c0, a.oy - ya, a.ox - xa)
+        return self.view(a, channels=c1 - c0, h=yb - ya, w=xb - xa, c0=a.c0 + c0, oy=a.oy - ya, ox=a.ox - xa)
 
     def conv(self, a, weight, bias, taps, name):
         """A same-size convolution (MaskedConv2d, a 1x1), weight [T, Cout, Cin]

@@ -212,18 +212,18 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
     if images is not None:
         params_out = torch.zeros(b, k, h, w, dtype=prog.dtype, device=prog.device)
         images = images.to(prog.device).long()
-    # the work of each step: (instruction, first, last) of its queue
+    # the work of each step: (instruction, its positions), the queues moved to the device once
     work = [[] for _ in range(h * w)]
     for i in prog.code:
-        start = i.start.tolist()
+        start, queue = i.start.tolist(), i.queue.to(prog.device)
         for t in torch.nonzero(i.start[1:] > i.start[:-1]).flatten().tolist():
-            work[t].append((i, start[t], start[t + 1]))
+            work[t].append((i, queue[start[t]:start[t + 1]]))
     inp = eng.bufs[prog.input]
     bar = Progress(h * w, "sampling (cached multi-scale, torch)", enabled=progress)
     try:
         for t in range(h * w):
-            for i, lo, hi in work[t]:
-                eng.run(i, i.queue[lo:hi].to(prog.device))
+            for i, pos in work[t]:
+                eng.run(i, pos)
             y, x = divmod(t, w)
             at = torch.tensor([y], device=prog.device), torch.tensor([x], device=prog.device)
             params = eng.read(prog.output, *at, k)[:, 0]

@@ -151,6 +151,15 @@ def test_every_operation(engine):
     torch.testing.assert_close(params, m(images.double() * 2 / 255 - 1, cond), rtol=1e-12, atol=1e-12)
 
 
+def test_generic_cpu_kernel_is_exact(monkeypatch):
+    """The portable (non-AVX-512) build of the engine's micro-kernel."""
+    require_backend(SCHEDULE_OP, "cpp")
+    monkeypatch.setenv("FASTGEN_CPU_KERNEL", "generic")
+    m = tiny((3, 8, 8), num_classes=3)
+    label = labels_for(m, 3)
+    assert torch.equal(m.sample(3, label, seed=2, backend="cpp"), m.sample(3, label, seed=2, method="naive"))
+
+
 def test_progress_runs_row_by_row_to_the_same_images():
     m = tiny((1, 8, 8))
     assert torch.equal(m.sample(2, seed=1, progress=True), m.sample(2, seed=1))

@@ -1,10 +1,10 @@
 """Cached multi-scale sampling (fastgen/sampling/schedule.py; the C++ engine
 csrc/cpu/schedule.cpp and the torch executor): exact against the full forward
 pass (teacher forcing) and against naive sampling (same seed, float64), for
-PixelCNN++ (grey and RGB, class-conditional) and for another network of
-strided, transposed and masked convolutions, and for one of every other
-operation (dilation, the gate, conditioning maps, BatchNorm); rings; clear errors for
-non-causal networks and unsupported operations."""
+PixelCNN++ (grey and RGB, class-conditional), for another network of strided,
+transposed and masked convolutions, and for one of every other operation
+(dilation, the gate, conditioning maps, BatchNorm, crops padded back); rings;
+clear errors for non-causal networks and unsupported operations."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -60,6 +60,23 @@ inline RefCode parse_ref(const int64_t* c, const std::vector<SlotInfo>& slots, i
   return r;
 }
 
+// Whether a queue (positions < n) and its starts ([steps + 1], increasing from 0 to at most the queue's
+// length) are sound: loops over CPU memory (the engine may run per row: this runs at every call), tensor
+// ops on a GPU.
+inline bool queue_ok(const at::Tensor& q, const at::Tensor& st, int64_t steps, int64_t n) {
+  if (st.dim() != 1 || q.dim() != 1) return false;
+  if (q.is_cuda())
+    return st[0].item<int64_t>() == 0 && st[steps].item<int64_t>() <= q.numel() &&
+           (st.slice(0, 1) >= st.slice(0, 0, steps)).all().item<bool>() &&
+           (q.numel() == 0 || (q.min().item<int64_t>() >= 0 && q.max().item<int64_t>() < n));
+  const int64_t* s = st.data_ptr<int64_t>();
+  const int64_t* p = q.data_ptr<int64_t>();
+  bool ok = s[0] == 0 && s[steps] <= q.numel();
+  for (int64_t t = 0; t < steps; ++t) ok &= s[t + 1] >= s[t];
+  for (int64_t i = 0; i < q.numel(); ++i) ok &= p[i] >= 0 && p[i] < n;
+  return ok;
+}
+
 // Parses and checks the code against the slots, the params (dtype dt; queues int64) and `steps` = H * W.
 inline std::vector<Code> parse(const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
                                const std::vector<double>& scalars, const std::vector<SlotInfo>& slots,
@@ -88,10 +105,7 @@ inline std::vector<Code> parse(const std::vector<int64_t>& code, const std::vect
     in.b = parse_ref(c + 11, slots, in.ch, true);
     in.queue = param(c[19], -1, at::kLong);
     in.start = param(c[20], steps + 1, at::kLong);
-    const at::Tensor &q = params[in.queue], &st = params[in.start];  // checked with tensor ops: any device
-    TORCH_CHECK(st.dim() == 1 && st[0].item<int64_t>() == 0 && st[steps].item<int64_t>() <= q.numel() &&
-                    (st.slice(0, 1) >= st.slice(0, 0, steps)).all().item<bool>() &&
-                    (q.numel() == 0 || (q.min().item<int64_t>() >= 0 && q.max().item<int64_t>() < so.H * so.W)),
+    TORCH_CHECK(queue_ok(params[in.queue], params[in.start], steps, so.H * so.W),
                 "sample_scheduled: a queue outside its slot, or starts that do not increase from 0");
     const int64_t* e = c + 21;  // the op's own fields
     const int64_t extra = len - 22;

@@ -257,3 +257,22 @@ def test_output_and_settings_errors():
         sample_net(wrong_k)
     with pytest.raises(ValueError, match="a discretized logistic mixture has 256 levels, got levels=16"):
         fastgen.sample(Net(lambda m, x: m.conv(x)), 1, likelihood="logistic-mixture", levels=16, shape=(1, 4, 4))
+
+
+@pytest.mark.parametrize("corrupt", ["position", "start"])
+def test_the_engine_checks_its_program(corrupt):
+    require_backend(SCHEDULE_OP, "cpp")
+    from fastgen.sampling.api import _run_schedule_engine
+    from fastgen.sampling.common import feed_table, uniforms
+    prog = compile_schedule(tiny((1, 4, 4)), shape=(1, 4, 4), batch=1)
+    i = next(i for i in prog.code if len(i.queue) > 1)
+    if corrupt == "position":  # a position outside the slot
+        i.queue = i.queue.clone()
+        i.queue[0] = 10 ** 6
+    else:  # starts that decrease
+        i.start = i.start.clone()
+        i.start[1] = i.start[-1] + 1
+    job = dict(prog=prog, u=uniforms(1, (2, 4, 4), 0, "cpu"), temperature=1.0, images=None, progress=False,
+               feed=feed_table(None, "logistic-mixture", 256, torch.float64, "cpu"))
+    with pytest.raises(RuntimeError, match="a queue outside its slot, or starts that do not increase from 0"):
+        _run_schedule_engine(job)

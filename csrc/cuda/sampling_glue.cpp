@@ -10,11 +10,13 @@
 #include <vector>
 
 #include "cpu/sampling.h"
+#include "cuda/glue_util.h"  // to_device
 #include "cuda/sampling.cuh"
 #include "sampling_code.h"
 
 namespace {
 
+using fastgen::cuda::to_device;
 using fastgen::cuda::SampleInstr;
 using fastgen::cuda::SampleJob;
 using fastgen::cuda::SampleSlot;
@@ -43,15 +45,6 @@ std::vector<SampleInstr> decode(const std::vector<int64_t>& code, const std::vec
     out.push_back(in);
   }
   return out;
-}
-
-// A host array of PODs as a device tensor (kept alive by the caller until the launch is enqueued;
-// the caching allocator reuses memory in stream order).
-template <typename S>
-at::Tensor to_device(const std::vector<S>& v, const at::Device& device) {
-  at::Tensor host = at::empty({int64_t(v.size() * sizeof(S))}, at::TensorOptions().dtype(at::kByte));
-  if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(S));
-  return host.to(device);
 }
 
 }  // namespace

@@ -11,11 +11,13 @@
 #include <vector>
 
 #include "cpu/sampling.h"
+#include "cuda/glue_util.h"  // to_device
 #include "cuda/schedule.cuh"
 #include "schedule_code.h"
 
 namespace {
 
+using fastgen::cuda::to_device;
 using fastgen::cuda::ScheduleInstr;
 using fastgen::cuda::ScheduleJob;
 using fastgen::cuda::ScheduleRef;
@@ -23,14 +25,6 @@ using fastgen::cuda::ScheduleSlot;
 
 ScheduleRef ref(const fastgen::schedule::RefCode& r) {
   return {int(r.slot), int(r.c0), int(r.oy), int(r.ox), int(r.y0), int(r.y1), int(r.x0), int(r.x1)};
-}
-
-// A host array of PODs as a device tensor (kept alive by the caller until the launch is enqueued).
-template <typename S>
-at::Tensor to_device(const std::vector<S>& v, const at::Device& device) {
-  at::Tensor host = at::empty({int64_t(v.size() * sizeof(S))}, at::TensorOptions().dtype(at::kByte));
-  if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(S));
-  return host.to(device);
 }
 
 }  // namespace

@@ -215,6 +215,24 @@ def test_queues_follow_the_pixels():
     assert coarse and all(s.ready.max() > 8 for s in coarse)
 
 
+def test_the_analysis_is_reused_only_for_the_same_structure():
+    from fastgen.sampling import schedule
+    m = tiny((1, 8, 8))
+    first = compile_schedule(m, shape=(1, 8, 8), batch=2)
+    with torch.no_grad():  # new weights, same structure: the same queues, the new weights
+        for p in m.parameters():
+            p.mul_(1.5)
+    again = compile_schedule(m, shape=(1, 8, 8), batch=2)
+    assert all(a.queue is b.queue for a, b in zip(first.code, again.code))
+    assert not torch.equal(first.code[2].weight, again.code[2].weight)  # u_in, the first convolution
+    with torch.no_grad():  # a tap of the first convolution zeroed: another structure, analysed afresh
+        m.u_in.weight[:, :, 0, 0] = 0
+    other = compile_schedule(m, shape=(1, 8, 8), batch=2)
+    assert len(other.code) == len(first.code) and len(other.code[2].taps) == len(first.code[2].taps) - 1
+    assert len(schedule._FINISHED) <= schedule._FINISHED_MAX
+    assert torch.equal(m.sample(2, seed=3), m.sample(2, seed=3, method="naive"))
+
+
 # ---- errors ----------------------------------------------------------------------------------------------------
 
 class Net(nn.Module):

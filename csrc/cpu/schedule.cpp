@@ -110,7 +110,8 @@ struct Engine {
       for (int64_t p = 0; p < n; ++p, ++r) {
         const int64_t y = pos[p] / W, x = pos[p] % W;
         s.out[r] = at(in.out, b, y, x);
-        for (int64_t t = 0; t < taps; ++t) s.src[r * taps + t] = read(in.a, b, y * in.sy + in.dy[t], x * in.sx + in.dx[t]);
+        for (int64_t t = 0; t < taps; ++t)
+          s.src[r * taps + t] = read(in.a, b, y * in.sy + in.dy[t], x * in.sx + in.dx[t]);
       }
     conv_kernel(rows, s.src.data(), taps, in, in.w.data(), s.out.data());
   }
@@ -379,7 +380,7 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
                 "sample_scheduled: parameters must be contiguous ", dt, " (queues int64) on the images' device");
   TORCH_CHECK(feed.numel() == 256 && feed.is_contiguous() && feed.device() == device,
               "sample_scheduled: feed table of 256 values on the images' device");
-  const std::vector<fastgen::schedule::Code> code = fastgen::schedule::parse(code_list, params, scalars, info, H * W, dt);
+  const std::vector<Code> code = fastgen::schedule::parse(code_list, params, scalars, info, H * W, dt);
   fastgen::schedule::parse_ref(config.data() + 6, info, K, false);  // checks the output's Ref
   if (teacher) {
     TORCH_CHECK(out_params.scalar_type() == dt && out_params.is_contiguous() && out_params.dim() == 4 &&

@@ -380,7 +380,8 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
                 "sample_scheduled: parameters must be contiguous ", dt, " (queues int64) on the images' device");
   TORCH_CHECK(feed.numel() == 256 && feed.is_contiguous() && feed.device() == device,
               "sample_scheduled: feed table of 256 values on the images' device");
-  const std::vector<Code> code = fastgen::schedule::parse(code_list, params, scalars, info, H * W, dt);
+  const std::vector<fastgen::schedule::Code> code =
+      fastgen::schedule::parse(code_list, params, scalars, info, H * W, dt);
   fastgen::schedule::parse_ref(config.data() + 6, info, K, false);  // checks the output's Ref
   if (teacher) {
     TORCH_CHECK(out_params.scalar_type() == dt && out_params.is_contiguous() && out_params.dim() == 4 &&

@@ -43,6 +43,12 @@ def run_cli(args, capsys):
     return code, captured.out, captured.err
 
 
+def assert_cli_error(args, message, capsys):
+    """``python -m fastgen ARGS`` exits 2 with ``message`` on stderr and no traceback."""
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 def train_metrics(out, *keys):
     """(step, loss_nats, then ``keys``) of every train line of out/metrics.jsonl."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -63,3 +69,19 @@ def digits():
         return load_dataset("digits", "test")
     except DatasetMissingError as e:
         pytest.skip(str(e))
+
+
+def mnist_train(n):
+    """The first ``n`` MNIST training images (uint8 [n, 1, 28, 28]) and labels; skips where MNIST is missing."""
+    from fastgen.data import load_mnist
+    try:
+        images, labels = load_mnist("train")
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    return images[:n].clone(), labels[:n].clone()
+
+
+def mnist_crops(n=8):
+    """16x16 centre crops of the first ``n`` MNIST training images, and their labels: fast on 2 cores."""
+    images, labels = mnist_train(n)
+    return images[:, :, 4:20, 4:20].clone(), labels

@@ -8,6 +8,8 @@ import torch
 from fastgen.models import GatedPixelCNN, PixelCNN
 from fastgen.testing import plain_gated_pixelcnn
 
+from conftest import mnist_crops
+
 
 def small(model_cls, shape, likelihood="categorical", levels=3, num_classes=None):
     torch.manual_seed(0)
@@ -56,18 +58,9 @@ def test_log_prob_is_the_likelihood_of_the_logits(model_cls):
     assert m.bits_per_dim(nats).item() == pytest.approx(nats.item() / (18 * 0.6931471805599453))
 
 
-def real_images(n=8):
-    from fastgen.data import DatasetMissingError, load_mnist
-    try:
-        images, labels = load_mnist("train")
-    except DatasetMissingError as e:
-        pytest.skip(str(e))
-    return images[:n, :, 4:20, 4:20].clone(), labels[:n].clone()  # 16x16 centre crops: fast on 2 cores
-
-
 @pytest.mark.parametrize("model_cls", [PixelCNN, GatedPixelCNN])
 def test_models_overfit_real_images(model_cls):
-    images, labels = real_images()
+    images, labels = mnist_crops()
     binary = (images > 127).to(torch.uint8)
     torch.manual_seed(0)
     kwargs = dict(blocks=2) if model_cls is PixelCNN else dict(layers=3)

@@ -13,7 +13,7 @@ import torch
 from fastgen.data import DatasetMissingError, load_dataset, read_png
 from fastgen.train import evaluate, load_model, read_checkpoint, weights_digest
 
-from conftest import run_cli as run, train_metrics
+from conftest import assert_cli_error, run_cli as run, train_metrics
 
 TINY = ["--batch", "16", "--channels", "8", "--layers", "1", "--quiet"]
 
@@ -128,8 +128,7 @@ def test_max_minutes_ends_the_run_early(tmp_path, capsys, digits):
     (["train", "pixelcnn", "--data", "digits", "--backend", "nosuch"], "unknown backend 'nosuch'"),
 ])
 def test_bad_arguments_are_clear_errors(args, message, capsys, tmp_path):
-    code, _, err = run(args + ["--out", str(tmp_path)], capsys)
-    assert code == 2 and message in err and "Traceback" not in err
+    assert_cli_error(args + ["--out", str(tmp_path)], message, capsys)
 
 
 def test_missing_dataset_and_impossible_backend_exit_2_without_traceback(tmp_path):

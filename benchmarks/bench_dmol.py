@@ -22,8 +22,8 @@ import torch
 import fastgen
 from fastgen.ops.dmol import OP, make_call
 from fastgen.ref import dmol as ref
-from fastgen.testing import (OtherLoad, check_outcome, dmol_loss_common, first_call, peak_rss, record_timing,
-                             relative_error, start_record)
+from fastgen.testing import (check_outcome, dmol_loss_common, first_call, peak_rss, relative_error, start_record, sync,
+                             time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,11 +94,6 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", cases, ids=[f"{DEVICE}-{str(d)[6:]}-{'x'.join(map(str, s))}-{c}" for s, d, c in cases])
 
 
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_dmol(benchmark, smoke, bench_results, monkeypatch, case):
@@ -125,12 +120,9 @@ def test_dmol(benchmark, smoke, bench_results, monkeypatch, case):
         step()
         sync()
 
-    with OtherLoad() as load:
-        benchmark(timed)
-    if benchmark.disabled or benchmark.stats is None:
+    if time_step(benchmark, record, bench_results, timed,
+                 first_call_s if contender == "compile(common)" else None) is None:
         return
-    record_timing(benchmark, record, bench_results, load, timed,
-                  first_call_s if contender == "compile(common)" else None)
     if DEVICE == "cpu" and not smoke:
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
         rss = peak_rss(contender, shape, "fwd+bwd", dtype=str(dtype)[6:], threads=torch.get_num_threads(),

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from fastgen.ops.gated import CONV, make_conv_call
-from fastgen.testing import (OtherLoad, check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss,
-                             record_timing, relative_error, start_record)
+from fastgen.testing import (check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss, relative_error,
+                             start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,11 +67,6 @@ def pytest_generate_tests(metafunc):
                         ids.append(f"{DEVICE}-{str(dtype)[6:]}-{shape_id(kind, shape).replace(' ', '-')}-{mode}-"
                                    f"{contender}")
     metafunc.parametrize("case", cases, ids=ids)
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def _grads(mod):
@@ -155,12 +150,10 @@ def test_gated(benchmark, smoke, bench_results, case):
         step()
         sync()
 
-    with OtherLoad() as load:
-        benchmark(timed)
-    if benchmark.disabled or benchmark.stats is None:
+    median = time_step(benchmark, record, bench_results, timed,
+                       first_call_s if contender == "compile(common)" else None)
+    if median is None:
         return
-    median = record_timing(benchmark, record, bench_results, load, timed,
-                           first_call_s if contender == "compile(common)" else None)
     if kind == "model":
         benchmark.extra_info["steps_per_s"] = round(1 / median, 2)
     if DEVICE == "cpu" and mode != "fwd" and not smoke:

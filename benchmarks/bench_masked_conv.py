@@ -34,8 +34,8 @@ import torch._inductor.config  # noqa: F401  (compile contender: caches off whil
 from fastgen.ops.masked_conv import OP, make_call
 from fastgen.ref.masked_conv import causal_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
-from fastgen.testing import (COMMON, COMPILED, OtherLoad, check_outcome, contender_names, first_call, make_masked_conv,
-                             peak_rss, record_timing, relative_error, start_record)
+from fastgen.testing import (COMMON, COMPILED, check_outcome, contender_names, first_call, make_masked_conv, peak_rss,
+                             relative_error, start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -72,11 +72,6 @@ def pytest_generate_tests(metafunc):
                     cases.append((shape, dtype, mode, contender))
                     ids.append(f"{DEVICE}-{str(dtype)[6:]}-{shape_id(shape).replace(' ', '-')}-{mode}-{contender}")
     metafunc.parametrize("case", cases, ids=ids)
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @functools.lru_cache(maxsize=4)
@@ -192,13 +187,9 @@ def test_masked_conv(benchmark, smoke, bench_results, case):
     check_outcome(got, want[mode], ref_err[mode], dtype, record, bench_results, contender, fastgen_contender,
                   explain=lambda n: _why_inf(got[n], want[mode][n]))
 
-    with OtherLoad() as load:
-        benchmark(step)
-
-    if benchmark.disabled or benchmark.stats is None:
+    if time_step(benchmark, record, bench_results, step, first_call_s if contender == COMPILED else None,
+                 common=COMMON) is None:
         return
-    record_timing(benchmark, record, bench_results, load, step,
-                  first_call_s if contender == COMPILED else None, common=COMMON)
     if DEVICE == "cpu" and mode == "fwd+bwd" and not smoke:
         rss = peak_rss(contender, shape, mode, dtype=str(dtype)[6:], threads=torch.get_num_threads())
         benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]

@@ -70,7 +70,7 @@ from fastgen.sampling import cached_logits, sample
 from fastgen.sampling.api import OP, SCHEDULE_OP, _draw_shape
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
-from fastgen.testing import OtherLoad, peak_rss, record_timing, relative_error, start_record, tolerance
+from fastgen.testing import OtherLoad, peak_rss, record_timing, relative_error, start_record, sync, tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,11 +124,6 @@ def pytest_generate_tests(metafunc):
                 cases.append((spec, batch, contender))
                 ids.append(f"{DEVICE}-{model_id(spec).replace(' ', '-')}-b{batch}-{contender}")
     metafunc.parametrize("case", cases, ids=ids)
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def build_model(spec, device=DEVICE, dtype=torch.float32):

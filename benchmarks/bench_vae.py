@@ -26,7 +26,7 @@ import torch
 import fastgen
 from fastgen.ops.reparameterize_kl import OP, make_call
 from fastgen.ref import reparameterize_kl as ref
-from fastgen.testing import OtherLoad, check_outcome, first_call, peak_rss, record_timing, relative_error, start_record
+from fastgen.testing import check_outcome, first_call, peak_rss, relative_error, start_record, sync, time_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,11 +111,6 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", cases, ids=[f"{DEVICE}-{str(d)[6:]}-{s[0]}x{s[1]}-{c}" for s, d, c in cases])
 
 
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_vae(benchmark, smoke, bench_results, monkeypatch, case):
@@ -150,12 +145,10 @@ def test_vae(benchmark, smoke, bench_results, monkeypatch, case):
         step()
         sync()
 
-    with OtherLoad() as load:
-        benchmark(timed)
-    if benchmark.disabled or benchmark.stats is None:
+    median = time_step(benchmark, record, bench_results, timed,
+                       first_call_s if contender == "compile(common)" else None)
+    if median is None:
         return
-    median = record_timing(benchmark, record, bench_results, load, timed,
-                           first_call_s if contender == "compile(common)" else None)
     info = benchmark.extra_info
     bytes_moved = 8 * mu.numel() * mu.element_size()
     info["bandwidth_gbs"] = round(bytes_moved / median / 1e9, 1)

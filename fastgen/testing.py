@@ -546,6 +546,22 @@ class OtherLoad:
         return False
 
 
+def sync():
+    """Wait for the GPU, if there is one: a timed step ends when its kernels do."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_step(benchmark, record, bench_results, step, first_call_s=None, common="common"):
+    """``benchmark(step)`` while OtherLoad watches the other processes, then
+    record_timing. Returns the median, or None in a smoke run (no timings)."""
+    with OtherLoad() as load:
+        benchmark(step)
+    if benchmark.disabled or benchmark.stats is None:
+        return None
+    return record_timing(benchmark, record, bench_results, load, step, first_call_s, common)
+
+
 def record_timing(benchmark, record, bench_results, load, step, first_call_s=None, common="common"):
     """After ``benchmark(step)``: the median (and min) into ``record``, the other
     processes' load, the compile time (``first_call_s`` minus the median, for a

@@ -23,7 +23,7 @@
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // activate()
-#include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows
+#include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows, bind_slots
 #include "sampling_code.h"  // the program's code lists, parsed for both engines
 
 namespace {
@@ -236,12 +236,7 @@ void generate(const std::vector<int64_t>& slot_info, const std::vector<Slot>& sl
   e.B = images.size(0);
   e.slots = slots;
   e.avx512 = fastgen::use_avx512();
-  int64_t cmax = 0;
-  for (size_t s = 0; s < bufs.size(); ++s) {
-    e.data.push_back(bufs[s].data_ptr<T>());
-    cmax = std::max(cmax, slots[s].Cp);
-  }
-  e.zeros.assign(cmax, T(0));
+  bind_slots(bufs, slots, e.data, e.zeros);
   const auto pixel = decode<T>(pixel_code, params, scalars, slot_info, slots);
   const auto post = decode<T>(post_code, params, scalars, slot_info, slots);
   const auto row = decode<T>(row_code, params, scalars, slot_info, slots);

@@ -24,7 +24,7 @@
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // activate()
-#include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows
+#include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows, bind_slots
 #include "schedule_code.h"     // the parsed program
 
 namespace {
@@ -292,12 +292,7 @@ void generate(const std::vector<Slot>& slots, const std::vector<fastgen::schedul
   e.B = images.size(0);
   e.slots = slots;
   e.avx512 = fastgen::use_avx512();
-  int64_t cmax = 0;
-  for (size_t s = 0; s < bufs.size(); ++s) {
-    e.data.push_back(bufs[s].data_ptr<T>());
-    cmax = std::max(cmax, slots[s].Cp);
-  }
-  e.zeros.assign(cmax, T(0));
+  bind_slots(bufs, slots, e.data, e.zeros);
   const Ref out_ref{config[6], config[7], config[8], config[9], config[10], config[11], config[12], config[13]};
   const std::vector<Instr<T>> prog = decode<T>(code, params, slots);
   const double* uu = u.data_ptr<double>();

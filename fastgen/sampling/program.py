@@ -89,8 +89,8 @@ class Instr:
 
 
 class Pool:
-    """The params and scalars lists of an encoded program: param(t) / scalar(v) append and return the index
-    the code stores (param(None): -1)."""
+    """The params and scalars lists of an encoded program (param(t) / scalar(v) append and return the index
+    the code stores; param(None): -1), and the fields both encodings (Program, schedule.Schedule) write alike."""
 
     def __init__(self):
         self.params, self.scalars = [], []
@@ -104,6 +104,23 @@ class Pool:
     def scalar(self, v):
         self.scalars.append(float(v))
         return len(self.scalars) - 1
+
+    def taps(self, i):
+        """A convolution's taps: [dy.., dx..]."""
+        return [t[0] for t in i.taps] + [t[1] for t in i.taps]
+
+    def position_wise(self, i):
+        """The own fields of the position-wise ops both encodings write alike (ACT, AFFINE, CONST, GATE), or
+        None for another op."""
+        if i.op == ACT:
+            return [ACTS.index(i.act), self.scalar(i.param)]
+        if i.op == AFFINE:
+            return [self.param(i.scale), self.param(i.shift)]
+        if i.op == CONST:
+            return [self.param(i.const), int(i.multiply), int(i.const.dim() == 4)]
+        if i.op == GATE:
+            return [i.data_channels]
+        return None
 
 
 @dataclass
@@ -132,27 +149,20 @@ class Program:
         COPY [.., out_off, in_off, count]; w, bias, scale, shift, const index
         params, scalar indexes scalars."""
         pool = Pool()
-        param, scalar = pool.param, pool.scalar
 
         def code(instrs):
             out = []
             for i in instrs:
                 body = [i.op, i.out, i.a]
-                if i.op == CONV:
-                    body += [param(i.weight), param(i.bias), len(i.taps)]
-                    body += [t[0] for t in i.taps] + [t[1] for t in i.taps]
-                elif i.op == ACT:
-                    body += [ACTS.index(i.act), scalar(i.param)]
-                elif i.op == AFFINE:
-                    body += [param(i.scale), param(i.shift)]
+                own = pool.position_wise(i)
+                if own is not None:
+                    body += own
+                elif i.op == CONV:
+                    body += [pool.param(i.weight), pool.param(i.bias), len(i.taps)] + pool.taps(i)
                 elif i.op == ADD:
-                    body += [i.b, scalar(i.param)]
+                    body += [i.b, pool.scalar(i.param)]
                 elif i.op == MUL:
                     body += [i.b]
-                elif i.op == CONST:
-                    body += [param(i.const), int(i.multiply), int(i.const.dim() == 4)]
-                elif i.op == GATE:
-                    body += [i.data_channels]
                 elif i.op == COPY:
                     body += [i.out_off, i.in_off, i.count]
                 out += [len(body) + 1] + body

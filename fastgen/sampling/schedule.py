@@ -45,8 +45,8 @@ from torch import nn
 
 from fastgen.nn import MaskedConv2d
 from fastgen.ref.dmol import infer_nr_mix
-from fastgen.sampling.program import (ACT, ACTS, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL, CompileError, Pool,
-                                      Val, _Compiler, trace)
+from fastgen.sampling.program import (ACT, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL, CompileError, Pool, Val,
+                                      _Compiler, trace)
 
 CONVT, FILL = 9, 10  # opcodes beyond program.py's, shared with csrc/cpu/schedule.cpp
 _SCHEDULE_OPS = ("convolutions of any kernel, stride, dilation and zero padding (fastgen.MaskedConv2d, nn.Conv2d), "
@@ -162,30 +162,24 @@ class Schedule:
         queue and start index params (queue and start are int64), scalar
         indexes scalars."""
         pool = Pool()
-        param, scalar = pool.param, pool.scalar
         code = []
         for i in self.code:
             body = [i.op, i.out, i.channels]
             body += i.a.encode() if i.a is not None else [-1] * 8
             body += i.b.encode() if i.b is not None else [-1] * 8
-            body += [param(i.queue), param(i.start)]
-            if i.op in (CONV, CONVT):
-                body += [param(i.weight), param(i.bias), i.stride[0], i.stride[1], len(i.taps)]
-                body += [t[0] for t in i.taps] + [t[1] for t in i.taps]
-            elif i.op == ACT:
-                body += [ACTS.index(i.act), scalar(i.param)]
-            elif i.op == AFFINE:
-                body += [param(i.scale), param(i.shift)]
+            body += [pool.param(i.queue), pool.param(i.start)]
+            own = pool.position_wise(i)
+            if own is not None:
+                body += own
+            elif i.op in (CONV, CONVT):
+                body += [pool.param(i.weight), pool.param(i.bias), i.stride[0], i.stride[1], len(i.taps)]
+                body += pool.taps(i)
             elif i.op == ADD:
-                body += [scalar(i.param)]
-            elif i.op == CONST:
-                body += [param(i.const), int(i.multiply), int(i.const.dim() == 4)]
-            elif i.op == GATE:
-                body += [i.data_channels]
+                body += [pool.scalar(i.param)]
             elif i.op == COPY:
                 body += [i.out_off]
             elif i.op == FILL:
-                body += [i.out_off, scalar(i.param)]
+                body += [i.out_off, pool.scalar(i.param)]
             code += [len(body) + 1] + body
         slots = [v for s in self.slots for v in (s.channels, s.h, s.w, s.ring)]
         return slots, code, pool.params, pool.scalars

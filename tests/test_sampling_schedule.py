@@ -273,6 +273,9 @@ def test_output_and_settings_errors():
     with pytest.raises(CompileError, match=r"4 channels: a discretized logistic mixture of 1-channel images needs "
                                            r"3 \* nr_mix"):
         sample_net(wrong_k)
+    with pytest.raises(ValueError, match=r"4 channels: a discretized logistic mixture of 1-channel images needs "
+                                         r"3 \* nr_mix"):
+        fastgen.sample(Net(wrong_k), 1, likelihood="logistic-mixture", shape=(1, 4, 4), method="naive")
     with pytest.raises(ValueError, match="a discretized logistic mixture has 256 levels, got levels=16"):
         fastgen.sample(Net(lambda m, x: m.conv(x)), 1, likelihood="logistic-mixture", levels=16, shape=(1, 4, 4))
 

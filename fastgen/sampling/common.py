@@ -43,11 +43,6 @@ def feed_table(feed, likelihood, levels, dtype, device):
     return table.to(device=device, dtype=dtype)
 
 
-def mixture_levels(x):
-    """Levels 0..255 of values on the mixture's grid (2v/255 - 1) in [-1, 1]."""
-    return torch.round((x.double() + 1) * 127.5).long()
-
-
 def draw_mixture(params, u, channels, nr_mix, temperature):
     """One pixel per row of ``params`` [n, K] (a discretized logistic mixture in
     fastgen.ref.dmol's layout): levels [n, C] (int64), from the uniforms ``u``
@@ -55,4 +50,4 @@ def draw_mixture(params, u, channels, nr_mix, temperature):
     from fastgen.ref.dmol import sample_discretized_mix_logistic
     x = sample_discretized_mix_logistic(params[:, :, None, None], channels, nr_mix, u[0][:, None, None],
                                         u[1:].T[:, :, None, None], temperature)
-    return mixture_levels(x[:, :, 0, 0])
+    return torch.round((x[:, :, 0, 0].double() + 1) * 127.5).long()  # the levels of 2v/255 - 1

@@ -27,6 +27,7 @@ def naive_sample(model, u, *, likelihood, levels, shape, condition=None, tempera
     x = torch.zeros(n, c, h, w, dtype=dtype, device=device)
     bar = Progress(h * w * c, "sampling (naive)", enabled=progress)
     steps = h * w * c if max_steps is None else max_steps
+    nr_mix = None  # a mixture's components: from the first pass's K
     try:
         for y in range(h):
             for col in range(w):
@@ -34,7 +35,12 @@ def naive_sample(model, u, *, likelihood, levels, shape, condition=None, tempera
                     if bar.n >= steps:
                         return images
                     params = model(x) if condition is None else model(x, condition)
-                    nr_mix = infer_nr_mix(c, params.shape[1])
+                    if nr_mix is None:
+                        nr_mix = infer_nr_mix(c, params.shape[1])
+                        if nr_mix is None:
+                            raise ValueError(f"the network's output has {params.shape[1]} channels: a discretized "
+                                             f"logistic mixture of {c}-channel images needs {3 if c == 1 else 10} "
+                                             f"* nr_mix")
                     v = draw_mixture(params[:, :, y, col], u[y, col], c, nr_mix, temperature)
                     images[:, :, y, col] = v
                     x[:, :, y, col] = feed_table[v]

@@ -146,10 +146,6 @@ class Schedule:
     output: Optional[Ref] = None
     out_channels: int = 0
 
-    @property
-    def steps(self):
-        return self.shape[1] * self.shape[2]
-
     def encode(self):
         """(slots, code, params, scalars) for the C++ engine.
 

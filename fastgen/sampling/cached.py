@@ -219,14 +219,14 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
         for t in torch.nonzero(i.start[1:] > i.start[:-1]).flatten().tolist():
             work[t].append((i, queue[start[t]:start[t + 1]]))
     inp = eng.bufs[prog.input]
+    rows, cols = torch.arange(h, device=prog.device), torch.arange(w, device=prog.device)  # the draw's positions
     bar = Progress(h * w, "sampling (cached multi-scale, torch)", enabled=progress)
     try:
         for t in range(h * w):
             for i, pos in work[t]:
                 eng.run(i, pos)
             y, x = divmod(t, w)
-            at = torch.tensor([y], device=prog.device), torch.tensor([x], device=prog.device)
-            params = eng.read(prog.output, *at, k)[:, 0]
+            params = eng.read(prog.output, rows[y:y + 1], cols[x:x + 1], k)[:, 0]
             if images is not None:
                 v = images[:, :, y, x]
                 params_out[:, :, y, x] = params

@@ -403,6 +403,45 @@ def test_vertical_conv2d_matches_ref(backend, kernel, shift, channels_last):
                                                      [kh - 1 + shift, kw // 2], [1, 1], "cpp"))
 
 
+def _vertical_spec(xx, ww, bb):  # the vertical stack's 2 x 3 kernel: rows y-1 and y, zero-padded
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(xx, (1, 1, 1, 0)), ww, bb)
+
+
+@pytest.mark.parametrize("kernel", ["winograd", "direct"])
+@pytest.mark.parametrize("shape", [(2, 16, 32, 5, 7), (1, 20, 40, 6, 3), (2, 17, 24, 9, 10), (3, 32, 16, 1, 1),
+                                   (2, 64, 128, 8, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vertical_conv2d_winograd_matches_ref(monkeypatch, kernel, shape, channels_last):
+    """The cpp kernel's Winograd F(2x2, 2x3) path (the vertical stack's 2 x 3 kernel with >= 16 channels in
+    and out, AVX-512) and its direct kernel (FASTGEN_CPU_KERNEL=direct): odd and even sizes, channel counts
+    that are not whole vectors, outputs and every gradient in float64; float32 within the error of oneDNN's
+    own float32 convolution (times 4) against the float64 result."""
+    require_backend(ops.VERTICAL, "cpp")
+    from fastgen.functional import vertical_conv2d
+    if kernel == "direct":
+        monkeypatch.setenv("FASTGEN_CPU_KERNEL", "direct")
+    b, ci, co, h, w = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x, wt, bias = (torch.randn(*s, dtype=torch.float64, generator=gen) for s in ((b, ci, h, w), (co, ci, 2, 3), (co,)))
+    want, want_g = grads_of(_vertical_spec, [leaf(t, torch.float64, "cpu") for t in (x, wt, bias)])
+    got, got_g = grads_of(lambda xx, ww, bb: vertical_conv2d(xx, ww, bb, backend="cpp"),
+                          [leaf(x, torch.float64, "cpu", channels_last), leaf(wt, torch.float64, "cpu"),
+                           leaf(bias, torch.float64, "cpu")])
+    torch.testing.assert_close(got, want)
+    for g, wg in zip(got_g, want_g):
+        torch.testing.assert_close(g, wg)
+    if channels_last and h * w > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+    def err(fn):  # worst relative error of the output and gradients in float32
+        out, grads = grads_of(fn, [leaf(x, torch.float32, "cpu", channels_last), leaf(wt, torch.float32, "cpu"),
+                                   leaf(bias, torch.float32, "cpu")])
+        return max(((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip([out] + grads,
+                                                                                          [want] + want_g))
+    mine = err(lambda xx, ww, bb: vertical_conv2d(xx, ww, bb, backend="cpp"))
+    assert mine <= 4 * max(err(_vertical_spec), 1e-7), mine
+
+
 def test_vertical_conv2d_errors():
     from fastgen.functional import vertical_conv2d
     with pytest.raises(ValueError, match="kernel width must be odd"):

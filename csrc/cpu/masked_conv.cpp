@@ -271,6 +271,7 @@ struct Vec<float> {
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
 };
 template <>
 struct Vec<double> {
@@ -282,6 +283,7 @@ struct Vec<double> {
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
 };
 
 // Convolution tile: PM pixels x NV vectors of output channels (NV <= 4: 24
@@ -620,6 +622,330 @@ void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo
           gwp[((co * c.Ci + ci) * c.kh + c.taps[t].i) * c.kw + c.taps[t].j] = packed[(t * c.Ci + ci) * Cop + co];
 }
 
+// ---- Winograd F(2x2, 2x3): the vertical stack's 2 x 3 kernel ------------------------------------------------
+//
+// The Gated PixelCNN's vertical stack (a 2 x 3 kernel over rows y-1 and y, every
+// tap) is over half of a gated layer's multiply-adds, and the direct kernel above
+// already runs it near the machine's FMA peak. Winograd's minimal filtering
+// (Lavin & Gray 2016) needs fewer: a tile of 2 x 2 outputs comes from a 3 x 4
+// input patch d through 12 products per channel pair instead of 24,
+//   Y = A^T [ (G g G^T) (.) (B^T d B) ] A,
+// with F(2,2) along rows and F(2,3) along columns, whose transforms use only
+// +-1 and 1/2 (float32 error stays at the direct kernel's level; tests/test_gated.py):
+//   rows    B^T d: d0 - d1, d1, d2 - d1        G g: g0, g0 + g1, g1      A^T m: m0 + m1, m1 + m2
+//   columns B^T d: d0 - d2, d1 + d2, d2 - d1, d1 - d3
+//           G g:   g0, (g0 + g1 + g2)/2, (g0 - g1 + g2)/2, g2             A^T m: m0 + m1 + m2, m1 - m2 - m3
+// Work goes in blocks of tile rows (about 48 tiles), all of whose buffers stay
+// in L2: transform the block's patches into 12 matrices [tiles][Ci], multiply
+// each by its transformed weights [Ci][Co] with conv_tile (a 1-tap, 1-row
+// "image" of tiles), transform the 12 products back into output rows.
+// grad_x is the same computation on grad_out with the mirrored, transposed
+// kernel (rows y and y+1). grad_w is the transpose of the forward:
+//   grad g = G^T [ sum over tiles of (A dy A^T) (.) (B^T d B) ] G.
+
+constexpr int WK = 12;  // transform points: 3 rows x 4 columns, k = 4 * row + column
+
+// Tile (ty, tx) makes output rows 2ty, 2ty+1 and columns 2tx, 2tx+1 from the 3 x 4 patch at rows 2ty..2ty+2
+// and columns 2tx..2tx+3 of a zero-padded channels-last buffer [B][2Ht+1][2Wt+2][ld] whose first row is
+// input row -top (forward: 1, the row above; grad_x: 0) and whose first column is input column -1.
+struct WinoGrid {
+  int64_t B, H, W, Ht, Wt, R;  // R tile rows per block
+  int64_t Hp() const { return 2 * Ht + 1; }
+  int64_t Wp() const { return 2 * Wt + 2; }
+  int64_t blocks() const { return B * ((Ht + R - 1) / R); }
+  Geo geo(int64_t top) const {
+    Geo g{H, W, H, W, {}, {}};
+    g.top = top, g.bottom = Hp() - top - H, g.left = 1, g.right = Wp() - 1 - W;
+    return g;
+  }
+};
+
+WinoGrid wino_grid(const Conv& c) {
+  const int64_t Ht = (c.H + 1) / 2, Wt = (c.W + 1) / 2;
+  return {c.B, c.H, c.W, Ht, Wt, std::max<int64_t>(1, std::min<int64_t>(Ht, 48 / Wt))};
+}
+
+// U[k][i][Cop] = (G g G^T)[k] for the 2 x 3 kernel g(r, j) = w(o, i, r, j), o < nout (zero past nout).
+template <class T, class Wf>
+std::vector<T> wino_weights(int64_t nin, int64_t nout, int64_t Cop, const Wf& w) {
+  std::vector<T> U(WK * nin * Cop, T(0));
+  const T half = T(0.5);
+  for (int64_t o = 0; o < nout; ++o)
+    for (int64_t i = 0; i < nin; ++i) {
+      T a[2][4];
+      for (int r = 0; r < 2; ++r) {
+        const T g0 = w(o, i, r, 0), g1 = w(o, i, r, 1), g2 = w(o, i, r, 2);
+        a[r][0] = g0, a[r][1] = half * (g0 + g1 + g2), a[r][2] = half * (g0 - g1 + g2), a[r][3] = g2;
+      }
+      for (int q = 0; q < 4; ++q) {
+        U[((0 + q) * nin + i) * Cop + o] = a[0][q];
+        U[((4 + q) * nin + i) * Cop + o] = a[0][q] + a[1][q];
+        U[((8 + q) * nin + i) * Cop + o] = a[1][q];
+      }
+    }
+  return U;
+}
+
+// The tiles of block `blk`: image b, tile rows ty0 .. ty1-1, n tiles (tile m = (ty - ty0) * Wt + tx).
+struct WinoBlock {
+  int64_t b, ty0, ty1, n;
+};
+WinoBlock wino_block(const WinoGrid& g, int64_t blk) {
+  const int64_t per = (g.Ht + g.R - 1) / g.R, ty0 = blk % per * g.R, ty1 = std::min(g.Ht, ty0 + g.R);
+  return {blk / per, ty0, ty1, (ty1 - ty0) * g.Wt};
+}
+
+// V[k][m][0..ld) = (B^T d B)[k] of tile m's input patch, for every lane of the padded buffer.
+template <class T>
+void wino_input(const Padded<T>& in, const WinoGrid& g, const WinoBlock& k, T* V) {
+  using V_ = Vec<T>;
+  using R = typename V_::R;
+  const int64_t ld = in.ps, row = g.Wp() * ld, n = k.n;
+  for (int64_t ty = k.ty0; ty < k.ty1; ++ty)
+    for (int64_t tx = 0; tx < g.Wt; ++tx) {
+      const int64_t m = (ty - k.ty0) * g.Wt + tx;
+      const T* p = in.data + k.b * in.img + (2 * ty * g.Wp() + 2 * tx) * ld;
+      for (int64_t c = 0; c < ld; c += V_::L) {
+        R u[3][4];
+#pragma GCC unroll 3
+        for (int i = 0; i < 3; ++i) {
+          const T* r = p + i * row + c;
+          const R d0 = V_::load(r), d1 = V_::load(r + ld), d2 = V_::load(r + 2 * ld), d3 = V_::load(r + 3 * ld);
+          u[i][0] = V_::sub(d0, d2), u[i][1] = V_::add(d1, d2), u[i][2] = V_::sub(d2, d1), u[i][3] = V_::sub(d1, d3);
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          V_::store(V + ((0 + q) * n + m) * ld + c, V_::sub(u[0][q], u[1][q]));
+          V_::store(V + ((4 + q) * n + m) * ld + c, u[1][q]);
+          V_::store(V + ((8 + q) * n + m) * ld + c, V_::sub(u[2][q], u[1][q]));
+        }
+      }
+    }
+}
+
+// D[k][m][0..ld) = (A dy A^T)[k] of tile m's 2 x 2 block of grad_out (padded as for grad_x: top 0, left 1).
+// Rows: dy0, dy0 + dy1, dy1; columns: dy0, dy0 + dy1, dy0 - dy1, -dy1.
+template <class T>
+void wino_grad_out(const Padded<T>& gin, const WinoGrid& g, const WinoBlock& k, T* D) {
+  using V_ = Vec<T>;
+  using R = typename V_::R;
+  const int64_t ld = gin.ps, row = g.Wp() * ld, n = k.n;
+  for (int64_t ty = k.ty0; ty < k.ty1; ++ty)
+    for (int64_t tx = 0; tx < g.Wt; ++tx) {
+      const int64_t m = (ty - k.ty0) * g.Wt + tx;
+      const T* p = gin.data + k.b * gin.img + (2 * ty * g.Wp() + 2 * tx + 1) * ld;
+      for (int64_t c = 0; c < ld; c += V_::L) {
+        R u[2][4];
+#pragma GCC unroll 2
+        for (int a = 0; a < 2; ++a) {
+          const R e0 = V_::load(p + a * row + c), e1 = V_::load(p + a * row + ld + c);
+          u[a][0] = e0, u[a][1] = V_::add(e0, e1), u[a][2] = V_::sub(e0, e1), u[a][3] = V_::sub(V_::zero(), e1);
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          V_::store(D + ((0 + q) * n + m) * ld + c, u[0][q]);
+          V_::store(D + ((4 + q) * n + m) * ld + c, V_::add(u[0][q], u[1][q]));
+          V_::store(D + ((8 + q) * n + m) * ld + c, u[1][q]);
+        }
+      }
+    }
+}
+
+// rows[2(ty-ty0) + a][x][0..Cop) = (A^T M A)[a][e] + bias for x = 2tx + e < W.
+template <class T>
+void wino_output(const T* M, int64_t Cop, const T* bias, const WinoGrid& g, const WinoBlock& k, T* rows) {
+  using V_ = Vec<T>;
+  using R = typename V_::R;
+  const int64_t n = k.n;
+  for (int64_t ty = k.ty0; ty < k.ty1; ++ty)
+    for (int64_t tx = 0; tx < g.Wt; ++tx) {
+      const int64_t m = (ty - k.ty0) * g.Wt + tx;
+      for (int64_t c = 0; c < Cop; c += V_::L) {
+        R s[3][2];
+#pragma GCC unroll 3
+        for (int p = 0; p < 3; ++p) {
+          const T* mp = M + (4 * p * n + m) * Cop + c;
+          const R m0 = V_::load(mp), m1 = V_::load(mp + n * Cop), m2 = V_::load(mp + 2 * n * Cop),
+                  m3 = V_::load(mp + 3 * n * Cop);
+          s[p][0] = V_::add(V_::add(m0, m1), m2), s[p][1] = V_::sub(V_::sub(m1, m2), m3);
+        }
+        const R bv = bias ? V_::load(bias + c) : V_::zero();
+#pragma GCC unroll 2
+        for (int a = 0; a < 2; ++a)
+#pragma GCC unroll 2
+          for (int e = 0; e < 2; ++e) {
+            const int64_t x = 2 * tx + e;
+            if (x < g.W)
+              V_::store(rows + ((2 * (ty - k.ty0) + a) * g.W + x) * Cop + c,
+                        V_::add(V_::add(s[a][e], s[a + 1][e]), bv));
+          }
+      }
+    }
+}
+
+// out [B][nout][H][W] (NCHW, or channels_last) = the 2 x 3 convolution of the padded channels-last `in`
+// (WinoGrid::geo) with the transformed weights U [12][nin][Cop], plus bias [Cop] (or nullptr).
+template <class T>
+void wino_conv(const WinoGrid& g, const Padded<T>& in, int64_t nin, const T* U, const T* bias, int64_t nout,
+               int64_t Cop, at::Tensor& out) {
+  constexpr int L = Vec<T>::L;
+  const int64_t ld = in.ps, nmax = g.R * g.Wt, HW = g.H * g.W;
+  const int64_t vsize = WK * nmax * ld, msize = WK * nmax * Cop, rsize = 2 * g.R * g.W * Cop;
+  std::vector<T> bufs(at::get_num_threads() * (vsize + msize + rsize));
+  const bool cl = channels_last(out);
+  T* o = out.data_ptr<T>();
+  const int64_t zero = 0;
+  parallel_dynamic(g.blocks(), 1, [&](int tid, int64_t begin, int64_t end) {
+    T* V = bufs.data() + tid * (vsize + msize + rsize);
+    T* M = V + vsize;
+    T* rows = M + msize;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const WinoBlock k = wino_block(g, blk);
+      wino_input<T>(in, g, k, V);
+      for (int64_t t = 0; t < WK; ++t) {
+        // a 1-tap convolution over a 1 x n "image" of tiles
+        const ConvArgs<T> a{V + t * k.n * ld, 0, 1, ld, k.n, nin, U + t * nin * Cop, Cop, nullptr, &zero, 1, 1, k.n,
+                            nullptr, Cop, true};
+        for (int64_t co0 = 0; co0 < Cop; co0 += 4 * L)
+          for (int64_t p0 = 0; p0 < k.n; p0 += PM) {
+            const int64_t np = std::min<int64_t>(PM, k.n - p0);
+            T* dst = M + (t * k.n + p0) * Cop + co0;
+            switch (std::min<int64_t>(4, (Cop - co0) / L)) {
+              case 4: conv_tile<T, 4>(a, 0, p0, np, co0, dst, Cop); break;
+              case 3: conv_tile<T, 3>(a, 0, p0, np, co0, dst, Cop); break;
+              case 2: conv_tile<T, 2>(a, 0, p0, np, co0, dst, Cop); break;
+              default: conv_tile<T, 1>(a, 0, p0, np, co0, dst, Cop); break;
+            }
+          }
+      }
+      wino_output<T>(M, Cop, bias, g, k, rows);
+      const int64_t r0 = 2 * k.ty0, npix = (std::min(g.H, 2 * k.ty1) - r0) * g.W;
+      if (cl)
+        for (int64_t q = 0; q < npix; ++q)
+          std::copy(rows + q * Cop, rows + q * Cop + nout, o + ((k.b * g.H + r0) * g.W + q) * nout);
+      else
+        to_channels_first(rows, Cop, nout, npix, o + k.b * nout * HW + r0 * g.W, HW);
+    }
+  });
+}
+
+// acc[r][0..NV*L) += sum over tiles m < n of v[m][r] * d[m][0..NV*L) for r < nr (<= WR): grad_w's products.
+template <class T, int NV>
+void wino_wgrad_tile(const T* v, int64_t ldv, const T* d, int64_t ldd, int64_t n, int64_t nr, T* acc, int64_t lda) {
+  using V_ = Vec<T>;
+  using R = typename V_::R;
+  constexpr int L = V_::L;
+  int64_t roff[WR];  // rows past nr read the last one again (and are not written)
+  for (int r = 0; r < WR; ++r) roff[r] = std::min<int64_t>(r, nr - 1);
+  R s[WR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < WR; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < NV; ++q) s[r][q] = V_::zero();
+  for (int64_t m = 0; m < n; ++m, v += ldv, d += ldd) {
+    R dv[NV];
+#pragma GCC unroll 4
+    for (int q = 0; q < NV; ++q) dv[q] = V_::load(d + q * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < WR; ++r) {
+      const R xv = V_::set1(v[roff[r]]);
+#pragma GCC unroll 4
+      for (int q = 0; q < NV; ++q) s[r][q] = V_::fma(xv, dv[q], s[r][q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < WR; ++r)
+    if (r < nr)
+#pragma GCC unroll 4
+      for (int q = 0; q < NV; ++q) V_::store(acc + r * lda + q * L, V_::add(V_::load(acc + r * lda + q * L), s[r][q]));
+}
+
+// gw [Co][Ci][2][3] = G^T [sum over tiles of (A dy A^T) (.) (B^T d B)] G, from x padded as for the forward
+// (xin: ld >= Ci) and grad_out padded as for grad_x (gin: ld = Cop).
+template <class T>
+void wino_grad_w(const Conv& c, const WinoGrid& g, const Padded<T>& xin, const Padded<T>& gin, int64_t Cop, T* gw) {
+  constexpr int L = Vec<T>::L;
+  const int64_t nmax = g.R * g.Wt, ldx = xin.ps, size = WK * c.Ci * Cop;
+  const int64_t vsize = WK * nmax * ldx, dsize = WK * nmax * Cop, nthreads = at::get_num_threads();
+  std::vector<T> bufs(nthreads * (vsize + dsize)), sums(nthreads * size, T(0));  // one sum per thread
+  parallel_dynamic(g.blocks(), 1, [&](int tid, int64_t begin, int64_t end) {
+    T* V = bufs.data() + tid * (vsize + dsize);
+    T* D = V + vsize;
+    T* S = sums.data() + tid * size;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const WinoBlock k = wino_block(g, blk);
+      wino_input<T>(xin, g, k, V);
+      wino_grad_out<T>(gin, g, k, D);
+      for (int64_t t = 0; t < WK; ++t)
+        for (int64_t ci0 = 0; ci0 < c.Ci; ci0 += WR)
+          for (int64_t co0 = 0; co0 < Cop; co0 += 4 * L) {
+            const T* v = V + t * k.n * ldx + ci0;
+            const T* d = D + t * k.n * Cop + co0;
+            T* acc = S + (t * c.Ci + ci0) * Cop + co0;
+            const int64_t nr = std::min<int64_t>(WR, c.Ci - ci0);
+            switch (std::min<int64_t>(4, (Cop - co0) / L)) {
+              case 4: wino_wgrad_tile<T, 4>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
+              case 3: wino_wgrad_tile<T, 3>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
+              case 2: wino_wgrad_tile<T, 2>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
+              default: wino_wgrad_tile<T, 1>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
+            }
+          }
+    }
+  });
+  for (int64_t t = 1; t < nthreads; ++t)
+    for (int64_t i = 0; i < size; ++i) sums[i] += sums[t * size + i];
+  const T half = T(0.5);
+  for (int64_t co = 0; co < c.Co; ++co)
+    for (int64_t ci = 0; ci < c.Ci; ++ci) {
+      T e[3][4];
+      for (int k = 0; k < WK; ++k) e[k / 4][k % 4] = sums[(k * c.Ci + ci) * Cop + co];
+      for (int r = 0; r < 2; ++r) {
+        T f[4];
+        for (int q = 0; q < 4; ++q) f[q] = e[r][q] + e[r + 1][q];  // G^T along rows
+        T* o = gw + ((co * c.Ci + ci) * 2 + r) * 3;                    // G^T along columns
+        o[0] = f[0] + half * (f[1] + f[2]), o[1] = half * (f[1] - f[2]), o[2] = half * (f[1] + f[2]) + f[3];
+      }
+    }
+}
+
+template <class T>
+void wino_forward(const Conv& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
+                  at::Tensor& out) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t Cip = (c.Ci + L - 1) / L * L, Cop = (c.Co + L - 1) / L * L;
+  const WinoGrid g = wino_grid(c);
+  const Padded<T> in = pad_channels_last<T>(x, g.geo(1), Cip);
+  const at::Tensor w = weight.contiguous();
+  const T* wp = w.data_ptr<T>();
+  const std::vector<T> U = wino_weights<T>(c.Ci, c.Co, Cop, [&](int64_t o, int64_t i, int r, int j) {
+    return wp[((o * c.Ci + i) * 2 + r) * 3 + j];
+  });
+  std::vector<T> bpad(Cop, T(0));
+  if (bias) {
+    const at::Tensor bc = bias->contiguous();
+    std::copy(bc.data_ptr<T>(), bc.data_ptr<T>() + c.Co, bpad.begin());
+  }
+  wino_conv<T>(g, in, c.Ci, U.data(), bias ? bpad.data() : nullptr, c.Co, Cop, out);
+}
+
+template <class T>
+void wino_backward(const Conv& c, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                   at::Tensor* gx, at::Tensor* gw) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t Cip = (c.Ci + L - 1) / L * L, Cop = (c.Co + L - 1) / L * L;
+  const WinoGrid g = wino_grid(c);
+  const Padded<T> gin = pad_channels_last<T>(grad_out, g.geo(0), Cop);
+  if (gx) {  // grad_x(y, x) = sum of w(co, ci, 1-r, 2-j) * grad_out(co, y+r, x-1+j): rows y and y+1
+    const at::Tensor w = weight.contiguous();
+    const T* wp = w.data_ptr<T>();
+    const std::vector<T> U = wino_weights<T>(c.Co, c.Ci, Cip, [&](int64_t ci, int64_t co, int r, int j) {
+      return wp[((co * c.Ci + ci) * 2 + (1 - r)) * 3 + (2 - j)];
+    });
+    wino_conv<T>(g, gin, c.Co, U.data(), nullptr, c.Ci, Cip, *gx);
+  }
+  if (gw) wino_grad_w<T>(c, g, pad_channels_last<T>(x, g.geo(1), Cip), gin, Cop, gw->data_ptr<T>());
+}
+
 }  // namespace avx512
 
 FASTGEN_AVX512_END
@@ -716,11 +1042,24 @@ void backward_gemm(const Conv& c, const at::Tensor& grad_out, const at::Tensor& 
 
 // ---- the ops --------------------------------------------------------------------------------------------
 
+// The AVX-512 path takes Winograd F(2x2, 2x3) for the vertical stack's 2 x 3 kernel (rows y-1 and y) when
+// both channel counts fill a vector: half the multiply-adds of the direct kernel (measured: benchmarks/RESULTS.md).
+// FASTGEN_CPU_KERNEL=direct keeps the direct kernel (for tests and benchmarks).
+bool use_winograd(const Conv& c) {
+  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");
+  if (forced && std::string_view(forced) == "direct") return false;
+  return c.vertical && c.kh == 2 && c.kw == 3 && c.ph == 1 && c.pw == 1 && c.dh == 1 && c.dw == 1 &&
+         c.Ho == c.H && c.Wo == c.W && c.Ci >= 16 && c.Co >= 16;
+}
+
 template <class T>
 void forward_impl(const Conv& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias,
                   at::Tensor& out) {
 #ifdef FASTGEN_AVX512
-  if (use_avx512()) return avx512::forward<T>(c, x, weight, bias, out);
+  if (use_avx512()) {
+    if (use_winograd(c)) return avx512::wino_forward<T>(c, x, weight, bias, out);
+    return avx512::forward<T>(c, x, weight, bias, out);
+  }
 #endif
   forward_gemm(c, x, weight, bias, out);
 }
@@ -730,6 +1069,7 @@ void backward_impl(const Conv& c, const at::Tensor& g, const at::Tensor& x, cons
                    at::Tensor* gw) {
 #ifdef FASTGEN_AVX512
   if (use_avx512()) {
+    if (use_winograd(c)) return avx512::wino_backward<T>(c, g, x, weight, gx, gw);
     constexpr int64_t L = avx512::Vec<T>::L;
     const int64_t Cop = (c.Co + L - 1) / L * L;
     const Geo gx_geo = grad_x_geo(c);

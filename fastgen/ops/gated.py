@@ -243,9 +243,14 @@ def _act_setup(ctx, inputs, output):
 def _act_backward(ctx, grad_out):
     x, cond = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], cond is not None and ctx.needs_input_grad[1]]
+    # a conditioning map enters as x + cond: its gradient is grad_x itself, handed to both (as add's backward
+    # does) rather than written twice
+    full_map = cond is not None and cond.shape == x.shape
+    ask = [need[0] or (need[1] and full_map), need[1] and not full_map]
     grads = gated_activation_grad_op(grad_out.contiguous(memory_format=_kernel_layout(grad_out))
-                                     if grad_out.dim() == 4 else grad_out.contiguous(), x, cond, *ctx.args, need)
-    return grads[0] if need[0] else None, grads[1] if need[1] else None, None, None
+                                     if grad_out.dim() == 4 else grad_out.contiguous(), x, cond, *ctx.args, ask)
+    grad_cond = (grads[0] if full_map else grads[1]) if need[1] else None
+    return grads[0] if need[0] else None, grad_cond, None, None
 
 
 gated_activation_op.register_autograd(_act_backward, setup_context=_act_setup)

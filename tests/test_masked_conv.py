@@ -99,14 +99,15 @@ def test_matches_ref(backend, case, bias):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_layouts(backend, layout):
+@pytest.mark.parametrize("mask_type, k", [("A", 3), ("B", 1)])  # 1x1: no padding, the cpp kernel reads x in place
+def test_layouts(backend, layout, mask_type, k):
     dev, dtype = device_for(backend), work_dtype(backend)
     base = torch.randn(2, 6, 7, 13, dtype=dtype, device=dev)
     x = base.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else base[:, ::2, :, 1::2]
-    w = torch.randn(5, x.shape[1], 3, 3, dtype=dtype, device=dev)
+    w = torch.randn(5, x.shape[1], k, k, dtype=dtype, device=dev)
     b = torch.randn(5, dtype=dtype, device=dev)
-    require_backend(OP, backend, make_call(x, w, b, "A", 1, "same", 1))
-    r, o = ref_and_backend(backend, x, w, b, "same", 1, "A", 1)
+    require_backend(OP, backend, make_call(x, w, b, mask_type, 1, "same", 1))
+    r, o = ref_and_backend(backend, x, w, b, "same", 1, mask_type, 1)
     for rr, oo in zip(r, o):
         torch.testing.assert_close(oo.to(torch.float64).cpu(), rr.cpu(), **tol(dtype))
 

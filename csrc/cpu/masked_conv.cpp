@@ -154,6 +154,8 @@ Padded<T> pad_input(const at::Tensor& x, const Geo& g) {
   const bool nhwc = channels_last(x);
   const at::Tensor xc = nhwc ? x : x.contiguous();
   const T* src = xc.data_ptr<T>();
+  if (Hp == H && Wp == W)  // no padding (a 1x1 kernel): the input as it is
+    return nhwc ? Padded<T>{xc, src, H * W * C, 1, C, W} : Padded<T>{xc, src, C * H * W, H * W, 1, W};
   at::Tensor buf = at::empty({B * C * Hp * Wp}, x.options());
   T* dst = buf.data_ptr<T>();
   if (!nhwc) {  // plane by plane: zero rows, then (zeros, row, zeros)
@@ -537,15 +539,20 @@ void run_conv(const Conv& c, const Geo& geo, const Padded<T>& in, int64_t nin, c
 
 // A batch [B][C][Hin][Win] (NCHW-contiguous: transposed; channels_last: copied)
 // -> a zero-padded channels-last buffer [B][Hp][Wp][ld] with the padding `geo`
-// asks for (ld >= C; zeros past C).
+// asks for (ld >= C; zeros past C). With `sum` ([C]), also the sum of x over
+// batch, rows and columns (grad_out's: the bias gradient) while each image is
+// still in cache: each row summed in vectors, rows and images added in double,
+// images in order (the same result for any number of threads).
 template <class T>
-Padded<T> pad_channels_last(const at::Tensor& x, const Geo& geo, int64_t ld) {
+Padded<T> pad_channels_last(const at::Tensor& x, const Geo& geo, int64_t ld, at::Tensor* sum = nullptr) {
+  using V = Vec<T>;
   const int64_t B = x.size(0), C = x.size(1), H = geo.Hin, W = geo.Win, Hp = geo.Hp(), Wp = geo.Wp();
   const bool cl = channels_last(x);
   const at::Tensor xc = cl ? x : x.contiguous();
   at::Tensor buf = at::empty({B * Hp * Wp * ld}, x.options());
   T* dst = buf.data_ptr<T>();
   const T* src = xc.data_ptr<T>();
+  std::vector<double> sums(sum ? B * ld : 0, 0.0);  // per image
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       // zero only what the copy below does not write: border rows and columns, and lanes C..ld
@@ -560,15 +567,32 @@ Padded<T> pad_channels_last(const at::Tensor& x, const Geo& geo, int64_t ld) {
           for (int64_t q = geo.left; q < geo.left + W; ++q) std::fill(row + q * ld + C, row + (q + 1) * ld, T(0));
       }
       T* d = dst + ((b * Hp + geo.top) * Wp + geo.left) * ld;
-      if (!cl) {
+      if (!cl)
         to_channels_last_padded(src + b * C * H * W, C, H, W, d, Wp, ld);
-        continue;
-      }
+      else
+        for (int64_t r = 0; r < H; ++r)
+          for (int64_t q = 0; q < W; ++q)
+            std::copy(src + ((b * H + r) * W + q) * C, src + ((b * H + r) * W + q + 1) * C, d + (r * Wp + q) * ld);
+      if (!sum) continue;
+      double* s = sums.data() + b * ld;
+      alignas(64) T part[V::L];
       for (int64_t r = 0; r < H; ++r)
-        for (int64_t q = 0; q < W; ++q)
-          std::copy(src + ((b * H + r) * W + q) * C, src + ((b * H + r) * W + q + 1) * C, d + (r * Wp + q) * ld);
+        for (int64_t c = 0; c < ld; c += V::L) {
+          typename V::R acc = V::zero();
+          for (int64_t q = 0; q < W; ++q) acc = V::add(acc, V::load(d + (r * Wp + q) * ld + c));
+          V::store(part, acc);
+          for (int l = 0; l < V::L; ++l) s[c + l] += part[l];
+        }
     }
   });
+  if (sum) {
+    T* out = sum->data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      double t = 0.0;
+      for (int64_t b = 0; b < B; ++b) t += sums[b * ld + c];
+      out[c] = static_cast<T>(t);
+    }
+  }
   return {buf, dst, Hp * Wp * ld, 1, ld, Wp};
 }
 
@@ -930,11 +954,11 @@ void wino_forward(const Conv& c, const at::Tensor& x, const at::Tensor& weight, 
 
 template <class T>
 void wino_backward(const Conv& c, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                   at::Tensor* gx, at::Tensor* gw) {
+                   at::Tensor* gx, at::Tensor* gw, at::Tensor* gb) {
   constexpr int64_t L = Vec<T>::L;
   const int64_t Cip = (c.Ci + L - 1) / L * L, Cop = (c.Co + L - 1) / L * L;
   const WinoGrid g = wino_grid(c);
-  const Padded<T> gin = pad_channels_last<T>(grad_out, g.geo(0), Cop);
+  const Padded<T> gin = pad_channels_last<T>(grad_out, g.geo(0), Cop, gb);
   if (gx) {  // grad_x(y, x) = sum of w(co, ci, 1-r, 2-j) * grad_out(co, y+r, x-1+j): rows y and y+1
     const at::Tensor w = weight.contiguous();
     const T* wp = w.data_ptr<T>();
@@ -1064,22 +1088,27 @@ void forward_impl(const Conv& c, const at::Tensor& x, const at::Tensor& weight, 
   forward_gemm(c, x, weight, bias, out);
 }
 
+// Returns whether it also wrote the bias gradient gb (the AVX-512 paths sum grad_out as they repack it).
 template <class T>
-void backward_impl(const Conv& c, const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::Tensor* gx,
-                   at::Tensor* gw) {
+bool backward_impl(const Conv& c, const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::Tensor* gx,
+                   at::Tensor* gw, at::Tensor* gb) {
 #ifdef FASTGEN_AVX512
   if (use_avx512()) {
-    if (use_winograd(c)) return avx512::wino_backward<T>(c, g, x, weight, gx, gw);
+    if (use_winograd(c)) {
+      avx512::wino_backward<T>(c, g, x, weight, gx, gw, gb);
+      return true;
+    }
     constexpr int64_t L = avx512::Vec<T>::L;
     const int64_t Cop = (c.Co + L - 1) / L * L;
     const Geo gx_geo = grad_x_geo(c);
-    const Padded<T> gpad = avx512::pad_channels_last<T>(g, gx_geo, Cop);
+    const Padded<T> gpad = avx512::pad_channels_last<T>(g, gx_geo, Cop, gb);
     if (gx) avx512::grad_x<T>(c, gpad, gx_geo, weight, *gx);
     if (gw) avx512::grad_w<T>(c, gpad, Cop, gx_geo, x, gw->data_ptr<T>());
-    return;
+    return true;
   }
 #endif
   backward_gemm(c, g, x, weight, gx, gw);
+  return false;
 }
 
 at::Tensor masked_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -1118,14 +1147,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   at::Tensor gx = output_mask[0] ? at::empty({c.B, c.Ci, c.H, c.W}, x.options().memory_format(fmt))
                                  : at::empty({0}, x.options());
   at::Tensor gw = output_mask[1] ? at::zeros({c.Co, c.Ci, c.kh, c.kw}, x.options()) : at::empty({0}, x.options());
-  at::Tensor gb = output_mask[2] ? g.sum({0, 2, 3}) : at::empty({0}, x.options());
+  at::Tensor gb = output_mask[2] ? at::empty({c.Co}, x.options()) : at::empty({0}, x.options());
   const bool run = g.numel() > 0 && !c.taps.empty();  // else every gradient is zero
   const bool need_x = output_mask[0] && gx.numel() > 0, need_w = output_mask[1] && gw.numel() > 0;
   if (need_x && !run) gx.zero_();
+  bool gb_done = false;
   if ((need_x || need_w) && run)  // the kernels write every element of grad_x
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_backward", [&] {
-      backward_impl<scalar_t>(c, g, x, weight, need_x ? &gx : nullptr, need_w ? &gw : nullptr);
+      gb_done = backward_impl<scalar_t>(c, g, x, weight, need_x ? &gx : nullptr, need_w ? &gw : nullptr,
+                                        output_mask[2] ? &gb : nullptr);
     });
+  if (output_mask[2] && !gb_done) gb = g.sum({0, 2, 3});
   return {gx, gw, gb};
 }
 

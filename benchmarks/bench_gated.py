@@ -16,6 +16,11 @@ Groups:
 * ``model``: one training step (loss, backward, Adam) of a whole GatedPixelCNN
   against the same network built from the common layers (steps/s = 1 / median).
 
+* ``vertical``: the vertical stack's 2 x 3 convolution alone (``vertical_conv2d``,
+  C -> 2C, forward + backward): ``conv2d`` (zero-pad, F.conv2d: backend 'ref'),
+  ``fastgen[direct]`` (the cpp kernel's direct path, FASTGEN_CPU_KERNEL=direct)
+  and ``fastgen`` (the default: Winograd F(2x2, 2x3) on AVX-512). CPU only.
+
 Every contender is checked against the float64 reference (fastgen's layer or
 model forced onto backend 'ref') before it is timed. Memory: peak allocated on
 a GPU, a fresh subprocess's peak RSS on the CPU (fwd+bwd, real runs).
@@ -25,7 +30,7 @@ import functools
 import pytest
 import torch
 
-from fastgen.ops.gated import CONV, make_conv_call
+from fastgen.ops.gated import CONV, VERTICAL, make_conv_call, make_vertical_call
 from fastgen.testing import (check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss, relative_error,
                              start_record, sync, time_step)
 
@@ -161,4 +166,63 @@ def test_gated(benchmark, smoke, bench_results, case):
                        threads=torch.get_num_threads(), builder="fastgen.testing:gated_rss_step", kind=kind)
         benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
         benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+    bench_results.append(record)
+
+
+# ---- the vertical stack's convolution: direct kernel against Winograd ---------------------------------------------
+
+VERTICAL_SHAPES = {"cpu": [(16, 64, 28), (32, 128, 32)], "cuda": []}  # (batch, C, hw): C -> 2C channels
+VERTICAL_CONTENDERS = ["conv2d", "fastgen[direct]", "fastgen"]
+
+
+def _vertical_case(shape, dtype, seed=2):
+    b, c, hw = shape
+    gen = torch.Generator().manual_seed(seed)
+    x, w, bias, g = (torch.randn(*s, generator=gen) for s in ((b, c, hw, hw), (2 * c, c, 2, 3), (2 * c,),
+                                                                (b, 2 * c, hw, hw)))
+    return [t.to(DEVICE, dtype) for t in (x, w, bias)], g.to(DEVICE, dtype)
+
+
+def _vertical_outcome(contender, leaves, g):
+    from fastgen.functional import vertical_conv2d
+    backend = "ref" if contender == "conv2d" else "cpp"
+    x, w, b = (t.detach().requires_grad_() for t in leaves)
+    y = vertical_conv2d(x, w, b, backend=backend)
+    y.backward(g)
+    return {"output": y.detach(), "grad_x": x.grad, "grad_w": w.grad, "grad_b": b.grad}
+
+
+@functools.lru_cache(maxsize=2)
+def _vertical_reference(shape, dtype):
+    runs = {}
+    for run_dtype in (torch.float64, dtype):
+        leaves, g = _vertical_case(shape, run_dtype)
+        runs[run_dtype] = _vertical_outcome("conv2d", leaves, g)
+    want = runs[torch.float64]
+    return want, {n: relative_error(runs[dtype][n], want[n]) for n in want}
+
+
+@pytest.mark.parametrize("contender", VERTICAL_CONTENDERS)
+@pytest.mark.parametrize("shape", VERTICAL_SHAPES[DEVICE] or [None], ids=lambda s: "x".join(map(str, s or ())))
+def test_vertical(benchmark, smoke, bench_results, monkeypatch, shape, contender):
+    if shape is None:
+        pytest.skip("the vertical stack's cpp kernel is CPU only")
+    shape = (2, 16, 8) if smoke else shape
+    dtype = torch.float32
+    b, c, hw = shape
+    group = f"{DEVICE} float32 vertical 2x3 {b}x{c}->{2 * c}x{hw}x{hw} fwd+bwd"
+    record = start_record(benchmark, group, contender, dtype="float32", shape=f"{b}x{c}x{hw}x{hw}", mode="fwd+bwd")
+    leaves, g = _vertical_case(shape, dtype)
+    if contender.startswith("fastgen"):
+        why = VERTICAL.reason("cpp", make_vertical_call(*leaves, 0))
+        if why:
+            pytest.skip(f"backend cpp: {why}")
+        if contender == "fastgen[direct]":
+            monkeypatch.setenv("FASTGEN_CPU_KERNEL", "direct")
+    got, _ = first_call(lambda: _vertical_outcome(contender, leaves, g), record, bench_results, contender,
+                        contender.startswith("fastgen"))
+    want, ref_err = _vertical_reference(shape, dtype)
+    check_outcome(got, want, ref_err, dtype, record, bench_results, contender, contender.startswith("fastgen"))
+    if time_step(benchmark, record, bench_results, lambda: _vertical_outcome(contender, leaves, g)) is None:
+        return
     bench_results.append(record)

@@ -194,21 +194,28 @@ Padded<T> pad_input(const at::Tensor& x, const Geo& g) {
 // Weights packed [tap][c_in][Cop] (c_out innermost, rounded up to whole vectors
 // with zeros; zero too for the centre pairs the colour rule hides).
 // `transposed` packs for grad_x, where the roles of Ci and Co swap.
+// One permuted copy first, so that every row is a contiguous copy.
 template <class T>
 at::Tensor pack_weight(const Conv& c, const at::Tensor& weight, int64_t Cop, bool transposed) {
-  const at::Tensor w = weight.contiguous();
-  const T* wp = w.data_ptr<T>();
   const int64_t nin = transposed ? c.Co : c.Ci, nout = transposed ? c.Ci : c.Co;
+  // [kh][kw][nin][nout]
+  const at::Tensor w = weight.permute(transposed ? at::IntArrayRef{2, 3, 0, 1} : at::IntArrayRef{2, 3, 1, 0}).contiguous();
+  const T* wp = w.data_ptr<T>();
   const int64_t nt = static_cast<int64_t>(c.taps.size());
   at::Tensor out = at::zeros({nt * nin * Cop}, weight.options());
   T* o = out.data_ptr<T>();
-  for (int64_t t = 0; t < nt; ++t)
-    for (int64_t k = 0; k < nin; ++k)
-      for (int64_t n = 0; n < nout; ++n) {
-        const int64_t co = transposed ? k : n, ci = transposed ? n : k;
-        if (c.visible(c.taps[t], co, ci))
-          o[(t * nin + k) * Cop + n] = wp[((co * c.Ci + ci) * c.kh + c.taps[t].i) * c.kw + c.taps[t].j];
-      }
+  for (int64_t t = 0; t < nt; ++t) {
+    const Tap& tap = c.taps[t];
+    const bool hides = c.is_centre(tap) && (c.strict || c.data_channels > 1);  // else every pair is visible
+    const T* src = wp + (tap.i * c.kw + tap.j) * nin * nout;
+    for (int64_t k = 0; k < nin; ++k) {
+      T* dst = o + (t * nin + k) * Cop;
+      std::copy(src + k * nout, src + (k + 1) * nout, dst);
+      if (hides)
+        for (int64_t n = 0; n < nout; ++n)
+          if (!(transposed ? c.centre_open(k, n) : c.centre_open(n, k))) dst[n] = T(0);
+    }
+  }
   return out;
 }
 
@@ -618,7 +625,7 @@ void grad_x(const Conv& c, const Padded<T>& gpad, const Geo& gx_geo, const at::T
 }
 
 template <class T>
-void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo, const at::Tensor& x, T* gwp) {
+void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo, const at::Tensor& x, at::Tensor& gw) {
   const int64_t nt = static_cast<int64_t>(c.taps.size()), nrows = c.B * c.Ho;
   const Geo geo = forward_geo(c);
   // x read in place: NCHW, or NHWC when it is channels_last
@@ -638,12 +645,20 @@ void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo
   parallel_dynamic(nitems, 4, [&](int tid, int64_t b, int64_t e) { wgrad_tasks<T>(a, packed.data() + tid * size, b, e); });
   for (int64_t k = 1; k < nthreads; ++k)
     for (int64_t i = 0; i < size; ++i) packed[i] += packed[k * size + i];
-  // unpack into [Co, Ci, kh, kw]; masked taps and hidden centre pairs stay exactly zero
-  for (int64_t t = 0; t < nt; ++t)
-    for (int64_t co = 0; co < c.Co; ++co)
-      for (int64_t ci = 0; ci < c.Ci; ++ci)
-        if (c.visible(c.taps[t], co, ci))
-          gwp[((co * c.Ci + ci) * c.kh + c.taps[t].i) * c.kw + c.taps[t].j] = packed[(t * c.Ci + ci) * Cop + co];
+  // unpack into [Co, Ci, kh, kw] (zeros: masked taps and hidden centre pairs stay exactly zero), through
+  // [kh][kw][Ci][Co] rows and one permuted copy
+  at::Tensor rows = at::zeros({c.kh, c.kw, c.Ci, c.Co}, x.options());
+  T* r = rows.data_ptr<T>();
+  for (int64_t t = 0; t < nt; ++t) {
+    const Tap& tap = c.taps[t];
+    const bool hides = c.is_centre(tap) && (c.strict || c.data_channels > 1);
+    for (int64_t ci = 0; ci < c.Ci; ++ci) {
+      T* dst = r + ((tap.i * c.kw + tap.j) * c.Ci + ci) * c.Co;
+      const T* src = packed.data() + (t * c.Ci + ci) * Cop;
+      for (int64_t co = 0; co < c.Co; ++co) dst[co] = hides && !c.centre_open(co, ci) ? T(0) : src[co];
+    }
+  }
+  gw.copy_(rows.permute({3, 2, 0, 1}));
 }
 
 // ---- Winograd F(2x2, 2x3): the vertical stack's 2 x 3 kernel ------------------------------------------------
@@ -689,24 +704,40 @@ WinoGrid wino_grid(const Conv& c) {
   return {c.B, c.H, c.W, Ht, Wt, std::max<int64_t>(1, std::min<int64_t>(Ht, 48 / Wt))};
 }
 
-// U[k][i][Cop] = (G g G^T)[k] for the 2 x 3 kernel g(r, j) = w(o, i, r, j), o < nout (zero past nout).
-template <class T, class Wf>
-std::vector<T> wino_weights(int64_t nin, int64_t nout, int64_t Cop, const Wf& w) {
+// U[k][i][Cop] = (G g G^T)[k] for the 2 x 3 kernels g(r, j) = w[r][j][i][o] (w: [2][3][nin][nout], contiguous;
+// `mirror`: g(r, j) = w[1-r][2-j]), zero past nout.
+template <class T>
+std::vector<T> wino_weights(const at::Tensor& w, int64_t Cop, bool mirror) {
+  using V = Vec<T>;
+  const int64_t nin = w.size(2), nout = w.size(3);
+  const T* wp = w.data_ptr<T>();
   std::vector<T> U(WK * nin * Cop, T(0));
-  const T half = T(0.5);
-  for (int64_t o = 0; o < nout; ++o)
-    for (int64_t i = 0; i < nin; ++i) {
-      T a[2][4];
-      for (int r = 0; r < 2; ++r) {
-        const T g0 = w(o, i, r, 0), g1 = w(o, i, r, 1), g2 = w(o, i, r, 2);
-        a[r][0] = g0, a[r][1] = half * (g0 + g1 + g2), a[r][2] = half * (g0 - g1 + g2), a[r][3] = g2;
-      }
-      for (int q = 0; q < 4; ++q) {
-        U[((0 + q) * nin + i) * Cop + o] = a[0][q];
-        U[((4 + q) * nin + i) * Cop + o] = a[0][q] + a[1][q];
-        U[((8 + q) * nin + i) * Cop + o] = a[1][q];
-      }
+  // out[k] for k = 4*row + column from the rows' (g0, g1, g2), for scalars or vectors of o
+  auto transform = [](auto g, auto add, auto sub, auto halve, auto out) {
+    decltype(g(0, 0)) a[2][4];
+    for (int r = 0; r < 2; ++r) {
+      const auto g0 = g(r, 0), g1 = g(r, 1), g2 = g(r, 2);
+      a[r][0] = g0, a[r][1] = halve(add(add(g0, g1), g2)), a[r][2] = halve(add(sub(g0, g1), g2)), a[r][3] = g2;
     }
+    for (int q = 0; q < 4; ++q) out(0 + q, a[0][q]), out(4 + q, add(a[0][q], a[1][q])), out(8 + q, a[1][q]);
+  };
+  const auto half = V::set1(T(0.5));
+  int64_t tap[2][3];  // where g(r, j) is: src[tap[r][j] + o]
+  for (int r = 0; r < 2; ++r)
+    for (int j = 0; j < 3; ++j) tap[r][j] = (mirror ? (1 - r) * 3 + (2 - j) : r * 3 + j) * nin * nout;
+  for (int64_t i = 0; i < nin; ++i) {
+    const T* src = wp + i * nout;
+    T* dst = U.data() + i * Cop;   // U[k] at dst[k * nin * Cop + o]
+    int64_t o = 0;
+    for (; o + V::L <= nout; o += V::L)  // whole vectors of o
+      transform([&](int r, int j) { return V::load(src + tap[r][j] + o); }, V::add, V::sub,
+                [&](typename V::R v) { return V::fma(v, half, V::zero()); },
+                [&](int k, typename V::R v) { V::store(dst + k * nin * Cop + o, v); });
+    for (; o < nout; ++o)
+      transform([&](int r, int j) { return src[tap[r][j] + o]; }, [](T a, T b) { return a + b; },
+                [](T a, T b) { return a - b; }, [](T a) { return T(0.5) * a; },
+                [&](int k, T v) { dst[k * nin * Cop + o] = v; });
+  }
   return U;
 }
 
@@ -815,12 +846,14 @@ void wino_conv(const WinoGrid& g, const Padded<T>& in, int64_t nin, const T* U, 
   constexpr int L = Vec<T>::L;
   const int64_t ld = in.ps, nmax = g.R * g.Wt, HW = g.H * g.W;
   const int64_t vsize = WK * nmax * ld, msize = WK * nmax * Cop, rsize = 2 * g.R * g.W * Cop;
-  std::vector<T> bufs(at::get_num_threads() * (vsize + msize + rsize));
+  // scratch per thread, written before it is read
+  const at::Tensor scratch = at::empty({at::get_num_threads() * (vsize + msize + rsize)}, out.options());
+  T* const bufs = scratch.data_ptr<T>();
   const bool cl = channels_last(out);
   T* o = out.data_ptr<T>();
   const int64_t zero = 0;
   parallel_dynamic(g.blocks(), 1, [&](int tid, int64_t begin, int64_t end) {
-    T* V = bufs.data() + tid * (vsize + msize + rsize);
+    T* V = bufs + tid * (vsize + msize + rsize);
     T* M = V + vsize;
     T* rows = M + msize;
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -887,13 +920,16 @@ void wino_wgrad_tile(const T* v, int64_t ldv, const T* d, int64_t ldd, int64_t n
 // gw [Co][Ci][2][3] = G^T [sum over tiles of (A dy A^T) (.) (B^T d B)] G, from x padded as for the forward
 // (xin: ld >= Ci) and grad_out padded as for grad_x (gin: ld = Cop).
 template <class T>
-void wino_grad_w(const Conv& c, const WinoGrid& g, const Padded<T>& xin, const Padded<T>& gin, int64_t Cop, T* gw) {
+void wino_grad_w(const Conv& c, const WinoGrid& g, const Padded<T>& xin, const Padded<T>& gin, int64_t Cop,
+                 at::Tensor& gw) {
   constexpr int L = Vec<T>::L;
   const int64_t nmax = g.R * g.Wt, ldx = xin.ps, size = WK * c.Ci * Cop;
   const int64_t vsize = WK * nmax * ldx, dsize = WK * nmax * Cop, nthreads = at::get_num_threads();
-  std::vector<T> bufs(nthreads * (vsize + dsize)), sums(nthreads * size, T(0));  // one sum per thread
+  const at::Tensor scratch = at::empty({nthreads * (vsize + dsize)}, xin.buf.options());  // written before read
+  T* const bufs = scratch.data_ptr<T>();
+  std::vector<T> sums(nthreads * size, T(0));  // one sum per thread
   parallel_dynamic(g.blocks(), 1, [&](int tid, int64_t begin, int64_t end) {
-    T* V = bufs.data() + tid * (vsize + dsize);
+    T* V = bufs + tid * (vsize + dsize);
     T* D = V + vsize;
     T* S = sums.data() + tid * size;
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -918,18 +954,37 @@ void wino_grad_w(const Conv& c, const WinoGrid& g, const Padded<T>& xin, const P
   });
   for (int64_t t = 1; t < nthreads; ++t)
     for (int64_t i = 0; i < size; ++i) sums[i] += sums[t * size + i];
-  const T half = T(0.5);
-  for (int64_t co = 0; co < c.Co; ++co)
-    for (int64_t ci = 0; ci < c.Ci; ++ci) {
-      T e[3][4];
-      for (int k = 0; k < WK; ++k) e[k / 4][k % 4] = sums[(k * c.Ci + ci) * Cop + co];
-      for (int r = 0; r < 2; ++r) {
-        T f[4];
-        for (int q = 0; q < 4; ++q) f[q] = e[r][q] + e[r + 1][q];  // G^T along rows
-        T* o = gw + ((co * c.Ci + ci) * 2 + r) * 3;                    // G^T along columns
-        o[0] = f[0] + half * (f[1] + f[2]), o[1] = half * (f[1] - f[2]), o[2] = half * (f[1] + f[2]) + f[3];
-      }
+  // G^T along rows, then columns, into [2][3][Ci][Co] rows (whole vectors of co), then one permuted copy
+  using V = Vec<T>;
+  at::Tensor rows = at::empty({2, 3, c.Ci, c.Co}, gw.options());
+  T* rp = rows.data_ptr<T>();
+  const int64_t plane = c.Ci * c.Co;
+  auto finish = [&](auto load, auto add, auto sub, auto halve, auto store) {
+    decltype(load(0)) e[WK];
+    for (int k = 0; k < WK; ++k) e[k] = load(k);
+    for (int r = 0; r < 2; ++r) {
+      decltype(load(0)) f[4];
+      for (int q = 0; q < 4; ++q) f[q] = add(e[4 * r + q], e[4 * (r + 1) + q]);
+      store(r * 3 + 0, add(f[0], halve(add(f[1], f[2]))));
+      store(r * 3 + 1, halve(sub(f[1], f[2])));
+      store(r * 3 + 2, add(halve(add(f[1], f[2])), f[3]));
     }
+  };
+  const auto half = V::set1(T(0.5));
+  for (int64_t ci = 0; ci < c.Ci; ++ci) {
+    const T* src = sums.data() + ci * Cop;  // sum k at src[k * Ci * Cop + co]
+    T* dst = rp + ci * c.Co;                // tap (r, j) at dst[(r*3 + j) * plane + co]
+    int64_t co = 0;
+    for (; co + V::L <= c.Co; co += V::L)
+      finish([&](int k) { return V::load(src + k * c.Ci * Cop + co); }, V::add, V::sub,
+             [&](typename V::R v) { return V::fma(v, half, V::zero()); },
+             [&](int tap, typename V::R v) { V::store(dst + tap * plane + co, v); });
+    for (; co < c.Co; ++co)
+      finish([&](int k) { return src[k * c.Ci * Cop + co]; }, [](T a, T b) { return a + b; },
+             [](T a, T b) { return a - b; }, [](T a) { return T(0.5) * a; },
+             [&](int tap, T v) { dst[tap * plane + co] = v; });
+  }
+  gw.copy_(rows.permute({3, 2, 0, 1}));
 }
 
 template <class T>
@@ -939,11 +994,7 @@ void wino_forward(const Conv& c, const at::Tensor& x, const at::Tensor& weight, 
   const int64_t Cip = (c.Ci + L - 1) / L * L, Cop = (c.Co + L - 1) / L * L;
   const WinoGrid g = wino_grid(c);
   const Padded<T> in = pad_channels_last<T>(x, g.geo(1), Cip);
-  const at::Tensor w = weight.contiguous();
-  const T* wp = w.data_ptr<T>();
-  const std::vector<T> U = wino_weights<T>(c.Ci, c.Co, Cop, [&](int64_t o, int64_t i, int r, int j) {
-    return wp[((o * c.Ci + i) * 2 + r) * 3 + j];
-  });
+  const std::vector<T> U = wino_weights<T>(weight.permute({2, 3, 1, 0}).contiguous(), Cop, false);  // [r][j][ci][co]
   std::vector<T> bpad(Cop, T(0));
   if (bias) {
     const at::Tensor bc = bias->contiguous();
@@ -960,14 +1011,10 @@ void wino_backward(const Conv& c, const at::Tensor& grad_out, const at::Tensor& 
   const WinoGrid g = wino_grid(c);
   const Padded<T> gin = pad_channels_last<T>(grad_out, g.geo(0), Cop, gb);
   if (gx) {  // grad_x(y, x) = sum of w(co, ci, 1-r, 2-j) * grad_out(co, y+r, x-1+j): rows y and y+1
-    const at::Tensor w = weight.contiguous();
-    const T* wp = w.data_ptr<T>();
-    const std::vector<T> U = wino_weights<T>(c.Co, c.Ci, Cip, [&](int64_t ci, int64_t co, int r, int j) {
-      return wp[((co * c.Ci + ci) * 2 + (1 - r)) * 3 + (2 - j)];
-    });
+    const std::vector<T> U = wino_weights<T>(weight.permute({2, 3, 0, 1}).contiguous(), Cip, true);
     wino_conv<T>(g, gin, c.Co, U.data(), nullptr, c.Ci, Cip, *gx);
   }
-  if (gw) wino_grad_w<T>(c, g, pad_channels_last<T>(x, g.geo(1), Cip), gin, Cop, gw->data_ptr<T>());
+  if (gw) wino_grad_w<T>(c, g, pad_channels_last<T>(x, g.geo(1), Cip), gin, Cop, *gw);
 }
 
 }  // namespace avx512
@@ -1103,7 +1150,7 @@ bool backward_impl(const Conv& c, const at::Tensor& g, const at::Tensor& x, cons
     const Geo gx_geo = grad_x_geo(c);
     const Padded<T> gpad = avx512::pad_channels_last<T>(g, gx_geo, Cop, gb);
     if (gx) avx512::grad_x<T>(c, gpad, gx_geo, weight, *gx);
-    if (gw) avx512::grad_w<T>(c, gpad, Cop, gx_geo, x, gw->data_ptr<T>());
+    if (gw) avx512::grad_w<T>(c, gpad, Cop, gx_geo, x, *gw);
     return true;
   }
 #endif

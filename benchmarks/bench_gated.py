@@ -17,7 +17,7 @@ Groups:
   against the same network built from the common layers (steps/s = 1 / median).
 
 * ``vertical``: the vertical stack's 2 x 3 convolution alone (``vertical_conv2d``,
-  C -> 2C, forward + backward): ``conv2d`` (zero-pad, F.conv2d: backend 'ref'),
+  C -> 2C, forward + backward): ``common`` (zero-pad, F.conv2d: backend 'ref'),
   ``fastgen[direct]`` (the cpp kernel's direct path, FASTGEN_CPU_KERNEL=direct)
   and ``fastgen`` (the default: Winograd F(2x2, 2x3) on AVX-512). CPU only.
 
@@ -172,7 +172,7 @@ def test_gated(benchmark, smoke, bench_results, case):
 # ---- the vertical stack's convolution: direct kernel against Winograd ---------------------------------------------
 
 VERTICAL_SHAPES = {"cpu": [(16, 64, 28), (32, 128, 32)], "cuda": []}  # (batch, C, hw): C -> 2C channels
-VERTICAL_CONTENDERS = ["conv2d", "fastgen[direct]", "fastgen"]
+VERTICAL_CONTENDERS = ["common", "fastgen[direct]", "fastgen"]
 
 
 def _vertical_case(shape, dtype, seed=2):
@@ -185,7 +185,7 @@ def _vertical_case(shape, dtype, seed=2):
 
 def _vertical_outcome(contender, leaves, g):
     from fastgen.functional import vertical_conv2d
-    backend = "ref" if contender == "conv2d" else "cpp"
+    backend = "ref" if contender == "common" else "cpp"
     x, w, b = (t.detach().requires_grad_() for t in leaves)
     y = vertical_conv2d(x, w, b, backend=backend)
     y.backward(g)
@@ -197,7 +197,7 @@ def _vertical_reference(shape, dtype):
     runs = {}
     for run_dtype in (torch.float64, dtype):
         leaves, g = _vertical_case(shape, run_dtype)
-        runs[run_dtype] = _vertical_outcome("conv2d", leaves, g)
+        runs[run_dtype] = _vertical_outcome("common", leaves, g)
     want = runs[torch.float64]
     return want, {n: relative_error(runs[dtype][n], want[n]) for n in want}
 

@@ -346,9 +346,10 @@ def _composed(c):
 # Measured preference (benchmarks/RESULTS.md; 2-core AVX-512 CPU, fp32, 2 threads):
 # * gated_activation: cpp 5.4-6.7x faster than eager forward, 3.5-6.4x forward+backward at [16,128,28,28]
 #   and [32,256,32,32] (1 thread); its portable path (AVX2 build) still ~2.5x faster than eager per element.
-# * vertical_conv2d [16,64->128,28x28, 2x3]: cpp 6.2 ms fwd / 13.5 ms bwd against conv2d (oneDNN) 6.4-7.6 /
-#   13.2-13.6 plus the padded copy and crop that conv2d needs; the 1x1 link with its shift: cpp 2.7 / 6.2 ms
-#   against 2.6 / 6.8 plus a slice copy and a pad copy. cpp first on AVX-512 CPUs only (as masked_conv2d).
+# * vertical_conv2d, fwd+bwd, 2x3 (bench_gated.py 'vertical'): cpp (Winograd F(2x2, 2x3)) 13.8-14.0 ms against
+#   conv2d (oneDNN, with its padded copy) 20.2-21.2 at [16,64->128,28x28], 113-140 against 209-241 at
+#   [32,128->256,32x32]; the 1x1 link with its shift: cpp 2.7 / 6.2 ms fwd / bwd against 2.6 / 6.8 plus a
+#   slice copy and a pad copy. cpp first on AVX-512 CPUs only (as masked_conv2d).
 # CUDA: not yet measured on a GPU; the framework's ops (ref / composed) until the Triton kernels have been
 # timed there.
 ACT_PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["ref"]}

@@ -198,8 +198,8 @@ Padded<T> pad_input(const at::Tensor& x, const Geo& g) {
 template <class T>
 at::Tensor pack_weight(const Conv& c, const at::Tensor& weight, int64_t Cop, bool transposed) {
   const int64_t nin = transposed ? c.Co : c.Ci, nout = transposed ? c.Ci : c.Co;
-  // [kh][kw][nin][nout]
-  const at::Tensor w = weight.permute(transposed ? at::IntArrayRef{2, 3, 0, 1} : at::IntArrayRef{2, 3, 1, 0}).contiguous();
+  const at::Tensor w = (transposed ? weight.permute({2, 3, 0, 1}) : weight.permute({2, 3, 1, 0})).contiguous();
+  // w: [kh][kw][nin][nout]
   const T* wp = w.data_ptr<T>();
   const int64_t nt = static_cast<int64_t>(c.taps.size());
   at::Tensor out = at::zeros({nt * nin * Cop}, weight.options());
@@ -727,7 +727,7 @@ std::vector<T> wino_weights(const at::Tensor& w, int64_t Cop, bool mirror) {
     for (int j = 0; j < 3; ++j) tap[r][j] = (mirror ? (1 - r) * 3 + (2 - j) : r * 3 + j) * nin * nout;
   for (int64_t i = 0; i < nin; ++i) {
     const T* src = wp + i * nout;
-    T* dst = U.data() + i * Cop;   // U[k] at dst[k * nin * Cop + o]
+    T* dst = U.data() + i * Cop;  // U[k] at dst[k * nin * Cop + o]
     int64_t o = 0;
     for (; o + V::L <= nout; o += V::L)  // whole vectors of o
       transform([&](int r, int j) { return V::load(src + tap[r][j] + o); }, V::add, V::sub,

@@ -750,32 +750,37 @@ WinoBlock wino_block(const WinoGrid& g, int64_t blk) {
   return {blk / per, ty0, ty1, (ty1 - ty0) * g.Wt};
 }
 
+// f(m, ty, tx) for every tile of the block.
+template <class F>
+void for_tiles(const WinoGrid& g, const WinoBlock& k, const F& f) {
+  for (int64_t ty = k.ty0; ty < k.ty1; ++ty)
+    for (int64_t tx = 0; tx < g.Wt; ++tx) f((ty - k.ty0) * g.Wt + tx, ty, tx);
+}
+
 // V[k][m][0..ld) = (B^T d B)[k] of tile m's input patch, for every lane of the padded buffer.
 template <class T>
 void wino_input(const Padded<T>& in, const WinoGrid& g, const WinoBlock& k, T* V) {
   using V_ = Vec<T>;
   using R = typename V_::R;
   const int64_t ld = in.ps, row = g.Wp() * ld, n = k.n;
-  for (int64_t ty = k.ty0; ty < k.ty1; ++ty)
-    for (int64_t tx = 0; tx < g.Wt; ++tx) {
-      const int64_t m = (ty - k.ty0) * g.Wt + tx;
-      const T* p = in.data + k.b * in.img + (2 * ty * g.Wp() + 2 * tx) * ld;
-      for (int64_t c = 0; c < ld; c += V_::L) {
-        R u[3][4];
+  for_tiles(g, k, [&](int64_t m, int64_t ty, int64_t tx) {
+    const T* p = in.data + k.b * in.img + (2 * ty * g.Wp() + 2 * tx) * ld;
+    for (int64_t c = 0; c < ld; c += V_::L) {
+      R u[3][4];
 #pragma GCC unroll 3
-        for (int i = 0; i < 3; ++i) {
-          const T* r = p + i * row + c;
-          const R d0 = V_::load(r), d1 = V_::load(r + ld), d2 = V_::load(r + 2 * ld), d3 = V_::load(r + 3 * ld);
-          u[i][0] = V_::sub(d0, d2), u[i][1] = V_::add(d1, d2), u[i][2] = V_::sub(d2, d1), u[i][3] = V_::sub(d1, d3);
-        }
+      for (int i = 0; i < 3; ++i) {
+        const T* r = p + i * row + c;
+        const R d0 = V_::load(r), d1 = V_::load(r + ld), d2 = V_::load(r + 2 * ld), d3 = V_::load(r + 3 * ld);
+        u[i][0] = V_::sub(d0, d2), u[i][1] = V_::add(d1, d2), u[i][2] = V_::sub(d2, d1), u[i][3] = V_::sub(d1, d3);
+      }
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) {
-          V_::store(V + ((0 + q) * n + m) * ld + c, V_::sub(u[0][q], u[1][q]));
-          V_::store(V + ((4 + q) * n + m) * ld + c, u[1][q]);
-          V_::store(V + ((8 + q) * n + m) * ld + c, V_::sub(u[2][q], u[1][q]));
-        }
+      for (int q = 0; q < 4; ++q) {
+        V_::store(V + ((0 + q) * n + m) * ld + c, V_::sub(u[0][q], u[1][q]));
+        V_::store(V + ((4 + q) * n + m) * ld + c, u[1][q]);
+        V_::store(V + ((8 + q) * n + m) * ld + c, V_::sub(u[2][q], u[1][q]));
       }
     }
+  });
 }
 
 // D[k][m][0..ld) = (A dy A^T)[k] of tile m's 2 x 2 block of grad_out (padded as for grad_x: top 0, left 1).
@@ -785,25 +790,23 @@ void wino_grad_out(const Padded<T>& gin, const WinoGrid& g, const WinoBlock& k, 
   using V_ = Vec<T>;
   using R = typename V_::R;
   const int64_t ld = gin.ps, row = g.Wp() * ld, n = k.n;
-  for (int64_t ty = k.ty0; ty < k.ty1; ++ty)
-    for (int64_t tx = 0; tx < g.Wt; ++tx) {
-      const int64_t m = (ty - k.ty0) * g.Wt + tx;
-      const T* p = gin.data + k.b * gin.img + (2 * ty * g.Wp() + 2 * tx + 1) * ld;
-      for (int64_t c = 0; c < ld; c += V_::L) {
-        R u[2][4];
+  for_tiles(g, k, [&](int64_t m, int64_t ty, int64_t tx) {
+    const T* p = gin.data + k.b * gin.img + (2 * ty * g.Wp() + 2 * tx + 1) * ld;
+    for (int64_t c = 0; c < ld; c += V_::L) {
+      R u[2][4];
 #pragma GCC unroll 2
-        for (int a = 0; a < 2; ++a) {
-          const R e0 = V_::load(p + a * row + c), e1 = V_::load(p + a * row + ld + c);
-          u[a][0] = e0, u[a][1] = V_::add(e0, e1), u[a][2] = V_::sub(e0, e1), u[a][3] = V_::sub(V_::zero(), e1);
-        }
+      for (int a = 0; a < 2; ++a) {
+        const R e0 = V_::load(p + a * row + c), e1 = V_::load(p + a * row + ld + c);
+        u[a][0] = e0, u[a][1] = V_::add(e0, e1), u[a][2] = V_::sub(e0, e1), u[a][3] = V_::sub(V_::zero(), e1);
+      }
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) {
-          V_::store(D + ((0 + q) * n + m) * ld + c, u[0][q]);
-          V_::store(D + ((4 + q) * n + m) * ld + c, V_::add(u[0][q], u[1][q]));
-          V_::store(D + ((8 + q) * n + m) * ld + c, u[1][q]);
-        }
+      for (int q = 0; q < 4; ++q) {
+        V_::store(D + ((0 + q) * n + m) * ld + c, u[0][q]);
+        V_::store(D + ((4 + q) * n + m) * ld + c, V_::add(u[0][q], u[1][q]));
+        V_::store(D + ((8 + q) * n + m) * ld + c, u[1][q]);
       }
     }
+  });
 }
 
 // rows[2(ty-ty0) + a][x][0..Cop) = (A^T M A)[a][e] + bias for x = 2tx + e < W.
@@ -812,30 +815,28 @@ void wino_output(const T* M, int64_t Cop, const T* bias, const WinoGrid& g, cons
   using V_ = Vec<T>;
   using R = typename V_::R;
   const int64_t n = k.n;
-  for (int64_t ty = k.ty0; ty < k.ty1; ++ty)
-    for (int64_t tx = 0; tx < g.Wt; ++tx) {
-      const int64_t m = (ty - k.ty0) * g.Wt + tx;
-      for (int64_t c = 0; c < Cop; c += V_::L) {
-        R s[3][2];
+  for_tiles(g, k, [&](int64_t m, int64_t ty, int64_t tx) {
+    for (int64_t c = 0; c < Cop; c += V_::L) {
+      R s[3][2];
 #pragma GCC unroll 3
-        for (int p = 0; p < 3; ++p) {
-          const T* mp = M + (4 * p * n + m) * Cop + c;
-          const R m0 = V_::load(mp), m1 = V_::load(mp + n * Cop), m2 = V_::load(mp + 2 * n * Cop),
-                  m3 = V_::load(mp + 3 * n * Cop);
-          s[p][0] = V_::add(V_::add(m0, m1), m2), s[p][1] = V_::sub(V_::sub(m1, m2), m3);
-        }
-        const R bv = bias ? V_::load(bias + c) : V_::zero();
-#pragma GCC unroll 2
-        for (int a = 0; a < 2; ++a)
-#pragma GCC unroll 2
-          for (int e = 0; e < 2; ++e) {
-            const int64_t x = 2 * tx + e;
-            if (x < g.W)
-              V_::store(rows + ((2 * (ty - k.ty0) + a) * g.W + x) * Cop + c,
-                        V_::add(V_::add(s[a][e], s[a + 1][e]), bv));
-          }
+      for (int p = 0; p < 3; ++p) {
+        const T* mp = M + (4 * p * n + m) * Cop + c;
+        const R m0 = V_::load(mp), m1 = V_::load(mp + n * Cop), m2 = V_::load(mp + 2 * n * Cop),
+                m3 = V_::load(mp + 3 * n * Cop);
+        s[p][0] = V_::add(V_::add(m0, m1), m2), s[p][1] = V_::sub(V_::sub(m1, m2), m3);
       }
+      const R bv = bias ? V_::load(bias + c) : V_::zero();
+#pragma GCC unroll 2
+      for (int a = 0; a < 2; ++a)
+#pragma GCC unroll 2
+        for (int e = 0; e < 2; ++e) {
+          const int64_t x = 2 * tx + e;
+          if (x < g.W)
+            V_::store(rows + ((2 * (ty - k.ty0) + a) * g.W + x) * Cop + c,
+                      V_::add(V_::add(s[a][e], s[a + 1][e]), bv));
+        }
     }
+  });
 }
 
 // out [B][nout][H][W] (NCHW, or channels_last) = the 2 x 3 convolution of the padded channels-last `in`

@@ -14,8 +14,7 @@ Groups:
 * ``layer``: one mask-B GatedMaskedConv2d with residual, ``fwd`` (no grad) and
   ``fwd+bwd`` (outputs v, h, skip; gradients of both inputs and every weight);
 * ``model``: one training step (loss, backward, Adam) of a whole GatedPixelCNN
-  against the same network built from the common layers (steps/s = 1 / median).
-
+  against the same network built from the common layers (steps/s = 1 / median);
 * ``vertical``: the vertical stack's 2 x 3 convolution alone (``vertical_conv2d``,
   C -> 2C, forward + backward): ``common`` (zero-pad, F.conv2d: backend 'ref'),
   ``fastgen[direct]`` (the cpp kernel's direct path, FASTGEN_CPU_KERNEL=direct)

@@ -22,7 +22,7 @@
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
-#include "cpu/sampling_act.h"  // activate()
+#include "cpu/sampling_act.h"  // PointOp, pointwise()
 #include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows, bind_slots
 #include "sampling_code.h"  // the program's code lists, parsed for both engines
 
@@ -31,20 +31,14 @@ namespace {
 using namespace fastgen::sampling;  // the opcodes
 
 template <class T>
-struct Instr {
+struct Instr : PointOp<T> {
   int64_t op = 0, out = 0, a = 0, b = -1;
   // CONV: weights repacked [taps][cin][ldw] and bias [ldw], zero beyond cout
   int64_t taps = 0, cin = 0, ldw = 0;
   std::vector<int64_t> dy, dx;
   std::vector<T> w, bias;
   bool has_bias = false;
-  int64_t act = 0;
-  T param = 0;
-  const T* scale = nullptr;
-  const T* shift = nullptr;
-  const T* cst = nullptr;  // CONST: [B, C] or [B, H, W, C]
-  bool multiply = false, is_map = false;
-  int64_t dc = 1, out_off = 0, in_off = 0, count = 0;
+  int64_t out_off = 0, in_off = 0, count = 0;  // COPY
 };
 
 struct Slot {
@@ -113,48 +107,14 @@ struct Engine {
   void pointwise(const Instr<T>& in, int64_t b, int64_t y, int64_t x, int64_t lo, int64_t hi) const {
     T* o = at(in.out, b, y, x);
     const T* a = at(in.a, b, y, x);
-    const int64_t c = slots[in.out].C;
-    switch (in.op) {
-      case ACT:
-        for (int64_t i = lo; i < hi; ++i) o[i] = activate(in.act, a[i], in.param);
-        break;
-      case AFFINE:
-        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * in.scale[i] + in.shift[i];
-        break;
-      case ADD: {
-        const T* q = at(in.b, b, y, x);
-        if (in.param == T(1))
-          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + q[i];
-        else
-          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + in.param * q[i];
-        break;
-      }
-      case MUL: {
-        const T* q = at(in.b, b, y, x);
-        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * q[i];
-        break;
-      }
-      case CONST: {
-        const T* k = in.is_map ? in.cst + ((b * H + y) * W + x) * c : in.cst + b * c;
-        if (in.multiply)
-          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * k[i];
-        else
-          for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + k[i];
-        break;
-      }
-      case GATE: {  // [lo, hi) is whole gate blocks (all of them, or colour block lo / cd)
-        const int64_t cd = c / in.dc;
-        for (int64_t d = lo / cd; d < hi / cd; ++d)
-          for (int64_t j = 0; j < cd; ++j) {
-            const T f = a[2 * d * cd + j], g = a[2 * d * cd + cd + j];
-            o[d * cd + j] = std::tanh(f) / (T(1) + std::exp(-g));
-          }
-        break;
-      }
-      case COPY:
-        std::memmove(o + in.out_off, a + in.in_off, in.count * sizeof(T));
-        break;
+    if (in.op == COPY) {
+      std::memmove(o + in.out_off, a + in.in_off, in.count * sizeof(T));
+      return;
     }
+    const int64_t c = slots[in.out].C;
+    const T* q = in.op == ADD || in.op == MUL ? at(in.b, b, y, x) : nullptr;
+    const T* k = in.op == CONST ? in.constant(b, y, x, H, W, c) : nullptr;
+    fastgen::sampling::pointwise(in.op, in, a, q, k, o, c, lo, hi);
   }
 
   // The instructions at row y, columns [x0, x1): all output channels, or colour block `block` (>= 0).
@@ -184,10 +144,8 @@ std::vector<Instr<T>> decode(const std::vector<int64_t>& code, const std::vector
   for (const fastgen::sampling::Code& c : fastgen::sampling::parse(code, params, scalars, slot_info)) {
     Instr<T> in;
     in.op = c.op, in.out = c.out, in.a = c.a, in.b = c.b;
-    in.act = c.act, in.param = static_cast<T>(c.param);
-    in.scale = ptr(c.scale), in.shift = ptr(c.shift), in.cst = ptr(c.cst);
-    in.multiply = c.multiply, in.is_map = c.is_map;
-    in.dc = c.dc, in.out_off = c.out_off, in.in_off = c.in_off, in.count = c.count;
+    in.set_point(c, ptr);
+    in.out_off = c.out_off, in.in_off = c.in_off, in.count = c.count;
     if (c.op == CONV) {
       in.taps = c.dy.size(), in.dy = c.dy, in.dx = c.dx, in.cin = c.cin;
       in.ldw = slots[in.out].Cp;

@@ -1,9 +1,11 @@
-// The activations of the cached samplers' ACT instruction, shared by the C++
-// engines (csrc/cpu/sampling.cpp, schedule.cpp); the order is ACTS in
-// fastgen/sampling/program.py.
+// The position-wise instructions of the cached samplers (ACT, AFFINE, ADD, MUL,
+// CONST, GATE), shared by the C++ engines (csrc/cpu/sampling.cpp,
+// schedule.cpp). The activations' order is ACTS in fastgen/sampling/program.py.
 #pragma once
 #include <cmath>
 #include <cstdint>
+
+#include "sampling_code.h"  // the opcodes
 
 namespace fastgen {
 namespace sampling {
@@ -22,6 +24,70 @@ inline T activate(int64_t act, T v, T p) {
     case GELU: return T(0.5) * v * (T(1) + std::erf(v * T(0.70710678118654752440)));
     case SOFTPLUS: return v > T(20) ? v : std::log1p(std::exp(v));
     default: return v;
+  }
+}
+
+// An instruction's position-wise fields.
+template <class T>
+struct PointOp {
+  int64_t act = 0;
+  T param = 0;
+  const T* scale = nullptr;
+  const T* shift = nullptr;
+  const T* cst = nullptr;  // CONST: [B, C] or [B, H, W, C]
+  bool multiply = false, is_map = false;
+  int64_t dc = 1;
+
+  // From a parsed instruction (sampling::Code or schedule::Code: the same names); ptr(i): param i's data.
+  template <class C, class P>
+  void set_point(const C& c, const P& ptr) {
+    act = c.act, param = static_cast<T>(c.param), scale = ptr(c.scale), shift = ptr(c.shift), cst = ptr(c.cst);
+    multiply = c.multiply, is_map = c.is_map, dc = c.dc;
+  }
+  // CONST: the constant at position (b, y, x) of an [H, W] slot of c channels.
+  const T* constant(int64_t b, int64_t y, int64_t x, int64_t H, int64_t W, int64_t c) const {
+    return is_map ? cst + ((b * H + y) * W + x) * c : cst + b * c;
+  }
+};
+
+// Output channels [lo, hi) of `op` at one position: a and q its operands there (q: ADD and MUL), k the
+// constant (CONST), cout the output's channels (GATE reads 2 * cout: dc blocks of (tanh half, sigmoid half);
+// [lo, hi) is whole blocks).
+template <class T>
+inline void pointwise(int64_t op, const PointOp<T>& p, const T* a, const T* q, const T* k, T* o, int64_t cout,
+                      int64_t lo, int64_t hi) {
+  switch (op) {
+    case ACT:
+      for (int64_t i = lo; i < hi; ++i) o[i] = activate(p.act, a[i], p.param);
+      break;
+    case AFFINE:
+      for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * p.scale[i] + p.shift[i];
+      break;
+    case ADD:
+      if (p.param == T(1))
+        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + q[i];
+      else
+        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + p.param * q[i];
+      break;
+    case MUL:
+      for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * q[i];
+      break;
+    case CONST:
+      if (p.multiply)
+        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * k[i];
+      else
+        for (int64_t i = lo; i < hi; ++i) o[i] = a[i] + k[i];
+      break;
+    case GATE: {
+      const int64_t cd = cout / p.dc;
+      for (int64_t d = lo / cd; d < hi / cd; ++d)
+        for (int64_t j = 0; j < cd; ++j) {
+          const T f = a[2 * d * cd + j], g = a[2 * d * cd + cd + j];
+          o[d * cd + j] = std::tanh(f) / (T(1) + std::exp(-g));
+        }
+      break;
+    }
+    default: break;
   }
 }
 

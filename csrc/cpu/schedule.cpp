@@ -23,7 +23,7 @@
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
-#include "cpu/sampling_act.h"  // activate()
+#include "cpu/sampling_act.h"  // PointOp, pointwise()
 #include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows, bind_slots
 #include "schedule_code.h"     // the parsed program
 
@@ -42,7 +42,7 @@ struct Slot {
 using Ref = fastgen::schedule::RefCode;  // an operand: channels [c0, ..) of a slot through a view
 
 template <class T>
-struct Instr {
+struct Instr : PointOp<T> {
   int64_t op = 0, out = 0, ch = 0;  // ch: channels read from a (and b); COPY, FILL: written
   Ref a, b;
   const int64_t* queue = nullptr;  // positions y * W + x of the output slot, by step
@@ -55,13 +55,7 @@ struct Instr {
   std::vector<std::vector<int64_t>> class_taps;
   std::vector<std::vector<T>> class_w;
   bool has_bias = false;
-  int64_t act = 0;
-  T param = 0;
-  const T* scale = nullptr;
-  const T* shift = nullptr;
-  const T* cst = nullptr;  // CONST: [B, C] or [B, H, W, C]
-  bool multiply = false, is_map = false;
-  int64_t dc = 1, out_off = 0;
+  int64_t out_off = 0;  // COPY, FILL
 };
 
 // One thread's working memory, reused at every step.
@@ -147,46 +141,15 @@ struct Engine {
       return;
     }
     const T* a = read(in.a, b, y, x);
-    switch (in.op) {
-      case COPY: std::copy_n(a, c, o + in.out_off); break;
-      case ACT:
-        for (int64_t i = 0; i < c; ++i) o[i] = activate(in.act, a[i], in.param);
-        break;
-      case AFFINE:
-        for (int64_t i = 0; i < c; ++i) o[i] = a[i] * in.scale[i] + in.shift[i];
-        break;
-      case ADD: {
-        const T* q = read(in.b, b, y, x);
-        if (in.param == T(1))
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + q[i];
-        else
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + in.param * q[i];
-        break;
-      }
-      case MUL: {
-        const T* q = read(in.b, b, y, x);
-        for (int64_t i = 0; i < c; ++i) o[i] = a[i] * q[i];
-        break;
-      }
-      case CONST: {
-        const Slot& so = slots[in.out];
-        const T* k = in.is_map ? in.cst + ((b * so.H + y) * so.W + x) * c : in.cst + b * c;
-        if (in.multiply)
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] * k[i];
-        else
-          for (int64_t i = 0; i < c; ++i) o[i] = a[i] + k[i];
-        break;
-      }
-      case GATE: {  // input [dc blocks of (tanh half, sigmoid half)] -> dc blocks
-        const int64_t cd = c / (2 * in.dc);
-        for (int64_t d = 0; d < in.dc; ++d)
-          for (int64_t j = 0; j < cd; ++j) {
-            const T f = a[2 * d * cd + j], g = a[2 * d * cd + cd + j];
-            o[d * cd + j] = std::tanh(f) / (T(1) + std::exp(-g));
-          }
-        break;
-      }
+    if (in.op == COPY) {
+      std::copy_n(a, c, o + in.out_off);
+      return;
     }
+    const Slot& so = slots[in.out];
+    const int64_t cout = in.op == GATE ? c / 2 : c;
+    const T* q = in.op == ADD || in.op == MUL ? read(in.b, b, y, x) : nullptr;
+    const T* k = in.op == CONST ? in.constant(b, y, x, so.H, so.W, c) : nullptr;
+    fastgen::sampling::pointwise(in.op, in, a, q, k, o, cout, 0, cout);
   }
 
   void run(const Instr<T>& in, const int64_t* pos, int64_t n, int64_t b0, int64_t b1, Scratch<T>& s) const {
@@ -246,9 +209,8 @@ std::vector<Instr<T>> decode(const std::vector<fastgen::schedule::Code>& codes, 
     Instr<T> in;
     in.op = c.op, in.out = c.out, in.ch = c.ch, in.a = c.a, in.b = c.b;
     in.queue = params[c.queue].data_ptr<int64_t>(), in.start = params[c.start].data_ptr<int64_t>();
-    in.act = c.act, in.param = static_cast<T>(c.param);
-    in.scale = ptr(c.scale), in.shift = ptr(c.shift), in.cst = ptr(c.cst);
-    in.multiply = c.multiply, in.is_map = c.is_map, in.dc = c.dc, in.out_off = c.out_off;
+    in.set_point(c, ptr);
+    in.out_off = c.out_off;
     if (c.op == CONV || c.op == CONVT) {
       const int64_t taps = c.dy.size(), cout = slots[c.out].C;
       in.sy = c.sy, in.sx = c.sx, in.dy = c.dy, in.dx = c.dx;

@@ -462,48 +462,62 @@ void to_channels_last_padded(const T* src, int64_t C, int64_t H, int64_t W, T* d
 // visited, so zero padding costs nothing.
 constexpr int WR = 6;
 
+// A grad_w tile's sums s[r][0..NV*L) (shared by the direct and the Winograd grad_w).
 template <class T, int NV>
-void wgrad_tile(const WgradArgs<T>& a, int64_t row0, int64_t row1, int64_t t, int64_t ci0, int64_t co0, T* gw) {
+struct WgradAcc {
   using V = Vec<T>;
   using R = typename V::R;
-  constexpr int L = V::L;
+  static constexpr int L = V::L;
+  R s[WR][NV];
+
+  WgradAcc() {
+#pragma GCC unroll 8
+    for (int r = 0; r < WR; ++r)
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) s[r][k] = V::zero();
+  }
+  // += x(m, r) * g(m) for m < n: x(m, r) at x[m * xstep + xoff[r]], g(m)'s NV vectors at g + m * gstep.
+  __attribute__((always_inline)) inline void add(const T* x, int64_t xstep, const int64_t* xoff, const T* g,
+                                                 int64_t gstep, int64_t n) {
+    for (int64_t m = 0; m < n; ++m, x += xstep, g += gstep) {
+      R gv[NV];
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) gv[k] = V::load(g + k * L);
+#pragma GCC unroll 8
+      for (int r = 0; r < WR; ++r) {
+        const R xv = V::set1(x[xoff[r]]);
+#pragma GCC unroll 4
+        for (int k = 0; k < NV; ++k) s[r][k] = V::fma(xv, gv[k], s[r][k]);
+      }
+    }
+  }
+  // dst[r * ld + ..] += s[r] for the rows r < nr.
+  __attribute__((always_inline)) inline void flush(int64_t nr, T* dst, int64_t ld) const {
+#pragma GCC unroll 8
+    for (int r = 0; r < WR; ++r)
+      if (r < nr)
+#pragma GCC unroll 4
+        for (int k = 0; k < NV; ++k) V::store(dst + r * ld + k * L, V::add(V::load(dst + r * ld + k * L), s[r][k]));
+  }
+};
+
+template <class T, int NV>
+void wgrad_tile(const WgradArgs<T>& a, int64_t row0, int64_t row1, int64_t t, int64_t ci0, int64_t co0, T* gw) {
   const Conv& c = *a.c;
   const int64_t dy = a.geo->dy[t], dx = a.geo->dx[t], Cop = a.Cop, xps = a.x_ps;
   const int64_t lo = std::max<int64_t>(0, -dx), hi = std::min<int64_t>(c.Wo, c.W - dx);
   const int64_t nr = std::min<int64_t>(WR, c.Ci - ci0);
   int64_t xoff[WR];  // channels past the last one read the last one again (and are not written)
   for (int r = 0; r < WR; ++r) xoff[r] = std::min<int64_t>(r, nr - 1) * a.x_cs;
-  R acc[WR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < WR; ++r)
-#pragma GCC unroll 4
-    for (int k = 0; k < NV; ++k) acc[r][k] = V::zero();
+  WgradAcc<T, NV> acc;
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t b = row / c.Ho, oy = row % c.Ho, iy = oy + dy;
     if (iy < 0 || iy >= c.H || lo >= hi) continue;
     const T* xr = a.x + b * a.x_img + ci0 * a.x_cs + (iy * c.W + lo + dx) * xps;
     const T* gr = a.g + b * a.g_img + ((oy + a.g_top) * a.g_Wp + lo + a.g_left) * Cop + co0;
-    int64_t xi = 0;
-    for (int64_t ox = lo; ox < hi; ++ox, gr += Cop, xi += xps) {
-      R gv[NV];
-#pragma GCC unroll 4
-      for (int k = 0; k < NV; ++k) gv[k] = V::load(gr + k * L);
-#pragma GCC unroll 8
-      for (int r = 0; r < WR; ++r) {
-        const R xv = V::set1(xr[xoff[r] + xi]);
-#pragma GCC unroll 4
-        for (int k = 0; k < NV; ++k) acc[r][k] = V::fma(xv, gv[k], acc[r][k]);
-      }
-    }
+    acc.add(xr, xps, xoff, gr, Cop, hi - lo);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < WR; ++r)
-    if (r < nr)
-#pragma GCC unroll 4
-      for (int k = 0; k < NV; ++k) {
-        T* o = gw + (t * c.Ci + ci0 + r) * Cop + co0 + k * L;
-        V::store(o, V::add(V::load(o), acc[r][k]));
-      }
+  acc.flush(nr, gw + (t * c.Ci + ci0) * Cop + co0, Cop);
 }
 
 // Items are (chunk of output rows, tile) pairs, chunk-major, so that the threads
@@ -890,32 +904,11 @@ void wino_conv(const WinoGrid& g, const Padded<T>& in, int64_t nin, const T* U, 
 // acc[r][0..NV*L) += sum over tiles m < n of v[m][r] * d[m][0..NV*L) for r < nr (<= WR): grad_w's products.
 template <class T, int NV>
 void wino_wgrad_tile(const T* v, int64_t ldv, const T* d, int64_t ldd, int64_t n, int64_t nr, T* acc, int64_t lda) {
-  using V_ = Vec<T>;
-  using R = typename V_::R;
-  constexpr int L = V_::L;
   int64_t roff[WR];  // rows past nr read the last one again (and are not written)
   for (int r = 0; r < WR; ++r) roff[r] = std::min<int64_t>(r, nr - 1);
-  R s[WR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < WR; ++r)
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) s[r][q] = V_::zero();
-  for (int64_t m = 0; m < n; ++m, v += ldv, d += ldd) {
-    R dv[NV];
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) dv[q] = V_::load(d + q * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < WR; ++r) {
-      const R xv = V_::set1(v[roff[r]]);
-#pragma GCC unroll 4
-      for (int q = 0; q < NV; ++q) s[r][q] = V_::fma(xv, dv[q], s[r][q]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < WR; ++r)
-    if (r < nr)
-#pragma GCC unroll 4
-      for (int q = 0; q < NV; ++q) V_::store(acc + r * lda + q * L, V_::add(V_::load(acc + r * lda + q * L), s[r][q]));
+  WgradAcc<T, NV> s;
+  s.add(v, ldv, roff, d, ldd, n);
+  s.flush(nr, acc, lda);
 }
 
 // gw [Co][Ci][2][3] = G^T [sum over tiles of (A dy A^T) (.) (B^T d B)] G, from x padded as for the forward

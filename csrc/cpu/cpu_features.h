@@ -19,11 +19,16 @@
 
 namespace fastgen {
 
-// FASTGEN_CPU_KERNEL=generic forces the portable paths (for tests).
+// Whether FASTGEN_CPU_KERNEL names `kernel` (for tests and benchmarks): 'generic' forces the portable
+// paths, 'direct' the masked conv's direct kernel instead of Winograd (csrc/cpu/masked_conv.cpp).
+inline bool cpu_kernel_forced(std::string_view kernel) {
+  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");
+  return forced && std::string_view(forced) == kernel;
+}
+
 inline bool use_avx512() {
 #ifdef FASTGEN_AVX512
-  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");
-  if (forced && std::string_view(forced) == "generic") return false;
+  if (cpu_kernel_forced("generic")) return false;
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
 #else

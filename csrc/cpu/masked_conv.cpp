@@ -1111,8 +1111,7 @@ void backward_gemm(const Conv& c, const at::Tensor& grad_out, const at::Tensor& 
 // both channel counts fill a vector: half the multiply-adds of the direct kernel (measured: benchmarks/RESULTS.md).
 // FASTGEN_CPU_KERNEL=direct keeps the direct kernel (for tests and benchmarks).
 bool use_winograd(const Conv& c) {
-  const char* forced = std::getenv("FASTGEN_CPU_KERNEL");
-  if (forced && std::string_view(forced) == "direct") return false;
+  if (fastgen::cpu_kernel_forced("direct")) return false;
   return c.vertical && c.kh == 2 && c.kw == 3 && c.ph == 1 && c.pw == 1 && c.dh == 1 && c.dw == 1 &&
          c.Ho == c.H && c.Wo == c.W && c.Ci >= 16 && c.Co >= 16;
 }

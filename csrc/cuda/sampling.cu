@@ -50,28 +50,17 @@ __device__ void run(const SampleJob& j, const SampleInstr* code, int n, int b, i
           o[co] = acc;
           break;
         }
-        case ACT: o[co] = activate<T>(in.act, a[co], T(in.param)); break;
+        case ACT:
         case AFFINE:
-          o[co] = a[co] * static_cast<const T*>(in.scale)[co] + static_cast<const T*>(in.shift)[co];
-          break;
-        case ADD: {
-          const T q = slot_at<T>(j, in.b, b, y, x)[co];
-          o[co] = in.param == 1.0 ? a[co] + q : a[co] + T(in.param) * q;
-          break;
-        }
-        case MUL: o[co] = a[co] * slot_at<T>(j, in.b, b, y, x)[co]; break;
+        case ADD:
+        case MUL:
         case CONST: {
-          const T* kk = static_cast<const T*>(in.cst) +
-                        (in.is_map ? ((int64_t(b) * j.H + y) * j.W + x) * c_out : int64_t(b) * c_out);
-          o[co] = in.multiply ? a[co] * kk[co] : a[co] + kk[co];
+          const T q = in.op == ADD || in.op == MUL ? slot_at<T>(j, in.b, b, y, x)[co] : T(0);
+          const T* kk = in.op == CONST ? const_row<T>(in, b, y, x, j.H, j.W, c_out) : nullptr;
+          o[co] = point_value<T>(in, a[co], q, kk, co);
           break;
         }
-        case GATE: {
-          const int cd = c_out / in.dc, d = co / cd, jj = co % cd;
-          const T f = a[2 * d * cd + jj], g = a[2 * d * cd + cd + jj];
-          o[co] = tanh(f) / (T(1) + exp(-g));
-          break;
-        }
+        case GATE: o[co] = gate_value<T>([&](int i) { return a[i]; }, co, c_out, in.dc); break;
         case COPY: o[in.out_off + co] = a[in.in_off + co]; break;
       }
     }

@@ -24,5 +24,33 @@ __device__ inline T activate(int act, T v, T p) {
   }
 }
 
+// ACT, AFFINE, ADD, MUL and CONST at output channel co, from the operands' values there (a; q: ADD, MUL)
+// and the constant's row kk (CONST). `in`: either engine's instruction (the same field names).
+template <typename T, typename I>
+__device__ inline T point_value(const I& in, T a, T q, const T* kk, int co) {
+  switch (in.op) {
+    case ACT: return activate<T>(in.act, a, T(in.param));
+    case AFFINE: return a * static_cast<const T*>(in.scale)[co] + static_cast<const T*>(in.shift)[co];
+    case ADD: return in.param == 1.0 ? a + q : a + T(in.param) * q;
+    case MUL: return a * q;
+    case CONST: return in.multiply ? a * kk[co] : a + kk[co];
+    default: return a;
+  }
+}
+
+// CONST's row at (b, y, x) of an [H, W] slot of c channels: [B][c] or [B][H][W][c].
+template <typename T, typename I>
+__device__ inline const T* const_row(const I& in, int b, int y, int x, int H, int W, int c) {
+  return static_cast<const T*>(in.cst) + (in.is_map ? ((int64_t(b) * H + y) * W + x) * c : int64_t(b) * c);
+}
+
+// GATE's output channel co of cout (dc blocks): tanh(f) * sigmoid(g) of input channels f and g of its block,
+// read through at(i).
+template <typename T, typename F>
+__device__ inline T gate_value(const F& at, int co, int cout, int dc) {
+  const int cd = cout / dc, d = co / cd, jj = co % cd;
+  return tanh(at(2 * d * cd + jj)) / (T(1) + exp(-at(2 * d * cd + cd + jj)));
+}
+
 }  // namespace cuda
 }  // namespace fastgen

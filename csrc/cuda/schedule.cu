@@ -71,29 +71,19 @@ __device__ void run(const ScheduleJob& j, const ScheduleInstr& in, int b, int64_
       }
       case FILL: o[in.out_off + co] = T(in.param); break;
       case COPY: o[in.out_off + co] = value(read<T>(j, in.a, b, y, x), co); break;
-      case ACT: o[co] = activate<T>(in.act, value(read<T>(j, in.a, b, y, x), co), T(in.param)); break;
+      case ACT:
       case AFFINE:
-        o[co] = value(read<T>(j, in.a, b, y, x), co) * static_cast<const T*>(in.scale)[co] +
-                static_cast<const T*>(in.shift)[co];
-        break;
-      case ADD: {
-        const T a = value(read<T>(j, in.a, b, y, x), co), q = value(read<T>(j, in.b, b, y, x), co);
-        o[co] = in.param == 1.0 ? a + q : a + T(in.param) * q;
-        break;
-      }
-      case MUL: o[co] = value(read<T>(j, in.a, b, y, x), co) * value(read<T>(j, in.b, b, y, x), co); break;
+      case ADD:
+      case MUL:
       case CONST: {
-        const T* kk = static_cast<const T*>(in.cst) +
-                      (in.is_map ? ((int64_t(b) * so.H + y) * so.W + x) * in.ch : int64_t(b) * in.ch);
-        const T a = value(read<T>(j, in.a, b, y, x), co);
-        o[co] = in.multiply ? a * kk[co] : a + kk[co];
+        const T q = in.op == ADD || in.op == MUL ? value(read<T>(j, in.b, b, y, x), co) : T(0);
+        const T* kk = in.op == CONST ? const_row<T>(in, b, y, x, so.H, so.W, in.ch) : nullptr;
+        o[co] = point_value<T>(in, value(read<T>(j, in.a, b, y, x), co), q, kk, co);
         break;
       }
       case GATE: {  // input: dc blocks of (tanh half, sigmoid half)
-        const int cd = in.ch / (2 * in.dc), d = co / cd, jj = co % cd;
         const T* a = read<T>(j, in.a, b, y, x);
-        const T f = value(a, 2 * d * cd + jj), g = value(a, 2 * d * cd + cd + jj);
-        o[co] = tanh(f) / (T(1) + exp(-g));
+        o[co] = gate_value<T>([&](int i) { return value(a, i); }, co, in.ch / 2, in.dc);
         break;
       }
     }

@@ -11,7 +11,8 @@ import fastgen
 from fastgen import BackendError, GatedMaskedConv2d, MaskedConv2d
 from fastgen.functional import gated_activation
 from fastgen.models import GatedPixelCNN, PixelCNN
-from fastgen.sampling import CompileError, cached_logits, sample
+from fastgen.sampling import CausalityError, CompileError, cached_logits, sample
+from fastgen.sampling.api import METHODS
 from fastgen.sampling.program import compile_program
 
 ENGINES = ["ref", "cpp"]
@@ -247,10 +248,24 @@ class Net(nn.Module):
     (lambda self, h: h.roll(1, 2), "roll"),
     (lambda self, h: F.group_norm(h, 2), "group_norm"),
 ])
-def test_operations_that_break_caching_are_named(op, named):
+def test_operations_that_see_the_future_are_refused_by_every_method(op, named):
+    """Each of these sees later pixels. The cached compiler cannot read them, so the numerical probe
+    (fastgen.sampling.causality) decides, for both methods: not causal."""
+    for method in METHODS:
+        with pytest.raises(CausalityError, match=r"not causal: its output at pixel \(\d, \d\) depends on"):
+            sample(Net(op), 1, shape=(1, 4, 4), method=method)
+
+
+@pytest.mark.parametrize("op, named", [
+    (lambda self, h: torch.clamp(h, -0.5, 0.5), "clamp"),
+    (lambda self, h: torch.where(h > 0, h, 0.1 * h), "gt"),
+    (lambda self, h: h.flatten(2).cumsum(-1).view_as(h), "flatten"),  # a sum over earlier positions
+    (lambda self, h: F.max_pool2d(F.pad(h, (2, 0, 2, 0)), 3, 1), "pad"),  # a window above and to the left
+])
+def test_causal_operations_the_compiler_cannot_read_sample_naively(op, named):
     with pytest.raises(CompileError, match=named):
         sample(Net(op), 1, shape=(1, 4, 4))
-    sample(Net(op), 1, shape=(1, 4, 4), method="naive")  # naive still samples it
+    assert sample(Net(op).double(), 2, shape=(1, 4, 4), method="naive", seed=3).shape == (2, 1, 4, 4)
 
 
 def test_modules_that_break_caching_are_named():
@@ -263,7 +278,7 @@ def test_modules_that_break_caching_are_named():
         def forward(self, x):
             return self.blur(self.conv(x))
 
-    with pytest.raises(CompileError, match="1x1"):
+    with pytest.raises(CausalityError, match=r"output at pixel \(0, 0\) depends on pixel \(1, 0\)"):
         sample(Spatial(), 1, shape=(1, 4, 4))
 
     class Norm(nn.Module):
@@ -275,8 +290,21 @@ def test_modules_that_break_caching_are_named():
         def forward(self, x):
             return self.norm(self.conv(x))
 
-    with pytest.raises(CompileError, match="InstanceNorm2d"):
+    with pytest.raises(CausalityError, match="not causal"):  # normalised over every position
         sample(Norm(), 1, shape=(1, 4, 4))
+
+    class Clip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = MaskedConv2d("A", 1, 1, 3, padding=1)
+            self.clip = nn.Hardtanh()
+
+        def forward(self, x):
+            return self.clip(self.conv(x))
+
+    with pytest.raises(CompileError, match="Hardtanh"):
+        sample(Clip(), 1, shape=(1, 4, 4))
+    sample(Clip(), 1, shape=(1, 4, 4), method="naive")
 
 
 def test_vertical_stack_reaching_the_output_is_an_error():
@@ -290,8 +318,9 @@ def test_vertical_stack_reaching_the_output_is_an_error():
             v, h, skip = self.layer(x)
             return self.head(v + skip)  # v at row y sees pixels to the right in row y
 
-    with pytest.raises(CompileError, match="right in the same row"):
-        sample(Leak(), 1, shape=(1, 4, 4))
+    for method in METHODS:
+        with pytest.raises(CausalityError, match=r"output at pixel \(0, 0\) depends on pixel \(0, 1\)"):
+            sample(Leak(), 1, shape=(1, 4, 4), method=method)
 
 
 def test_bad_arguments():
@@ -306,8 +335,9 @@ def test_bad_arguments():
         sample(m, 1, likelihood="gaussian")
     with pytest.raises(ValueError, match="shape"):
         sample(Net(lambda self, h: h), 1)
-    with pytest.raises(CompileError, match="output has 1 channels"):
-        sample(Net(lambda self, h: h), 1, shape=(1, 4, 4), likelihood="categorical", levels=4)
+    for method in METHODS:
+        with pytest.raises(ValueError, match="output has 1 channels"):
+            sample(Net(lambda self, h: h), 1, shape=(1, 4, 4), likelihood="categorical", levels=4, method=method)
     with pytest.raises(ValueError, match="not class-conditional"):
         sample(m, 2, condition=torch.tensor([0, 1]))
     with pytest.raises(BackendError, match="float32 or float64"):
@@ -344,9 +374,9 @@ def test_colour_blocks():
     assert prog.blocks == 3
 
     class Mixing(nn.Module):
-        def __init__(self):
+        def __init__(self, data_channels):
             super().__init__()
-            self.conv = MaskedConv2d("A", 3, 6, 3, padding=1, data_channels=3)
+            self.conv = MaskedConv2d("A", 3, 6, 3, padding=1, data_channels=data_channels)
             self.mix = nn.Conv2d(6, 6, 1)
             self.head = MaskedConv2d("B", 6, 12, 1, data_channels=3)
 
@@ -354,12 +384,18 @@ def test_colour_blocks():
             return self.head(torch.relu(self.mix(self.conv(x))))
 
     torch.manual_seed(0)
-    mixing = Mixing().double()
+    # the first layer sees no colour of the pixel itself: mixing its blocks keeps the network causal
+    mixing = Mixing(1).double()
     args = dict(shape=(3, 4, 3), likelihood="categorical", levels=4)
     assert compile_program(mixing, batch=1, **args).blocks == 1
     naive = sample(mixing, 3, seed=2, method="naive", **args)
     for engine in ENGINES:
         assert torch.equal(sample(mixing, 3, seed=2, backend=engine, **args), naive)
+    # its G and B blocks see R and G of the pixel; mixed into the R block, R's output sees them
+    for method in METHODS:
+        with pytest.raises(CausalityError, match=r"output at pixel \(0, 0\) colour 0 depends on pixel \(0, 0\) "
+                                                 r"colour 1"):
+            sample(Mixing(3).double(), 3, seed=2, method=method, **args)
 
 
 def test_in_place_operations():

@@ -18,11 +18,11 @@ then B given R and G), through ``data_channels``.
 import math
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from fastgen.nn import GatedMaskedConv2d, MaskedConv2d
+from fastgen.nn.conditioning import check_label
 from fastgen.ops.masked_conv import OP as MASKED_CONV
 
 LIKELIHOODS = ("bernoulli", "categorical")
@@ -73,16 +73,8 @@ class AutoregressiveImageModel(nn.Module):
         self.check_label(label, images.shape[0])
 
     def check_label(self, label, batch):
-        if label is None or isinstance(label, torch.fx.Proxy):  # traced by the cached sampler
-            return
-        if self.num_classes is None:
-            raise ValueError(f"{type(self).__name__}: a label was given but the model is not class-conditional "
-                             f"(num_classes=None)")
-        if not isinstance(label, torch.Tensor) or label.shape != (batch,) or label.is_floating_point():
-            raise ValueError(f"{type(self).__name__}: label must be an integer tensor of shape ({batch},)")
-        if label.numel() and (label.min() < 0 or label.max() >= self.num_classes):
-            raise ValueError(f"{type(self).__name__}: labels must be in 0..{self.num_classes - 1}, got "
-                             f"{label.min().item()}..{label.max().item()}")
+        """The labels of a class-conditional model, and none for another (fastgen.nn.conditioning)."""
+        check_label(type(self).__name__, label, batch, self.num_classes)
 
     def log_prob(self, images, label=None):
         """Log-likelihood of each image in nats: [B]."""
@@ -155,9 +147,9 @@ class PixelCNN(AutoregressiveImageModel):
         self.head = _output_head(channels, self.out_channels, dc, backend)
 
     def forward(self, x, label=None):
+        self.check_label(label, x.shape[0])
         h = self.input(x * 2 - 1)
         if label is not None:
-            self.check_label(label, x.shape[0])
             h = h + self.label_bias(label)[:, :, None, None]
         for block in self.blocks:
             h = block(h)
@@ -186,8 +178,7 @@ class GatedPixelCNN(AutoregressiveImageModel):
         self.head = _output_head(channels, self.out_channels, dc, backend if backend in MASKED_CONV.backends else None)
 
     def forward(self, x, label=None):
-        if label is not None:
-            self.check_label(label, x.shape[0])
+        self.check_label(label, x.shape[0])
         v = h = x * 2 - 1
         skip = 0
         for layer in self.layers:

@@ -50,6 +50,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.nn.conditioning import check_label
 from fastgen.ops.dmol import OP as DMOL
 from fastgen.ops.dmol import discretized_mix_logistic_nll
 
@@ -169,22 +170,6 @@ def _check_shape(x, what, image_shape):
         raise ValueError(f"PixelCNNpp: {what} must be [B, {c}, {h}, {w}] (the model's image_shape), got {got}")
 
 
-def _check_label(label, batch, num_classes):
-    if num_classes is None:
-        if label is not None:
-            raise ValueError("PixelCNNpp: a label was given but the model is not class-conditional "
-                             "(num_classes=None)")
-        return
-    if label is None:
-        raise ValueError(f"PixelCNNpp: the model is class-conditional (num_classes={num_classes}): "
-                         f"pass label, an integer tensor of shape ({batch},)")
-    if not isinstance(label, torch.Tensor) or tuple(label.shape) != (batch,) or label.is_floating_point():
-        raise ValueError(f"PixelCNNpp: label must be an integer tensor of shape ({batch},)")
-    if label.numel() and (label.min() < 0 or label.max() >= num_classes):
-        raise ValueError(f"PixelCNNpp: labels must be in 0..{num_classes - 1}, got "
-                         f"{label.min().item()}..{label.max().item()}")
-
-
 def _check_forward(x, label, image_shape, num_classes):
     """forward's checks of its input. Wrapped for torch.fx: a traced forward
     (cached sampling, fastgen/sampling/schedule.py) records this call instead
@@ -196,7 +181,7 @@ def _check_forward(x, label, image_shape, num_classes):
     if x.numel() and (x.min() < -1 or x.max() > 1):
         raise ValueError(f"PixelCNNpp: x must be in [-1, 1] (2v/255 - 1 for pixel values v), got values in "
                          f"[{x.min().item():.4g}, {x.max().item():.4g}]")
-    _check_label(label, x.shape[0], num_classes)
+    check_label("PixelCNNpp", label, x.shape[0], num_classes)
 
 
 torch.fx.wrap("_check_forward")
@@ -295,7 +280,7 @@ class PixelCNNpp(nn.Module):
         self.check_label(label, images.shape[0])
 
     def check_label(self, label, batch):
-        _check_label(label, batch, self.num_classes)
+        check_label("PixelCNNpp", label, batch, self.num_classes)
 
     # ---- the network -------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from fastgen.nn.conditioning import check_cond, check_label
 from fastgen.nn.masked_conv import MaskedConv2d
 from fastgen.ops import gated as gated_ops
 from fastgen.ops import masked_conv as masked_conv_ops
@@ -25,7 +26,8 @@ class GatedMaskedConv2d(nn.Module):
       ``channels`` maps and the mask is B) and a 1x1 ``skip`` output.
     Conditioning: ``num_classes`` adds a learned per-channel bias per class to
     both stacks; ``cond_channels`` adds a 1x1 convolution of a spatial
-    conditioning map [B, cond_channels, H, W] to both. ``data_channels``: colour
+    conditioning map [B, cond_channels, H, W] to both; a layer built with either
+    needs it on every call, and refuses it otherwise (fastgen.nn.conditioning). ``data_channels``: colour
     blocks as in ``MaskedConv2d`` (channels split into that many blocks; block g
     at a pixel sees colour blocks < g (A) or <= g (B) of that pixel).
 
@@ -88,27 +90,14 @@ class GatedMaskedConv2d(nn.Module):
         return self.backend if self.backend in op.backends else None
 
     def _conditioning(self, label, cond, b, hw):
-        """(bias for the vertical stack, bias for the horizontal stack): [B, 2C], a map or None."""
+        """(bias for the vertical stack, bias for the horizontal stack): [B, 2C], a map or None. A layer built
+        with num_classes (cond_channels) needs its labels (maps): fastgen.nn.conditioning."""
+        check_label("GatedMaskedConv2d", label, b, self.num_classes)
+        check_cond("GatedMaskedConv2d", cond, b, self.cond_channels, hw)
         cv = ch = None
         if label is not None:
-            if self.num_classes is None:
-                raise ValueError("GatedMaskedConv2d: a label was given but the layer has no num_classes")
-            label = torch.as_tensor(label, device=self.v_conv.weight.device)
-            if label.dim() == 0:
-                label = label.expand(b)
-            if label.shape != (b,) or label.dtype.is_floating_point:
-                raise ValueError(f"GatedMaskedConv2d: label must be integer class indices of shape ({b},), got "
-                                 f"{tuple(label.shape)} {label.dtype}")
-            if label.numel() and (label.min() < 0 or label.max() >= self.num_classes):
-                raise ValueError(f"GatedMaskedConv2d: labels must be in 0..{self.num_classes - 1}, got "
-                                 f"{label.min().item()}..{label.max().item()}")
             cv, ch = None if self.last else self.label_v(label), self.label_h(label)
         if cond is not None:
-            if self.cond_channels is None:
-                raise ValueError("GatedMaskedConv2d: a conditioning map was given but the layer has no cond_channels")
-            if cond.dim() != 4 or cond.shape[0] != b or cond.shape[1] != self.cond_channels or cond.shape[2:] != hw:
-                raise ValueError(f"GatedMaskedConv2d: cond must be [{b}, {self.cond_channels}, {hw[0]}, {hw[1]}], "
-                                 f"got {tuple(cond.shape)}")
             mh = self.cond_h(cond)
             if not self.last:
                 mv = self.cond_v(cond)

@@ -16,16 +16,20 @@ the backends of the op ``sample_scheduled``: ``cpp`` (csrc/cpu/schedule.cpp),
 ``cuda`` (csrc/cuda/schedule.cu: compiled, not yet run on a GPU, so opt-in) and
 ``ref`` (the torch executor).
 """
+import inspect
+import itertools
+
 import torch
+from torch import nn
 
 from fastgen import _ext
 from fastgen._dispatch import new_op
 from fastgen._progress import Progress
+from fastgen._seed import check_seed
+from fastgen.sampling import causality
 from fastgen.sampling.cached import run_schedule_torch, run_torch
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
-from fastgen.sampling.program import compile_program
-from fastgen.sampling.schedule import compile_schedule
 
 LIKELIHOODS = ("bernoulli", "categorical", "logistic-mixture")
 METHODS = ("cached", "naive")
@@ -172,22 +176,51 @@ def _draw_shape(likelihood, shape):
     return (c + 1 if likelihood == "logistic-mixture" else c), h, w
 
 
+def _dtype_device(model):
+    """The network's dtype and device: its first floating parameter or buffer's (float32 on the CPU if none)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastgen.sample: model must be a torch.nn.Module mapping the image [n, C, H, W] to logits, "
+                        f"got {type(model).__name__} (wrap a function in an nn.Module whose forward calls it)")
+    t = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    return (t.dtype, t.device) if t is not None else (torch.float32, torch.device("cpu"))
+
+
 def _check_condition(model, condition, n):
-    if condition is not None and hasattr(model, "check_label"):
+    """One rule for conditions: a conditional model needs one, a network that takes none refuses one.
+    fastgen's models know whether they are conditional (check_label: fastgen.nn.conditioning); for another
+    network, forward's signature says whether it takes a second argument."""
+    if hasattr(model, "check_label"):
         model.check_label(condition, n)
+        return
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_more = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    name = type(model).__name__
+    if condition is not None and not takes_more:
+        raise ValueError(f"fastgen.sample: condition= was given but {name}.forward takes only the image")
+    if condition is None and len(positional) >= 2 and positional[1].default is inspect.Parameter.empty:
+        raise ValueError(f"fastgen.sample: {name}.forward needs a second argument ({positional[1].name!r}): "
+                         f"pass it as condition=")
 
 
-def _engine_job(model, n, likelihood, levels, shape, condition, temperature, u, feed, images, progress, backend):
-    param = next(model.parameters())
+def _run_program(prog, likelihood, levels, table, temperature, u, images, progress, backend):
+    """A compiled program (fastgen.sampling.causality.check) on the dispatched engine."""
     if likelihood == "logistic-mixture":
-        prog = compile_schedule(model, shape=shape, batch=n, condition=condition)
-        job = dict(prog=prog, u=u, feed=feed_table(feed, likelihood, levels, param.dtype, param.device),
-                   temperature=temperature, images=images, progress=progress)
+        job = dict(prog=prog, u=u, feed=table, temperature=temperature, images=images, progress=progress)
         return SCHEDULE_OP.run(job, prog.device.type, backend)
-    prog = compile_program(model, shape=shape, batch=n, likelihood=likelihood, levels=levels, condition=condition)
-    job = dict(prog=prog, u=u, feed=feed_table(feed, likelihood, levels, param.dtype, param.device),
-               likelihood=likelihood, levels=levels, temperature=temperature, images=images, progress=progress)
+    job = dict(prog=prog, u=u, feed=table, likelihood=likelihood, levels=levels, temperature=temperature,
+               images=images, progress=progress)
     return OP.run(job, prog.device.type, backend)
+
+
+def _checked(model, n, likelihood, levels, shape, condition, feed):
+    """The checks every sampling path shares, then the causality check: (program or None, why not, table)."""
+    dtype, device = _dtype_device(model)
+    _check_condition(model, condition, n)
+    table = feed_table(feed, likelihood, levels, dtype, device)
+    prog, why = causality.check(model, n=n, likelihood=likelihood, levels=levels, shape=shape,
+                                condition=condition, table=table)
+    return prog, why, table
 
 
 @torch.no_grad()
@@ -211,27 +244,31 @@ def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None
     images (exactly in float64).
     ``backend``: the cached engine, 'cpp', 'cuda' or 'ref' (torch); default: dispatch.
     Colour images follow the sub-pixel order (R, then G, then B at each pixel).
+    Every method first checks that the network is causal (fastgen.sampling.causality): one whose output
+    at a value sees that value or a later one is refused with a CausalityError naming the first such
+    output and what it sees. ``condition`` is required by a conditional model and refused by a network
+    that takes none; ``seed``: an int in [0, 2**63).
     """
+    _dtype_device(model)  # a module, before anything reads its attributes
     likelihood, levels, shape = _settings(model, likelihood, levels, shape)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    _check_condition(model, condition, n)
-    param = next(model.parameters())
-    u = uniforms(n, _draw_shape(likelihood, shape), seed, param.device)
+    check_seed(seed, "fastgen.sample")
     was_training = model.training
     model.eval()
     try:
+        prog, why, table = _checked(model, n, likelihood, levels, shape, condition, feed)
+        u = uniforms(n, _draw_shape(likelihood, shape), seed, table.device)
         if method == "naive":
             return naive_sample(model, u, likelihood=likelihood, levels=levels, shape=shape, condition=condition,
-                                temperature=temperature,
-                                feed_table=feed_table(feed, likelihood, levels, param.dtype, param.device),
-                                progress=progress)
-        images, _ = _engine_job(model, n, likelihood, levels, shape, condition, temperature, u, feed, None,
-                                progress, backend)
+                                temperature=temperature, feed_table=table, progress=progress)
+        if prog is None:
+            raise why
+        images, _ = _run_program(prog, likelihood, levels, table, temperature, u, None, progress, backend)
         return images
     finally:
         model.train(was_training)
@@ -244,16 +281,17 @@ def cached_logits(model, images, *, likelihood=None, levels=None, condition=None
     [B, C_out, H, W] (channel c's block from the step of colour channel c; a
     mixture's parameters from the pixel's step). Equals ``model(feed(images))``
     for an exact cached path."""
+    _dtype_device(model)
     likelihood, levels, shape = _settings(model, likelihood, levels, tuple(images.shape[1:]))
-    _check_condition(model, condition, images.shape[0])
-    param = next(model.parameters())
-    c, h, w = _draw_shape(likelihood, shape)
-    u = torch.zeros(h, w, c, images.shape[0], dtype=torch.float64, device=param.device)
     was_training = model.training
     model.eval()
     try:
-        _, logits = _engine_job(model, images.shape[0], likelihood, levels, shape, condition, 1.0, u, feed, images,
-                                False, backend)
+        prog, why, table = _checked(model, images.shape[0], likelihood, levels, shape, condition, feed)
+        if prog is None:
+            raise why
+        c, h, w = _draw_shape(likelihood, shape)
+        u = torch.zeros(h, w, c, images.shape[0], dtype=torch.float64, device=table.device)
+        _, logits = _run_program(prog, likelihood, levels, table, 1.0, u, images, False, backend)
         return logits
     finally:
         model.train(was_training)

@@ -1,6 +1,57 @@
-"""What every sampler shares: the uniforms of the draws, the draw itself, and
-how a sampled value is fed back to the network."""
+"""What every sampler shares: the uniforms of the draws, the draw itself, how
+a sampled value is fed back to the network, and the words of the two errors
+every sampling path gives alike (a network that is not causal, an output of
+the wrong size)."""
 import torch
+
+from fastgen._seed import generator
+
+
+class CausalityError(ValueError):
+    """The network is not causal: an output it samples from sees the value being drawn or a later one.
+    No method can sample it (fastgen.sampling.causality)."""
+
+
+def not_causal(pixel, dep, colour=None, dep_colour=None, channels=1):
+    """The CausalityError for an output at ``pixel`` (y, x) (``colour`` c, for one drawn colour at a time) that
+    depends on the input at ``dep`` (y, x) (``dep_colour``)."""
+    def where(p, c):
+        return f"pixel {tuple(p)}" + (f" colour {c}" if c is not None and channels > 1 else "")
+    same = tuple(pixel) == tuple(dep) and (colour is None or dep_colour is None or colour == dep_colour)
+    rel = "itself" if same else where(dep, dep_colour)
+    order = "raster order" + (", colours in channel order within a pixel" if channels > 1 and colour is not None
+                              else "")
+    return CausalityError(
+        f"the network is not causal: its output at {where(pixel, colour)} depends on {rel}, which is not before it "
+        f"in the sampling order ({order}); sampling it would draw each value from a distribution that sees the "
+        f"value itself or later ones. The output at a pixel may see only earlier pixels (and earlier colours): "
+        f"use mask_type='A' in the first masked convolution and 'B' after it")
+
+
+def output_error(channels, likelihood, levels, c):
+    """Why an output of ``channels`` channels cannot be sampled as ``likelihood`` for C = ``c`` colour
+    channels, with a hint at the likelihood it fits; None when it fits."""
+    from fastgen.ref.dmol import infer_nr_mix
+    if likelihood == "logistic-mixture":
+        if infer_nr_mix(c, channels) is not None:
+            return None
+        want = f"{3 if c == 1 else 10} * nr_mix"
+        return (f"the network's output has {channels} channels: a discretized logistic mixture of {c}-channel "
+                f"images needs {want}")
+    want = c * (levels if likelihood == "categorical" else 1)
+    if channels == want:
+        return None
+    shape = f"[B, {c} * {levels}, H, W]" if likelihood == "categorical" else f"[B, {c}, H, W]"
+    hint = ""
+    if channels % c == 0 and channels // c >= 2 and likelihood == "bernoulli":
+        hint = (f"; {channels} = {c} x {channels // c} looks like categorical logits: pass "
+                f"likelihood='categorical', levels={channels // c}")
+    elif channels % c == 0 and channels // c >= 2 and likelihood == "categorical":
+        hint = f"; for {channels // c} levels pass levels={channels // c}"
+    elif channels == c and likelihood == "categorical":
+        hint = "; one channel per colour looks like Bernoulli logits: pass likelihood='bernoulli'"
+    return (f"the network's output has {channels} channels; {likelihood} sampling of {c}-channel images reads "
+            f"{shape}{hint}")
 
 
 def uniforms(n, shape, seed, device):
@@ -8,9 +59,7 @@ def uniforms(n, shape, seed, device):
     generator, so that every sampler (naive, cached, any engine) and every
     device sees the same numbers for the same seed."""
     c, h, w = shape
-    g = torch.Generator()
-    g.manual_seed(int(seed) if seed is not None else int(torch.randint(2 ** 62, (1,)).item()))
-    return torch.rand(h, w, c, n, generator=g, dtype=torch.float64).to(device)
+    return torch.rand(h, w, c, n, generator=generator(seed, "fastgen.sample"), dtype=torch.float64).to(device)
 
 
 def draw(logits, likelihood, temperature, u):

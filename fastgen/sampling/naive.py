@@ -5,7 +5,7 @@ import torch
 
 from fastgen._progress import Progress
 from fastgen.ref.dmol import infer_nr_mix
-from fastgen.sampling.common import draw, draw_mixture
+from fastgen.sampling.common import draw, draw_mixture, output_error
 
 
 @torch.no_grad()
@@ -36,11 +36,10 @@ def naive_sample(model, u, *, likelihood, levels, shape, condition=None, tempera
                         return images
                     params = model(x) if condition is None else model(x, condition)
                     if nr_mix is None:
+                        why = output_error(params.shape[1], likelihood, levels, c)
+                        if why:
+                            raise ValueError(why)
                         nr_mix = infer_nr_mix(c, params.shape[1])
-                        if nr_mix is None:
-                            raise ValueError(f"the network's output has {params.shape[1]} channels: a discretized "
-                                             f"logistic mixture of {c}-channel images needs {3 if c == 1 else 10} "
-                                             f"* nr_mix")
                     v = draw_mixture(params[:, :, y, col], u[y, col], c, nr_mix, temperature)
                     images[:, :, y, col] = v
                     x[:, :, y, col] = feed_table[v]

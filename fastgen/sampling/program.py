@@ -47,7 +47,9 @@ from torch import nn
 
 from fastgen.nn import GatedMaskedConv2d, MaskedConv2d
 from fastgen.ops.masked_conv import same_padding
+from fastgen.ref.gated import split_gate
 from fastgen.ref.masked_conv import centre_channel_mask
+from fastgen.sampling.common import not_causal, output_error
 
 # opcodes, shared with csrc/cpu/sampling.cpp
 CONV, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY = range(1, 9)
@@ -191,6 +193,8 @@ def trace(model, has_condition):
     params = list(inspect.signature(model.forward).parameters.values())
     if not params:
         raise CompileError(f"{type(model).__name__}.forward takes no image argument")
+    if isinstance(model, (MaskedConv2d, GatedMaskedConv2d)):  # a bare layer: traced as the leaf it is
+        model = nn.Sequential(model)
     concrete = {}
     for i, p in enumerate(params[1:], 1):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (i == 1 and has_condition):
@@ -522,12 +526,11 @@ class _Compiler:
     def set_output(self, out):
         c = self.shape[0]
         if out.kind != "pixel":
-            self.error("the output at a pixel depends on pixels to its right in the same row "
-                       "(a vertical-stack value reaches the output without the one-row shift)")
-        if out.channels != c * (self.levels if self.likelihood == "categorical" else 1):
-            want = f"[B, {c} * {self.levels}, H, W]" if self.likelihood == "categorical" else f"[B, {c}, H, W]"
-            self.error(f"the network's output has {out.channels} channels; {self.likelihood} sampling of "
-                       f"{c}-channel images reads {want}")
+            raise not_causal((0, 0), (0, 1), channels=c) if self.shape[2] > 1 else \
+                not_causal((0, 0), (1, 0), channels=c)
+        why = output_error(out.channels, self.likelihood, self.levels, c)
+        if why:  # the likelihood's settings, not the network: no method could sample it so
+            raise ValueError(why)
         self.prog.output = out.slot
 
     def evaluate(self, node, args, kwargs):
@@ -693,29 +696,20 @@ class _Compiler:
         return a[index]
 
     def finish(self):
-        """Ring sizes and the column padding from the taps that read each slot;
-        the post list.
+        """The causality check, the post list, ring sizes and the column padding.
 
         The pixel pass at (y, x) runs before the pixel's value is known (its
         input there is zero, or holds the colour channels drawn so far), so the
         slots whose value at (y, x) depends on the input at (y, x) (the input's
         position-wise transforms, mask-B layers on them) must be computed again
         once the pixel is complete, before later pixels read them: the post
-        list. A slot depends on it if an instruction writing it reads a
-        dependent slot at (y, x) (not through a tap elsewhere); every writer of
-        a dependent slot is in the post list, in program order, so in-place and
-        accumulating instructions replay in full."""
-        dependent, changed = {self.prog.input}, True
-        while changed:
-            changed = False
-            for i in self.prog.pixel:
-                reads = [i.a] if i.op != CONV or (0, 0) in i.taps else []
-                reads += [i.b] if i.b >= 0 else []
-                if i.out not in dependent and (any(r in dependent for r in reads)
-                                               or (i.op == COPY and i.a in dependent)):
-                    dependent.add(i.out)
-                    changed = True
-        self.prog.post = [i for i in self.prog.pixel if i.out in dependent]
+        list, every writer of such a slot in program order (so in-place and
+        accumulating instructions replay in full). The output must not depend
+        on the colour it draws at (y, x) or a later one (set_output already
+        refused a dependence on later pixels: a row value)."""
+        dep = self.same_pixel_dependence()
+        self.check_output_dependence(dep[self.prog.output])
+        self.prog.post = [i for i in self.prog.pixel if dep[i.out].any()]
         self.prog.blocks = self.shape[0] if self.keeps_colour_blocks() else 1
         pad = 0
         for i in self.prog.pixel + self.prog.row:
@@ -726,6 +720,43 @@ class _Compiler:
                     pad = max(pad, abs(dx))
         self.prog.pad = pad
 
+    def same_pixel_dependence(self):
+        """{slot: bool [channels, C]}: whether channel j of the slot at (y, x) depends on colour c of the input
+        at (y, x), by structure (a convolution's centre tap counts where its weight is not zero). The same at
+        every position: taps never leave a value's position except through (dy, dx) != (0, 0)."""
+        slots, c = self.prog.slots, self.shape[0]
+        dep = {k: torch.zeros(s.channels, c, dtype=torch.bool) for k, s in enumerate(slots)}
+        dep[self.prog.input] = torch.eye(c, dtype=torch.bool)
+        for i in self.prog.pixel:  # in program order: an instruction reads what earlier ones wrote
+            a = dep[i.a]
+            if i.op == CONV:
+                if (0, 0) not in i.taps:
+                    continue
+                w0 = (i.weight[i.taps.index((0, 0))] != 0).cpu()  # [Cin, Cout]
+                new = (w0.T.to(torch.float32) @ a.to(torch.float32)) > 0
+            elif i.op in (ADD, MUL):
+                new = a | dep[i.b]
+            elif i.op == GATE:
+                f, g = split_gate(torch.arange(a.shape[0])[None].float(), i.data_channels)
+                new = a[f[0].long()] | a[g[0].long()]
+            elif i.op == COPY:
+                new = dep[i.out].clone()
+                new[i.out_off:i.out_off + i.count] = a[i.in_off:i.in_off + i.count]
+            else:  # ACT, AFFINE, CONST: channel by channel
+                new = a
+            dep[i.out] = dep[i.out] | new if i.out == i.a or i.op == COPY else new
+        return dep
+
+    def check_output_dependence(self, out_dep):
+        """Refuse an output whose colour c at (y, x) depends on colour >= c there, naming the last colour it
+        sees."""
+        c = self.shape[0]
+        per = out_dep.shape[0] // c  # the output channels of one colour
+        for k in range(out_dep.shape[0]):
+            colour = k // per
+            seen = out_dep[k, colour:].nonzero()
+            if len(seen):
+                raise not_causal((0, 0), (0, 0), colour, colour + int(seen[-1]), channels=c)
 
     def keeps_colour_blocks(self):
         """Whether the pixel pass can run colour block by colour block (module docstring)."""

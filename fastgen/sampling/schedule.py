@@ -45,6 +45,7 @@ from torch import nn
 
 from fastgen.nn import MaskedConv2d
 from fastgen.ref.dmol import infer_nr_mix
+from fastgen.sampling.common import not_causal, output_error
 from fastgen.sampling.program import (ACT, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL, CompileError, Pool, Val,
                                       _Compiler, trace)
 
@@ -240,10 +241,10 @@ class _ScheduleCompiler(_Compiler):
         c, h, w = self.shape
         if not isinstance(out, SVal) or (out.h, out.w) != (h, w):
             self.error(f"the network's output must be [B, K, {h}, {w}] (the image's height and width)")
+        why = output_error(out.channels, "logistic-mixture", 256, c)
+        if why:  # the likelihood's settings, not the network: no method could sample it so
+            raise ValueError(why)
         nr_mix = infer_nr_mix(c, out.channels)
-        if nr_mix is None:
-            self.error(f"the network's output has {out.channels} channels: a discretized logistic mixture of "
-                       f"{c}-channel images needs {3 if c == 1 else 10} * nr_mix")
         self.prog.output, self.prog.out_channels, self.prog.nr_mix = self.ref(out), out.channels, nr_mix
 
     # -- position-wise operations
@@ -456,9 +457,7 @@ class _ScheduleCompiler(_Compiler):
         if late.any():
             y, x = (int(v) for v in late.nonzero()[0])
             t = int(out[y, x])
-            self.error(f"the output at pixel ({y}, {x}) depends on pixel ({t // w}, {t % w}), not before it in "
-                       f"raster order: the network is not causal (its output at a pixel must see only earlier "
-                       f"pixels, none of its own channels)")
+            raise not_causal((y, x), (t // w, t % w))
         for i in prog.code:
             ready = prog.slots[i.out].ready.flatten()
             steps = (ready + 1).clamp(min=0)

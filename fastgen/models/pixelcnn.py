@@ -16,6 +16,7 @@ Colour images use the sub-pixel ordering of MaskedConv2d (R, then G given R,
 then B given R and G), through ``data_channels``.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ class AutoregressiveImageModel(nn.Module):
         """The labels of a class-conditional model, and none for another (fastgen.nn.conditioning)."""
         check_label(type(self).__name__, label, batch, self.num_classes)
 
-    def log_prob(self, images, label=None):
+    def log_prob(self, images: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Log-likelihood of each image in nats: [B]."""
         self.check_images(images, label)
         logits = self(self.feed(images), label)
@@ -89,15 +90,17 @@ class AutoregressiveImageModel(nn.Module):
             nll = F.cross_entropy(logits.view(b, c, self.levels, h, w).transpose(1, 2), target, reduction="none")
         return -nll.flatten(1).sum(1)
 
-    def loss(self, images, label=None):
+    def loss(self, images: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean negative log-likelihood per image, in nats."""
         return -self.log_prob(images, label).mean()
 
-    def bits_per_dim(self, nats_per_image):
+    def bits_per_dim(self, nats_per_image: float) -> float:
         return nats_per_image / (math.prod(self.image_shape) * math.log(2))
 
     @torch.no_grad()
-    def sample(self, n, label=None, *, temperature=1.0, seed=None, method="cached", backend=None, progress=False):
+    def sample(self, n: int, label: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+               seed: Optional[int] = None, method: str = "cached", backend: Optional[str] = None,
+               progress: bool = False) -> torch.Tensor:
         """n images (integer values as int64 [n, C, H, W]): fastgen.sample with the
         model's likelihood, levels and shape; ``label`` [n] for a class-conditional model."""
         from fastgen.sampling import sample

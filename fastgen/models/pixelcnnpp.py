@@ -44,6 +44,7 @@ fastgen.sample: cached multi-scale sampling (fastgen/sampling/schedule.py) or
 naive.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.fx
@@ -316,7 +317,7 @@ class PixelCNNpp(nn.Module):
 
     # ---- likelihood --------------------------------------------------------------------------------------------
 
-    def log_prob(self, images, label=None):
+    def log_prob(self, images: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Log-likelihood of each image in nats: [B]. ``images``: integer pixel values 0..255."""
         self.check_images(images, label)
         params = self(self.feed(images), label)
@@ -326,16 +327,18 @@ class PixelCNNpp(nn.Module):
         x = levels_to_x(images, params.dtype, self.levels)
         return -discretized_mix_logistic_nll(x, params, nr_mix=self.nr_mix, reduction="sum", backend=self.backend)
 
-    def loss(self, images, label=None):
+    def loss(self, images: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean negative log-likelihood per image, in nats."""
         return -self.log_prob(images, label).mean()
 
-    def bits_per_dim(self, nats_per_image):
+    def bits_per_dim(self, nats_per_image: float) -> float:
         return nats_per_image / (math.prod(self.image_shape) * math.log(2))
 
     # ---- sampling ----------------------------------------------------------------------------------------------
 
-    def sample(self, n, label=None, *, temperature=1.0, seed=None, method="cached", backend=None, progress=False):
+    def sample(self, n: int, label: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+               seed: Optional[int] = None, method: str = "cached", backend: Optional[str] = None,
+               progress: bool = False) -> torch.Tensor:
         """n images, int64 [n, C, H, W] with values 0..255: fastgen.sample, which
         draws each pixel's colours from the mixture there (``temperature``
         scaling the logistics and the mixture logits), each rounded to its level

@@ -38,7 +38,9 @@ from torch import nn
 
 from fastgen.nn import GaussianLatent
 from fastgen.ops.reparameterize_kl import OP as REPARAMETERIZE_KL
-from fastgen.ops.reparameterize_kl import draw_seed, reparameterize_kl
+from fastgen._seed import check_seed, generator
+from fastgen.nn.conditioning import check_label
+from fastgen.ops.reparameterize_kl import reparameterize_kl
 
 DECODERS = ("bernoulli", "gaussian")
 LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 2.0  # sigma in [0.0009, 7.4] on the [0, 1] pixel scale
@@ -90,9 +92,7 @@ def discretized_gaussian_log_prob(values, mean, log_scale, levels=256):
 
 def _seeds(seed, n):
     """``n`` seeds of reparameterize_kl's stream, derived from ``seed`` (None: torch's default generator)."""
-    if seed is None:
-        seed = draw_seed()
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed, "VAE")
     return [int(s) for s in torch.randint(0, 2 ** 62, (n,), generator=gen)]
 
 
@@ -205,8 +205,7 @@ class VAE(nn.Module):
     def loss(self, images, label=None, seed=None):
         """Mean negative ELBO per image, in nats (what training minimises). ``label``
         must be None (the model is unconditional; the argument matches the pixel models' loss)."""
-        if label is not None:
-            raise ValueError("VAE: a label was given but the model is not class-conditional")
+        check_label("VAE", label, images.shape[0], None)
         return -self.elbo(images, seed).mean()
 
     def bits_per_dim(self, nats_per_image):
@@ -270,7 +269,7 @@ class VAE(nn.Module):
         if not temperature > 0:
             raise ValueError(f"VAE.sample: temperature must be > 0, got {temperature}")
         param = next(self.parameters())
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gen = torch.Generator().manual_seed(check_seed(seed, "VAE.sample")) if seed is not None else None
         z = torch.randn(n, self.latent_features, generator=gen, dtype=torch.float64) * temperature
         return self.to_display(self.decode(z.to(param.device, param.dtype)), mode, gen)
 

@@ -18,6 +18,7 @@ the backends of the op ``sample_scheduled``: ``cpp`` (csrc/cpu/schedule.cpp),
 """
 import inspect
 import itertools
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -224,8 +225,10 @@ def _checked(model, n, likelihood, levels, shape, condition, feed):
 
 
 @torch.no_grad()
-def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None, temperature=1.0, seed=None,
-           method="cached", backend=None, feed=None, progress=False):
+def sample(model: nn.Module, n: int, *, likelihood: Optional[str] = None, levels: Optional[int] = None,
+           shape: Optional[Tuple[int, int, int]] = None, condition: Any = None, temperature: float = 1.0,
+           seed: Optional[int] = None, method: str = "cached", backend: Optional[str] = None,
+           feed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, progress: bool = False) -> torch.Tensor:
     """``n`` images [n, C, H, W] (int64 values) from an autoregressive image model.
 
     ``model(x)`` (or ``model(x, condition)``) maps the image as fed, [n, C, H, W],
@@ -275,7 +278,9 @@ def sample(model, n, *, likelihood=None, levels=None, shape=None, condition=None
 
 
 @torch.no_grad()
-def cached_logits(model, images, *, likelihood=None, levels=None, condition=None, backend=None, feed=None):
+def cached_logits(model: nn.Module, images: torch.Tensor, *, likelihood: Optional[str] = None,
+                  levels: Optional[int] = None, condition: Any = None, backend: Optional[str] = None,
+                  feed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Teacher forcing through the cached path: feed ``images`` (int values
     [B, C, H, W]) pixel by pixel and return the logits each step computed,
     [B, C_out, H, W] (channel c's block from the step of colour channel c; a

@@ -14,7 +14,8 @@ $(DEPS): pyproject.toml Makefile
 	@command -v $(PY) >/dev/null || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@# CPU torch pin where no torch is present; an existing torch (e.g. CUDA) is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install triton numpy pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel scikit-learn
+	@# setuptools>=77: pyproject.toml's build-system pin (the first to read its SPDX `license` string)
+	$(PY) -m pip install triton numpy pillow tqdm pytest pytest-benchmark ninja pybind11 "setuptools>=77" wheel scikit-learn
 	@# Fashion-MNIST comes from Debian's dataset-fashion-mnist: best effort (root + apt-get), never fails make.
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -64,8 +65,9 @@ test-nvcc:
 	    g++ -std=c++20 -fsyntax-only -DFASTGEN_WITH_CUDA -Icsrc $$inc -I$(CUDA_INC) -I$$stub $$f || exit 1; done; \
 	  rm -rf $$stub; fi
 
+# --force: demo_out/ is the demo's own folder, replaced on every run
 demo: build
-	$(PY) -m fastgen demo
+	$(PY) -m fastgen demo --force
 
 bench: build
 	@mkdir -p benchmarks/results

@@ -5,7 +5,8 @@
 * csrc/cuda/*.cu and *.cpp are added when torch has CUDA;
 * FASTGEN_SKIP_EXT=1 gives a pure-Python install.
 The folder kernels/ is installed as fastgen.kernels (never as a top-level
-`kernels`, a name taken on the package index).
+`kernels`, a name taken on the package index). fastgen/py.typed marks the
+package as typed (PEP 561).
 """
 import glob
 import os
@@ -39,4 +40,5 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_dir=package_dir, package_data={"fastgen": ["py.typed"]}, ext_modules=ext_modules,
+      cmdclass=cmdclass)

@@ -1,6 +1,7 @@
 // fastgen._C: the op schemas (one TORCH_LIBRARY block for the namespace) and the
 // Python module. Kernels register their implementations per device with
 // TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>_glue.cpp.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -28,6 +29,17 @@ TORCH_LIBRARY(fastgen, m) {
   // double params), and the gradient of params for a per-pixel upstream gradient.
   m.def("dmol_nll_forward(Tensor x, Tensor params, int nr_mix) -> Tensor");
   m.def("dmol_nll_backward(Tensor grad_nll, Tensor x, Tensor params, int nr_mix) -> Tensor");
+}
+
+// The kernels are not differentiable on their own: the registered ops and autograd Functions of
+// fastgen/ops/<op>.py call them (below autograd) and own the gradients. Called directly on tensors that require
+// grad, a kernel's outputs get a grad_fn that raises when backpropagated through, rather than the default's
+// warning and a silently missing gradient.
+TORCH_LIBRARY_IMPL(fastgen, Autograd, m) {
+  for (const char* kernel : {"masked_conv2d_forward", "masked_conv2d_backward", "gated_activation_forward",
+                             "gated_activation_backward", "reparameterize_kl_forward", "reparameterize_kl_backward",
+                             "dmol_nll_forward", "dmol_nll_backward"})
+    m.impl(kernel, torch::autograd::autogradNotImplementedFallback());
 }
 
 static bool built_with_cuda() {

@@ -1,5 +1,12 @@
-"""fastgen: custom kernels for the classic generative models (PixelCNN, VAE, GAN)."""
+"""fastgen: custom kernels for the classic generative models.
+
+Built: PixelCNN, Gated PixelCNN and PixelCNN++ (masked and gated convolutions,
+the discretized logistic mixture loss, exact cached sampling) and the VAE (fused
+reparameterization + KL). Planned: PixelRNN and GANs (DCGAN, conditional GAN).
+"""
 __version__ = "0.1.0"
+
+from typing import Dict, Optional  # noqa: E402
 
 from fastgen import functional  # noqa: E402
 from fastgen._dispatch import OPS, BackendError  # noqa: E402
@@ -9,19 +16,24 @@ from fastgen.ops.reparameterize_kl import reparameterize_kl  # noqa: E402
 from fastgen.sampling import sample  # noqa: E402
 
 
-def backends():
-    """What is built and usable: {"extension": {...}, "ops": {op: {backend: None or why missing}}}."""
+def backends() -> Dict[str, Dict[str, object]]:
+    """What is built and usable on this machine: {"extension": {name: None or
+    why not}, "ops": {op: {backend: None or why not}}}. One answer per backend:
+    a backend the machine lacks (no CUDA device, Triton without
+    TRITON_INTERPRET=1 on a CPU-only machine) is "no" with the same reason in
+    "extension" and in every op that has it."""
     import torch
     from fastgen import _ext
-    return {
-        "extension": {
-            "cpp": _ext.cpp_unavailable(),
-            "cuda": _ext.cuda_ext_unavailable() if torch.cuda.is_available() else "no CUDA device",
-            "triton": _ext.triton_unavailable() or (None if torch.cuda.is_available() or _ext.interpreting()
-                                                    else "no CUDA device (CPU tensors need TRITON_INTERPRET=1)"),
-        },
-        "ops": {name: op.status() for name, op in OPS.items()},
+    cuda = torch.cuda.is_available()
+    machine: Dict[str, Optional[str]] = {
+        "cpp": _ext.cpp_unavailable(),
+        "cuda": _ext.cuda_ext_unavailable() or (None if cuda else "no CUDA device"),
+        "triton": _ext.triton_unavailable() or (None if cuda or _ext.interpreting()
+                                                else "no CUDA device (CPU tensors need TRITON_INTERPRET=1)"),
     }
+    # an op's own reason first (e.g. an old build without its kernel), else the machine's
+    ops = {name: {b: why or machine.get(b) for b, why in op.status().items()} for name, op in OPS.items()}
+    return {"extension": machine, "ops": ops}
 
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent", "reparameterize_kl", "discretized_mix_logistic_nll",

@@ -8,8 +8,14 @@ Order of choice for one call:
    no op has is an error (a typo must not pass silently);
 2. otherwise the op's measured preference list for the tensor's device type:
    the first backend in it that can take the call. ``ref`` always can.
+
+Every op also joins the op contract (tests/test_op_contract.py): next to its
+backends it registers ``Examples`` (valid inputs of any batch size, and bad
+calls with the error each must raise), or declares itself an engine op
+(``contract="engine"``: it takes a job, not tensors, and its own tests cover it).
 """
 import os
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -18,35 +24,72 @@ class BackendError(RuntimeError):
     """An explicitly requested backend cannot take the call."""
 
 
+class BadCall(NamedTuple):
+    """A call the op must refuse before any kernel runs: ``make(device)`` -> (args, kwargs) of the functional,
+    the error it raises (ValueError or TypeError) and a substring of its message."""
+    make: Callable
+    error: type
+    message: str
+
+
+class Examples(NamedTuple):
+    """How the op contract (tests/test_op_contract.py) calls an op, on each of its backends.
+
+    ``functional``: the public function (it takes ``backend=``).
+    ``inputs(batch, dtype, device, generator)`` -> (args, kwargs): a valid call of ``batch`` images or rows
+    (0 included) with odd sizes; floating tensors in ``dtype``, those that take a gradient with requires_grad.
+    ``bad``: BadCalls.
+    ``tol``: {dtype: dict(rtol=, atol=)} where the op's spec allows more than the contract's default
+    against ref (e.g. noise drawn in float32 whatever the input's dtype)."""
+    functional: Callable
+    inputs: Callable
+    bad: Sequence[BadCall]
+    tol: Dict[Any, Dict[str, float]] = {}
+
+
+CONTRACTS = ("tensor", "engine")
+
+
 class Op:
     """The backends of one op and the order in which they are preferred."""
 
-    def __init__(self, name, preference):
+    def __init__(self, name, preference, contract="tensor"):
+        if contract not in CONTRACTS:
+            raise ValueError(f"op {name}: contract must be one of {CONTRACTS}, got {contract!r}")
         self.name = name
         # device type -> backend names, fastest first (each op records its measurements)
         self.preference = preference
+        self.contract = contract
+        self.examples = None
         self.backends = {}
 
     def register(self, name, run, *, why_not=None, unavailable=None):
         """``run(call)`` computes the op. ``unavailable()`` says why the backend is
         missing altogether (no build, no triton), ``why_not(call)`` why it cannot
-        take one call (device, dtype, shape); each returns None when fine."""
-        self.backends[name] = (run, why_not or (lambda call: None), unavailable or (lambda: None))
+        take one call (device, dtype, shape); each returns None when fine.
+        ``unavailable`` is a fact of the installation: it is asked once, here, and
+        the answer kept (a dispatch traced by torch.compile only reads it)."""
+        self.backends[name] = (run, why_not or (lambda call: None), unavailable() if unavailable else None)
+
+    def set_examples(self, examples):
+        """Join the op contract (see the module docstring)."""
+        if self.contract != "tensor":
+            raise ValueError(f"op {self.name}: an {self.contract} op takes no Examples")
+        self.examples = examples
 
     def reason(self, name, call=None):
         """Why ``name`` cannot run (this call), or None if it can."""
         if name not in self.backends:
             return f"{self.name} has no backend {name!r} (it has: {', '.join(self.backends)})"
-        _, why_not, unavailable = self.backends[name]
-        return unavailable() or (why_not(call) if call is not None else None)
+        _, why_not, missing = self.backends[name]
+        return missing or (why_not(call) if call is not None else None)
 
     def choose(self, call, device_type, backend=None):
         """Name of the backend that runs ``call`` (see the module docstring)."""
         requested, source = backend, "backend="
-        env = os.environ.get("FASTGEN_BACKEND")
-        if requested is None and env:
-            known = {name for op in OPS.values() for name in op.backends}
-            if env in self.backends or env not in known:
+        if requested is None:
+            env = forced_backend()
+            if env in self.backends:
                 requested, source = env, "FASTGEN_BACKEND="
         if requested is not None:
             why = self.reason(requested, call)
@@ -81,13 +124,37 @@ def takes(backend, device_type, dtypes, tensor=lambda c: c.x):
     return why_not
 
 
+def example_randn(shape, dtype, device, generator, *, grad=True, scale=1.0):
+    """An Examples input: a float64 normal draw from ``generator`` (a CPU generator: the same numbers on every
+    device) times ``scale``, as ``dtype`` on ``device``, taking a gradient when ``grad``."""
+    t = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(grad)
+
+
 OPS = {}
 
 
-def new_op(name, preference):
-    op = Op(name, preference)
+def new_op(name, preference, *, contract="tensor"):
+    """A new op (its backends are registered on it). ``contract``: 'tensor' (the default: the op registers
+    Examples with ``set_examples``) or 'engine' (it takes a job, not tensors)."""
+    op = Op(name, preference, contract)
     OPS[name] = op
     return op
+
+
+def known_backends():
+    """Sorted names of every backend of every op."""
+    return sorted({name for op in OPS.values() for name in op.backends})
+
+
+def forced_backend() -> Optional[str]:
+    """The backend FASTGEN_BACKEND forces (None when unset or empty); a name no op has is a BackendError that
+    lists the known ones."""
+    env = os.environ.get("FASTGEN_BACKEND") or None
+    if env is not None and env not in known_backends():
+        raise BackendError(f"FASTGEN_BACKEND={env!r} is no backend of any op; fastgen's backends: "
+                           f"{', '.join(known_backends())}")
+    return env
 
 
 def autocast(device_type, *tensors):

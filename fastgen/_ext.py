@@ -1,9 +1,12 @@
-"""Finding the compiled extension and Triton, and saying why one is missing."""
-import functools
+"""Finding the compiled extension and Triton, and saying why one is missing.
+
+These are facts of the installation: fastgen._dispatch asks each once, when a
+backend is registered, and keeps the answer (so nothing here is called, or
+cached behind functools.lru_cache, while torch.compile traces a dispatch)."""
+import importlib.util
 import os
 
 
-@functools.lru_cache(None)
 def cpp_unavailable():
     """None if the C++ extension fastgen._C is loaded, else why not."""
     try:
@@ -25,7 +28,6 @@ def cpp_op_unavailable(kernel, op):
     return why
 
 
-@functools.lru_cache(None)
 def cuda_ext_unavailable():
     """None if the CUDA part of the extension was built, else why not."""
     why = cpp_unavailable()
@@ -41,12 +43,11 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(None)
 def triton_unavailable():
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not installed ({e})"
+    """None if triton is installed (found, not imported: importing it costs a fraction of a second, and only
+    a Triton kernel needs it), else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
     return None
 
 

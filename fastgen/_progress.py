@@ -1,40 +1,47 @@
-"""A small progress bar (no dependency): redrawn in place on a terminal,
-a line every ``every`` seconds otherwise (logs, CI)."""
+"""fastgen's progress bars: tqdm (``tqdm.auto``: a widget in notebooks, text elsewhere) on stderr.
+
+:class:`Progress` keeps the small interface the loops use (``update(n)``, ``n``,
+``postfix``, ``close()``). Its count ``n`` is kept even when the bar is disabled:
+the naive sampler stops on it."""
 import sys
-import time
+from typing import Optional
+
+from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, total, desc="", enabled=True, stream=None, every=10.0):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every, self.n, self.t0, self.last = every, 0, time.perf_counter(), 0.0
-        self.postfix = ""
+    """A bar of ``total`` steps named ``desc``; silent when ``enabled`` is false.
+    On a terminal it is redrawn in place; elsewhere (logs, CI) at most a line
+    every ``every`` seconds."""
 
-    def update(self, n=1, postfix=None):
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None, every: float = 10.0):
+        stream = stream or sys.stderr
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        self.n = 0
+        self._postfix = ""
+        self._bar = tqdm(total=total, desc=desc, disable=not enabled, file=stream, leave=True, dynamic_ncols=True,
+                         mininterval=0.1 if tty else every, ascii=not tty)
+
+    def update(self, n: int = 1, postfix: Optional[str] = None) -> None:
         self.n += n
         if postfix is not None:
             self.postfix = postfix
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.n >= self.total or (self.tty and now - self.last > 0.1) or (not self.tty and now - self.last > self.every):
-            self.last = now
-            self._draw(now)
+        self._bar.update(n)
 
-    def _draw(self, now):
-        elapsed = now - self.t0
-        rate = self.n / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.n) / rate if rate > 0 else 0.0
-        width = 24
-        filled = int(width * self.n / max(self.total, 1))
-        line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} "
-                f"{elapsed:.0f}s<{eta:.0f}s {rate:.2f}it/s {self.postfix}")
-        self.stream.write(("\r" + line + " " * 4) if self.tty else line + "\n")
-        self.stream.flush()
+    @property
+    def postfix(self) -> str:
+        return self._postfix
 
-    def close(self):
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+    @postfix.setter
+    def postfix(self, text: str) -> None:
+        self._postfix = text
+        self._bar.set_postfix_str(text, refresh=False)  # shown at the next redraw: no extra output per step
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

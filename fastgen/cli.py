@@ -3,8 +3,7 @@
 ``train`` trains a PixelCNN, Gated PixelCNN, PixelCNN++ or VAE on a dataset
 (see fastgen.train); under torchrun it trains data-parallel.
 ``sample`` draws images from a trained checkpoint (cached or naive sampling
-for PixelCNN and Gated PixelCNN, naive for PixelCNN++, the prior for a VAE)
-and writes them as a PNG grid.
+for the pixel models, the prior for a VAE) and writes them as a PNG or JPEG grid.
 ``demo`` trains a small Gated PixelCNN on binarized MNIST on the CPU, reports
 the test NLL in nats, writes a grid of samples, times cached sampling against
 naive sampling, and times training steps of fastgen's model against the same
@@ -15,9 +14,10 @@ import argparse
 import json
 import math
 import os
-import pickle
+import signal
 import sys
 import time
+from typing import List, Optional
 
 import torch
 
@@ -32,8 +32,9 @@ def add_train_parser(sub):
         description="Train a PixelCNN, Gated PixelCNN, PixelCNN++ (pixelcnnpp) or VAE. Writes OUT/checkpoint.pt, "
                     "metrics.jsonl, summary.json and samples.png (a VAE also reconstructions.png and "
                     "interpolation.png). Data-parallel when "
-                    "launched by torchrun (`torchrun --nproc_per_node N -m fastgen train ...`). With --resume, "
-                    "options left out are taken from the checkpoint.")
+                    "launched by torchrun (torchrun --nproc_per_node N -m fastgen train ...). With --resume, "
+                    "options left out are taken from the checkpoint. Ctrl-C (SIGINT) or SIGTERM saves a "
+                    "checkpoint at the current step; --resume continues it.")
     p.add_argument("model", choices=list(MODELS))
     p.add_argument("--data", choices=list(DATASETS), help="dataset (required unless --resume)")
     p.add_argument("--root", help="data location: the cifar-10-batches-py folder (cifar10); an .npz, IDX file or "
@@ -77,14 +78,18 @@ def add_train_parser(sub):
                    help=f"seed of weights, data order, binarization and the VAE's latent draws "
                         f"(default {DEFAULTS['seed']})")
     p.add_argument("--out", default="train_out", help="output folder (default train_out/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    again.add_argument("--force", action="store_true",
+                       help="replace the run already in OUT (its checkpoint, metrics, summary and images are "
+                            "deleted); without it such a folder is refused")
     p.add_argument("--eval-every", type=int, help="evaluate on the test split every N steps (default: at the end)")
     p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps, and at the end "
                                                   f"(default {DEFAULTS['ckpt_every']}; 0: at the end only)")
     p.add_argument("--eval-batches", type=int, help="evaluate on this many test batches (default: the whole split)")
     p.add_argument("--samples", type=int, help=f"images in OUT/samples.png at the end "
                                                f"(default {DEFAULTS['samples']}; 0: none, and a vae writes no PNGs)")
-    p.add_argument("--backend", help="force one fastgen backend (see `python -m fastgen backends`); default: dispatch")
+    p.add_argument("--backend", help="force one fastgen backend (see: python -m fastgen backends); default: dispatch")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -98,12 +103,19 @@ def add_train_parser(sub):
     return p
 
 
-def train_command(args):
+def exit_code(summary: Optional[dict]) -> int:
+    """The command's exit status for a run's summary: 128 + the signal number
+    for a run interrupted (and saved) by SIGINT / SIGTERM, else 0."""
+    stopped = (summary or {}).get("stopped_by")
+    return 128 + int(signal.Signals[stopped]) if stopped in ("SIGINT", "SIGTERM") else 0
+
+
+def train_command(args) -> int:
     from fastgen.train import TrainConfig, TrainError, train
     if args.data is None and not args.resume:
         raise TrainError("--data is required (unless --resume)")
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
-    train(TrainConfig(**fields))
+    return exit_code(train(TrainConfig(**fields)))
 
 
 # ---- sample --------------------------------------------------------------------------------------------------------
@@ -115,18 +127,20 @@ class SampleError(ValueError):
 def add_sample_parser(sub):
     from fastgen.sampling.api import METHODS
     p = sub.add_parser(
-        "sample", help="draw images from a trained checkpoint into a PNG grid",
-        description="Draw images from a checkpoint of `python -m fastgen train` and write them as a PNG grid. "
-                    "A class-conditional model gives every image --label, or else labels cycling through its "
-                    "classes (one class per column).")
+        "sample", help="draw images from a trained checkpoint into a PNG or JPEG grid",
+        description="Draw images from a checkpoint of 'python -m fastgen train' and write them as an image grid "
+                    "(PNG or JPEG, by the name of --out). A class-conditional model gives every image --label, or "
+                    "else labels cycling through its classes (one class per column, as in train's samples.png).")
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder holding checkpoint.pt")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--out", default="samples.png", help="PNG file of the grid (default samples.png)")
+    p.add_argument("--out", default="samples.png", help="image file of the grid: .png, or .jpg / .jpeg for JPEG "
+                                                        "(default samples.png)")
     p.add_argument("--method", choices=METHODS,
                    help="pixel models: cached: each activation computed once (the default); naive: the whole "
                         "network per pixel")
     p.add_argument("--label", type=int, help="class of every image (class-conditional models only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0): same seed, same images")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the draws, an int in [0, 2**63) (default 0): same seed, same images")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature (a VAE: the prior's standard deviation), > 0 (default 1)")
     p.add_argument("--backend", help="force one fastgen backend on each op that has it: the model's layers and "
@@ -158,33 +172,33 @@ def _sample_device(name):
     return device
 
 
-def sample_command(args):
-    from fastgen._dispatch import OPS
+def sample_command(args) -> int:
+    from fastgen._seed import check_seed
     from fastgen.data import save_grid
+    from fastgen.data.images import image_format
     from fastgen.models import VAE
-    from fastgen.train import load_model
-    # check the arguments before the (slower) model load
+    from fastgen.train import check_out, command_backend, grid_labels, load_model
+    # every argument and the output path are checked before the (slower) model load and sampling
     if args.n < 1:
         raise SampleError(f"--n must be >= 1, got {args.n}")
     if not args.temperature > 0:
         raise SampleError(f"--temperature must be > 0, got {args.temperature}")
     if args.nrow is not None and args.nrow < 1:
         raise SampleError(f"--nrow must be >= 1, got {args.nrow}")
-    if args.backend is not None:
-        known = sorted({name for op in OPS.values() for name in op.backends})
-        if args.backend not in known:
-            raise SampleError(f"unknown backend {args.backend!r}; fastgen's backends: {', '.join(known)}")
-    if not os.path.exists(args.checkpoint):
-        raise SampleError(f"no checkpoint file or run folder at {args.checkpoint}")
-    device = _sample_device(args.device)
     try:
-        model = load_model(args.checkpoint, device=device, backend=args.backend)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # torch.load of a file that is no checkpoint
-        raise SampleError(f"{args.checkpoint} is not a fastgen training checkpoint (torch.load cannot read it: "
-                          f"{type(e).__name__})") from None
+        check_seed(args.seed, "--seed")
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+    try:
+        image_format(args.out)
+    except ValueError as e:
+        raise SampleError(f"--out {e}") from None
+    command_backend(args.backend)
+    check_out(args.out, folder=False)
+    device = _sample_device(args.device)
+    model = load_model(args.checkpoint, device=device, backend=args.backend)
 
     classes = model.num_classes
-    labels, nrow = None, math.ceil(math.sqrt(args.n))
     if args.label is not None:
         if not classes:
             raise SampleError(f"--label {args.label}: the model in {args.checkpoint} is not class-conditional")
@@ -192,9 +206,9 @@ def sample_command(args):
             raise SampleError(f"--label {args.label} is out of range: the model has {classes} classes "
                               f"(0..{classes - 1})")
         labels = torch.full((args.n,), args.label, dtype=torch.long, device=device)
-    elif classes:  # labels 0, 1, ..., classes-1, 0, 1, ...: one class per column of the grid
-        labels = torch.arange(args.n, device=device) % classes
-        nrow = min(args.n, classes)
+        nrow = math.ceil(math.sqrt(args.n))
+    else:
+        labels, nrow = grid_labels(args.n, classes, device)
 
     vae = isinstance(model, VAE)
     if vae and args.method not in (None, "cached"):
@@ -208,12 +222,11 @@ def sample_command(args):
                               backend=_engine_backend(args.backend), progress=not args.quiet)
     images = images.cpu()  # waits for a GPU to finish: the time is the whole sampling
     seconds = time.perf_counter() - t0
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_grid(images, args.out, nrow=args.nrow or nrow, levels=256 if vae else model.levels)
     print(f"sampled {args.n} images ({'vae prior' if vae else method}) in {seconds:.2f} s: "
           f"{args.n / seconds:.1f} images/s; wrote {args.out}")
-    return images
+    return 0
 
 
 # ---- demo ----------------------------------------------------------------------------------------------------------
@@ -282,13 +295,18 @@ def _time_sampling(model, n, seed, backend=None):
             "prefix_mismatches": mismatches}
 
 
-def run_demo(steps=800, batch=32, channels=32, layers=5, lr=2e-3, test_images=10000, samples=36,
-             compare_steps=12, out="demo_out", seed=0, backend=None, quiet=False, sample_batch=16):
-    """Train a small Gated PixelCNN on binarized MNIST (CPU), evaluate on the
-    first ``test_images`` images of the fixed test binarization, write
-    samples, time cached sampling of ``sample_batch`` images against naive
-    sampling (extrapolated from the first rows), then time fastgen's model
-    against the plain-PyTorch copy."""
+DEMO_DESCRIPTION = ("Train a small Gated PixelCNN on binarized MNIST on the CPU, evaluate it on the first "
+                    "--test-images images of the fixed test binarization, write a grid of samples, time cached "
+                    "sampling of --sample-batch images against naive sampling (extrapolated from the first rows), "
+                    "then time training steps of fastgen's model against the same network in plain PyTorch.")
+
+
+def run_demo(steps: int = 800, batch: int = 32, channels: int = 32, layers: int = 5, lr: float = 2e-3,
+             test_images: int = 10000, samples: int = 36, compare_steps: int = 12, out: str = "demo_out",
+             seed: int = 0, backend: Optional[str] = None, quiet: bool = False, sample_batch: int = 16,
+             force: bool = False) -> dict:
+    """The demo (see DEMO_DESCRIPTION); the arguments are the demo command's
+    options. Returns the training summary with the demo's timings added."""
     from fastgen.testing import OtherLoad, plain_gated_pixelcnn
     from fastgen.train import TrainConfig, load_model, train
 
@@ -297,9 +315,11 @@ def run_demo(steps=800, batch=32, channels=32, layers=5, lr=2e-3, test_images=10
     cfg = TrainConfig(model="gated-pixelcnn", data="binarized-mnist", steps=steps, batch=batch, channels=channels,
                       depth=layers, lr=lr, seed=seed, out=out, eval_batches=math.ceil(test_images / batch),
                       samples=samples, backend=backend, device="cpu", amp=False, ckpt_every=0,
-                      log_every=25, quiet=quiet)
+                      log_every=25, quiet=quiet, force=force)
     with OtherLoad() as load:
         summary = train(cfg)
+    if exit_code(summary):  # interrupted: the checkpoint is saved, the timings are skipped
+        return summary
     if load.fraction is not None and load.fraction > 0.05:
         print(f"note: other processes used {load.fraction:.0%} of the CPU meanwhile: the times above are not "
               f"this machine's")
@@ -353,7 +373,8 @@ def run_demo(steps=800, batch=32, channels=32, layers=5, lr=2e-3, test_images=10
 
 # ---- backends ------------------------------------------------------------------------------------------------------
 
-def format_backends(info=None):
+def format_backends(info: Optional[dict] = None) -> str:
+    """The ``backends`` command's report of ``fastgen.backends()``: one answer per backend and op on this machine."""
     import fastgen
     from fastgen._dispatch import OPS
     info = info or fastgen.backends()
@@ -371,19 +392,24 @@ def format_backends(info=None):
         order = "; ".join(f"{dev}: {' > '.join(names)}" for dev, names in pref.items())
         table(f"op {op}  (dispatch order {order})" if order else f"op {op}", list(status.items()))
     env = os.environ.get("FASTGEN_BACKEND")
-    lines.append(f"FASTGEN_BACKEND={env}" if env else "FASTGEN_BACKEND is not set (dispatch picks per call)")
+    lines.append(f"FASTGEN_BACKEND={env}: every op that has a backend of that name runs it" if env
+                 else "FASTGEN_BACKEND is not set (dispatch picks per call)")
     return "\n".join(lines)
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastgen", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    import fastgen
+    parser = argparse.ArgumentParser(
+        prog="python -m fastgen", description="fastgen's commands: train a model, sample a trained checkpoint, run "
+                                              "the demo, or list the backends built here.")
+    parser.add_argument("--version", action="version", version=f"fastgen {fastgen.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
     demo = sub.add_parser("demo", help="train a small Gated PixelCNN on binarized MNIST (CPU, a few minutes)",
-                          description=run_demo.__doc__)
+                          description=DEMO_DESCRIPTION)
     demo.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
     demo.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     demo.add_argument("--channels", type=int, default=32, help="feature maps (default 32)")
@@ -397,34 +423,49 @@ def main(argv=None):
     demo.add_argument("--sample-batch", type=int, default=16,
                       help="images in the cached-vs-naive sampling comparison (default 16; 0: skip)")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", help="force one fastgen backend (see `python -m fastgen backends`)")
+    demo.add_argument("--force", action="store_true", help="replace the run already in OUT (else it is refused)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the training run, an int in [0, 2**63) "
+                                                          "(default 0)")
+    demo.add_argument("--backend", help="force one fastgen backend (see: python -m fastgen backends)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("backends", help="what is built and usable, and why anything is not")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "backends":
-        print(format_backends())
-        return 0
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m fastgen ARGV``; returns the exit status: 0, 2 for a job that
+    cannot run as asked (the message on stderr), 130 / 143 for a training run
+    interrupted by SIGINT / SIGTERM (its checkpoint saved)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from fastgen import BackendError
     from fastgen.data import DatasetMissingError
     from fastgen.sampling import CompileError
+    from fastgen._dispatch import forced_backend
     from fastgen.train import TrainError
     try:
+        if args.command == "backends":
+            forced_backend()  # an unknown FASTGEN_BACKEND is the error, not a line of the report
+            print(format_backends())
+            return 0
         if args.command == "train":
-            train_command(args)
-        elif args.command == "sample":
-            sample_command(args)
-        else:
-            if min(args.steps, args.batch, args.channels, args.layers, args.test_images) < 1:
-                parser.error("--steps, --batch, --channels, --layers and --test-images must be >= 1")
-            if args.sample_batch < 0:
-                parser.error("--sample-batch must be >= 0")
-            run_demo(steps=args.steps, batch=args.batch, channels=args.channels, layers=args.layers, lr=args.lr,
-                     test_images=args.test_images, samples=args.samples, compare_steps=args.compare_steps,
-                     out=args.out, seed=args.seed, backend=args.backend, quiet=args.quiet,
-                     sample_batch=args.sample_batch)
+            return train_command(args)
+        if args.command == "sample":
+            return sample_command(args)
+        if min(args.steps, args.batch, args.channels, args.layers, args.test_images) < 1:
+            parser.error("--steps, --batch, --channels, --layers and --test-images must be >= 1")
+        if args.sample_batch < 0:
+            parser.error("--sample-batch must be >= 0")
+        return exit_code(run_demo(
+            steps=args.steps, batch=args.batch, channels=args.channels, layers=args.layers, lr=args.lr,
+            test_images=args.test_images, samples=args.samples, compare_steps=args.compare_steps, out=args.out,
+            seed=args.seed, backend=args.backend, quiet=args.quiet, sample_batch=args.sample_batch,
+            force=args.force))
     except (TrainError, SampleError, CompileError, DatasetMissingError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # outside the training loop (which saves and returns): nothing half-written
+        print(f"\ninterrupted ({args.command}); "
+              + ("the last checkpoint saved in --out is kept" if args.command in ("train", "demo") else
+                 "nothing was written"), file=sys.stderr)
+        return 130

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen._seed import check_seed
+
 from .masked_conv import INTERPRET, _round_out
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -138,8 +140,7 @@ def _check(who, mu, logvar, prior_mu, prior_logvar, seed):
         if t is not None and (t.shape != mu.shape or t.dtype != mu.dtype or t.device != mu.device):
             raise ValueError(f"{who}: {name} must have mu's shape {tuple(mu.shape)}, dtype {mu.dtype} and device "
                              f"{mu.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
-    if not 0 <= seed < 2 ** 63:
-        raise ValueError(f"{who}: seed must be in [0, 2**63), got {seed}")
+    check_seed(seed, who)
     return [t.contiguous() if t is not None else None for t in (mu, logvar, prior_mu, prior_logvar)]
 
 

@@ -1,4 +1,4 @@
-"""Dataset loaders, the load_dataset entry point, binarization and the PNG codec.
+"""Dataset loaders, the load_dataset entry point, binarization and image files (Pillow).
 
 User-file loaders run on small synthetic files written here; the real datasets
 (MNIST, Fashion-MNIST, sklearn digits) are checked when installed, else skipped.
@@ -7,17 +7,18 @@ import gzip
 import pickle
 import struct
 import sys
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
 from fastgen.data import (DatasetMissingError, ImageData, binarize, load_binarized_mnist, load_cifar10, load_dataset,
-                          load_files, load_mnist, read_idx, read_png, save_grid, write_idx, write_png)
+                          load_files, load_mnist, read_idx, read_image, read_png, save_grid, write_idx, write_image,
+                          write_png)
 from fastgen.data import digits as digits_mod
 from fastgen.data import mnist as mnist_mod
-from fastgen.data.images import decode_png
 
 
 def _images(n=12, c=1, h=5, w=4, seed=0):
@@ -178,10 +179,10 @@ def test_png_folder_errors(tmp_path):
     with pytest.raises(ValueError, match=r"images differ in size: .*a.png is 4x4, .*b.png is 5x4"):
         load_dataset("files", "all", root=tmp_path / "sizes")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no PNG images found"):
+    with pytest.raises(ValueError, match=r"no images \(.png, .jpg, .jpeg, .bmp\) found"):
         load_dataset("files", "all", root=tmp_path / "empty")
     (tmp_path / "sizes" / "sub").mkdir()
-    with pytest.raises(ValueError, match="both PNG files and sub-folders"):
+    with pytest.raises(ValueError, match="both image files and sub-folders"):
         load_dataset("files", "all", root=tmp_path / "sizes")
     with pytest.raises(DatasetMissingError, match="no such file or folder"):
         load_dataset("files", "all", root=tmp_path / "nowhere")
@@ -189,80 +190,58 @@ def test_png_folder_errors(tmp_path):
         load_dataset("files", "all")
 
 
-# --- PNG codec ---------------------------------------------------------------------------------
+# --- image files (Pillow) ---------------------------------------------------------------------
 
-def _chunk(kind, body):
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _paeth(a, b, c):
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+def _pil(tmp_path, name, array, mode, **info):
+    """Write ``array`` with Pillow itself (not fastgen's writer) as ``name``."""
+    path = tmp_path / name
+    image = Image.fromarray(array, mode) if mode not in ("P", "1") else array
+    image.save(path, **info)
+    return path
 
 
-def _png(rows, width, color, depth, filters, palette=None, trns=None, interlace=0):
-    """A PNG written from the spec, each row filtered with filters[y % len(filters)]."""
-    bpp = max(1, {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color] * depth // 8)
-    raw, prev = b"", bytes(len(rows[0]))
-    for y, row in enumerate(rows):
-        kind = filters[y % len(filters)]
-        out = bytearray([kind])
-        for i, v in enumerate(row):
-            left = row[i - bpp] if i >= bpp else 0
-            up_left = prev[i - bpp] if i >= bpp else 0
-            pred = [0, left, prev[i], (left + prev[i]) // 2, _paeth(left, prev[i], up_left)][kind]
-            out.append((v - pred) & 0xFF)
-        raw, prev = raw + bytes(out), row
-    header = struct.pack(">IIBBBBB", width, len(rows), depth, color, 0, 0, interlace)
-    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
-    data += _chunk(b"gAMA", struct.pack(">I", 45455))  # an ancillary chunk to skip
-    if palette is not None:
-        data += _chunk(b"PLTE", bytes(palette))
-    if trns is not None:
-        data += _chunk(b"tRNS", bytes(trns))
-    body = zlib.compress(raw)
-    return data + _chunk(b"IDAT", body[:7]) + _chunk(b"IDAT", body[7:]) + _chunk(b"IEND", b"")  # split IDAT
-
-
-@pytest.mark.parametrize("color, channels", [(0, 1), (4, 2), (2, 3), (6, 4)])
-@pytest.mark.parametrize("filters", [[0], [1], [2], [3], [4], [4, 3, 2, 1, 0]])
-def test_png_decoder_filters_8bit(color, channels, filters):
-    x = np.random.default_rng(color).integers(0, 256, (5, 7, channels), dtype=np.uint8)  # H, W, C
-    png = _png([bytes(r.reshape(-1)) for r in x], 7, color, 8, filters)
-    assert np.array_equal(decode_png(png), x.transpose(2, 0, 1))
-
-
-def test_png_decoder_16bit_subbyte_and_palette():
+def test_read_image_modes(tmp_path):
     rng = np.random.default_rng(0)
-    x16 = rng.integers(0, 65536, (4, 5, 3), dtype=np.uint16)
-    png = _png([r.astype(">u2").tobytes() for r in x16], 5, 2, 16, [4, 3, 1])
-    assert np.array_equal(decode_png(png), (x16 >> 8).astype(np.uint8).transpose(2, 0, 1))  # high byte kept
-    for depth in (1, 2, 4):
-        v = rng.integers(0, 1 << depth, (3, 11))
-        per = 8 // depth
-        rows = []
-        for r in v:
-            r = np.concatenate([r, np.zeros(-len(r) % per, int)]).reshape(-1, per)
-            rows.append(bytes(int(sum(int(s) << (8 - depth * (j + 1)) for j, s in enumerate(g))) for g in r))
-        got = decode_png(_png(rows, 11, 0, depth, [1, 4]))
-        assert np.array_equal(got[0], v * 255 // ((1 << depth) - 1)), depth
-    palette = [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    for channels, mode in [(1, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")]:
+        x = rng.integers(0, 256, (5, 7, channels), dtype=np.uint8)
+        path = _pil(tmp_path, f"{mode}.png", x[..., 0] if channels == 1 else x, mode)
+        assert torch.equal(read_image(path), torch.from_numpy(x.transpose(2, 0, 1).copy())), mode
+    # 16-bit grey keeps the high byte
+    x16 = rng.integers(0, 65536, (4, 6), dtype=np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(x16).save(path)
+    assert torch.equal(read_image(path)[0], torch.from_numpy((x16 >> 8).astype(np.uint8)))
+    # palette: RGB, or RGBA with transparency; 1-bit: 0 / 255
     idx = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
-    rgb = decode_png(_png([bytes(r) for r in idx], 3, 3, 8, [2], palette=palette))
-    assert np.array_equal(rgb.transpose(1, 2, 0), np.array(palette, np.uint8).reshape(3, 3)[idx])
-    rgba = decode_png(_png([bytes(r) for r in idx], 3, 3, 8, [0], palette=palette, trns=[0, 128]))
+    pal = Image.fromarray(idx, "P")
+    pal.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90])
+    pal.save(tmp_path / "p.png")
+    rgb = read_image(tmp_path / "p.png")
+    assert rgb.shape == (3, 2, 3) and rgb[:, 0, 1].tolist() == [40, 50, 60]
+    pal.save(tmp_path / "pt.png", transparency=bytes([0, 128]))
+    rgba = read_image(tmp_path / "pt.png")
     assert rgba.shape == (4, 2, 3) and rgba[3].tolist() == [[0, 128, 255], [255, 128, 0]]
+    Image.fromarray(np.array([[0, 255, 0]], np.uint8)).convert("1").save(tmp_path / "bw.png")
+    assert read_image(tmp_path / "bw.png").tolist() == [[[0, 255, 0]]]
+    # BMP (lossless) and JPEG (what Pillow decodes)
+    x = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    assert torch.equal(read_image(_pil(tmp_path, "x.bmp", x, "RGB")), torch.from_numpy(x.transpose(2, 0, 1).copy()))
+    jpg = _pil(tmp_path, "x.jpg", x, "RGB")
+    assert torch.equal(read_image(jpg), torch.from_numpy(np.array(Image.open(jpg)).transpose(2, 0, 1).copy()))
 
 
-def test_png_decoder_errors():
-    good = _png([bytes([1, 2, 3])], 3, 0, 8, [0])
-    with pytest.raises(ValueError, match="interlaced"):
-        decode_png(_png([bytes([1, 2, 3])], 3, 0, 8, [0], interlace=1))
-    with pytest.raises(ValueError, match="CRC mismatch"):
-        decode_png(good[:-20] + bytes([good[-20] ^ 1]) + good[-19:])
-    with pytest.raises(ValueError, match="not a PNG"):
-        decode_png(b"GIF89a" + good[6:])
+def test_read_image_errors(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png: not a readable image"):
+        read_image(tmp_path / "notes.png")
+    write_image(tmp_path / "ok.png", _images(1, h=16, w=16)[0])
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cut.png: not a readable image"):
+        read_image(tmp_path / "cut.png")
+    Image.fromarray(np.zeros((2, 2), np.float32), "F").save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="floating-point images"):
+        read_image(tmp_path / "f.tif")
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
@@ -270,6 +249,41 @@ def test_png_round_trip(tmp_path, channels):
     x = _images(1, c=channels, h=9, w=13)[0]
     write_png(tmp_path / "x.png", x)
     assert torch.equal(read_png(tmp_path / "x.png"), x)
+    assert Image.open(tmp_path / "x.png").format == "PNG"
+
+
+@pytest.mark.parametrize("name", ["x.jpg", "x.JPEG"])
+def test_write_image_writes_the_format_its_name_says(tmp_path, name):
+    x = _images(1, c=3, h=16, w=16)[0]
+    write_image(tmp_path / name, x)
+    assert (tmp_path / name).read_bytes()[:3] == b"\xff\xd8\xff" and Image.open(tmp_path / name).format == "JPEG"
+    assert read_image(tmp_path / name).shape == (3, 16, 16)
+
+
+def test_write_image_errors(tmp_path):
+    x = _images(1, c=3, h=4, w=4)[0]
+    for name in ("x.gif", "x", "x.png.txt"):
+        with pytest.raises(ValueError, match=r"cannot tell the image format from the name; name the file \.png or "
+                                             r"\.jpg or \.jpeg"):
+            write_image(tmp_path / name, x)
+    with pytest.raises(ValueError, match="JPEG has no alpha channel"):
+        write_image(tmp_path / "a.jpg", _images(1, c=4, h=4, w=4)[0])
+    with pytest.raises(ValueError, match="need a non-empty uint8"):
+        write_image(tmp_path / "a.png", x.float())
+    assert not list(tmp_path.iterdir())
+
+
+def test_image_folder_of_jpeg_and_bmp(tmp_path):
+    x = _images(4, c=3, h=4, w=5)
+    for i in range(4):
+        (tmp_path / "f" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        write_image(tmp_path / "f" / "ab"[i % 2] / f"{i}.png", x[i])
+    Image.fromarray(x[1].numpy().transpose(1, 2, 0).copy()).save(tmp_path / "f" / "a" / "9.bmp")
+    Image.fromarray(x[2].numpy().transpose(1, 2, 0).copy()).save(tmp_path / "f" / "b" / "9.jpg")
+    data = load_dataset("files", "all", root=tmp_path / "f")
+    assert data.images.shape == (6, 3, 4, 5) and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(data.images[2], x[1])  # a/9.bmp, lossless
+    assert data.classes == ["a", "b"]
 
 
 def test_save_grid(tmp_path):

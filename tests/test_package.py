@@ -1,7 +1,10 @@
 """The package as a user gets it: an installed (not editable) build imports,
-kernels/ lands as fastgen.kernels and never as a top-level `kernels`, and a
-pure-Python install (FASTGEN_SKIP_EXT=1) works and says the extension is missing."""
+kernels/ lands as fastgen.kernels and never as a top-level `kernels`, py.typed
+is packaged, a pure-Python install (FASTGEN_SKIP_EXT=1) works and says the
+extension is missing; the build requirements can build the metadata; the
+command line's --version and help text."""
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -19,7 +22,7 @@ def test_installed_pure_python_build(tmp_path):
                     str(tmp_path / "dist"), str(ROOT)], check=True, env=env, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("fastgen-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastgen/kernels/__init__.py" in names
+    assert "fastgen/kernels/__init__.py" in names and "fastgen/py.typed" in names
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package would be installed"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
@@ -43,3 +46,59 @@ def test_no_top_level_kernels_module_in_the_package_config():
     assert fastgen.kernels.__name__ == "fastgen.kernels"
     setup = (ROOT / "setup.py").read_text()
     assert '"fastgen.kernels": "kernels"' in setup
+
+
+def _toml():
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_build_requirements_can_read_the_metadata():
+    """An SPDX ``license = "MIT"`` string needs setuptools >= 77 (PEP 639): the build-system pin and the
+    Makefile's install of setuptools (used by --no-build-isolation builds) must both say so."""
+    meta = _toml()
+    setuptools = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    assert setuptools, "pyproject's build-system does not require setuptools"
+    pin = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", setuptools[0])
+    assert pin, setuptools[0]
+    if isinstance(meta["project"].get("license"), str):
+        assert int(pin.group(1)) >= 77, f"license is an SPDX string: setuptools>=77 is needed, got {setuptools[0]}"
+    assert f'"{setuptools[0]}"' in (ROOT / "Makefile").read_text(), "the Makefile installs another setuptools pin"
+    # the libraries fastgen imports at run time are dependencies, and `make setup` installs them
+    deps = {re.split(r"[<>=\[ ]", d)[0].lower() for d in meta["project"]["dependencies"]}
+    assert {"torch", "numpy", "pillow", "tqdm"} <= deps
+    install = [line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install triton" in line][0]
+    assert " pillow " in install and " tqdm " in install
+
+
+def test_package_data_has_py_typed():
+    assert (ROOT / "fastgen" / "py.typed").exists()
+    assert 'package_data={"fastgen": ["py.typed"]}' in (ROOT / "setup.py").read_text()
+
+
+def test_version_and_help_text(capsys):
+    import fastgen
+    from fastgen import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fastgen {fastgen.__version__}"
+    for command in ("train", "sample", "demo", "backends", None):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"] if command else ["--help"])
+        text = capsys.readouterr().out
+        assert "``" not in text and ":func:" not in text and "`" not in text, (command, text)
+        if command == "demo":
+            assert "--test-images" in text and "test_images" not in text and "--sample-batch" in text
+
+
+def test_planned_models_are_called_planned():
+    """PixelRNN and GANs are not built yet: where they are named, they are 'planned'."""
+    import fastgen
+    for name, text in [("fastgen/__init__.py", fastgen.__doc__), ("pyproject.toml", _toml()["project"]["description"]),
+                       ("README.md", (ROOT / "README.md").read_text().split("\n\n")[1])]:
+        for model in ("PixelRNN", "GAN"):
+            if model in text:
+                assert "planned" in text.lower(), f"{name} names {model} without saying it is planned"

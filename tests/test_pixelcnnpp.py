@@ -284,8 +284,8 @@ def test_train_conditional_and_ddp_two_processes_gloo(tmp_path, digits):
     digests = summary["weights_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert weights_digest(load_model(str(out))) == digests[0]
-    png = (out / "samples.png").read_bytes()  # one image per class: 10 rows of 1
-    assert struct.unpack(">II", png[16:24]) == (1 * 10 + 2, 10 * 10 + 2)
+    png = (out / "samples.png").read_bytes()  # one class per column: 1 row of 10
+    assert struct.unpack(">II", png[16:24]) == (10 * 10 + 2, 1 * 10 + 2)
 
 
 @pytest.mark.parametrize("images, message", [

@@ -47,6 +47,14 @@ def test_sample_writes_the_grid_and_prints_the_speed(checkpoints, tmp_path, caps
     assert tuple(read_png(png).shape) == (1, 22, 32)
 
 
+def test_sample_writes_the_format_its_out_name_says(checkpoints, tmp_path, capsys):
+    jpg = tmp_path / "deep" / "grid.jpg"  # the folder is made
+    code, _, err = run(["sample", str(checkpoints["plain"]), "--n", "4", "--out", str(jpg), "--quiet"], capsys)
+    assert code == 0, err
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    assert tuple(read_png(jpg).shape) == (1, 22, 22)
+
+
 def test_naive_and_cached_give_the_same_images(checkpoints, tmp_path, capsys):
     model = load_model(str(checkpoints["plain"]))
     cached = model.sample(5, seed=3, method="cached")
@@ -89,7 +97,7 @@ def test_labels_of_a_conditional_model(checkpoints, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("run_name, args, message", [
-    (None, [], "no checkpoint file or run folder at"),
+    (None, [], "no checkpoint at"),
     ("plain", ["--label", "1"], "is not class-conditional"),
     ("cond", ["--label", "10"], "--label 10 is out of range: the model has 10 classes (0..9)"),
     ("cond", ["--label", "-1"], "--label -1 is out of range"),

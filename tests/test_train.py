@@ -2,16 +2,18 @@
 exact resume, the PNG grid, clear errors, and a 2-process DDP run (gloo, CPU)."""
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from fastgen.data import DatasetMissingError, load_dataset, read_png
-from fastgen.train import evaluate, load_model, read_checkpoint, weights_digest
+from fastgen.train import evaluate, grid_labels, load_model, read_checkpoint, weights_digest
 
 from conftest import assert_cli_error, run_cli as run, train_metrics
 
@@ -47,25 +49,32 @@ def test_trains_writes_checkpoint_metrics_summary_png(model, tmp_path, capsys, d
     assert struct.unpack(">II", png[16:24]) == (22, 22)
 
 
-def test_conditional_grid_has_one_row_per_class_and_epochs(tmp_path, capsys, digits):
+def test_conditional_grid_has_one_class_per_column_as_sample_does(tmp_path, capsys, digits):
     out = tmp_path / "run"
     # 1500 train images, batch 500 -> 3 steps per epoch
     code, _, err = run(["train", "gated-pixelcnn", "--data", "digits", "--epochs", "1", "--batch", "500",
-                        "--channels", "8", "--layers", "1", "--conditional", "--samples", "20", "--quiet",
+                        "--channels", "8", "--layers", "1", "--conditional", "--samples", "25", "--quiet",
                         "--out", str(out)], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3 and summary["model_config"]["kwargs"]["num_classes"] == 10
     grid = read_png(out / "samples.png")
-    assert tuple(grid.shape) == (1, 10 * 10 + 2, 2 * 10 + 2)  # 10 classes x 2 samples
+    assert tuple(grid.shape) == (1, 3 * 10 + 2, 10 * 10 + 2)  # 25 images: 10 columns (one per class), 3 rows
+    # the sample command lays out the same draws the same way: the same grid, pixel for pixel
+    code, _, err = run(["sample", str(out), "--n", "25", "--seed", "0", "--out", str(tmp_path / "s.png"),
+                        "--quiet"], capsys)
+    assert code == 0, err
+    assert torch.equal(read_png(tmp_path / "s.png"), grid)
+    labels, ncol = grid_labels(25, 10)
+    assert ncol == 10 and labels.tolist() == [i % 10 for i in range(25)]
+    assert grid_labels(4, 10)[1] == 4 and grid_labels(10, None) == (None, 4)
 
 
 def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, capsys, digits):
-    # backend ref: bitwise deterministic (the cpp kernel's weight gradient sums per-thread partials of a
-    # dynamic work split, so its last bits vary from run to run); this checks the training loop itself:
+    # the default backends are deterministic (tests/test_determinism.py): this checks the training loop itself,
     # data order, optimizer, schedule and RNG state across the pause
     common = ["train", "gated-pixelcnn", "--data", "digits", "--steps", "6", "--log-every", "1", "--samples", "0",
-              "--eval-batches", "1", "--backend", "ref"] + TINY
+              "--eval-batches", "1"] + TINY
     straight, paused = tmp_path / "straight", tmp_path / "paused"
     assert run(common + ["--out", str(straight)], capsys)[0] == 0
     code, stdout, err = run(common + ["--out", str(paused), "--stop-at", "3"], capsys)
@@ -73,7 +82,7 @@ def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, capsys, digits
     assert "paused at step 3" in stdout and read_checkpoint(str(paused / "checkpoint.pt"))["step"] == 3
     # resumed with DataLoader workers: the batches do not depend on who makes them
     code, stdout, err = run(["train", "gated-pixelcnn", "--resume", "--out", str(paused), "--num-workers", "1",
-                             "--backend", "ref", "--quiet"], capsys)
+                             "--quiet"], capsys)
     assert code == 0, err
     assert "resuming at step 3 of 6" in stdout
     assert train_metrics(paused, "lr") == train_metrics(straight, "lr")  # same seed: the same loss curve, step for step
@@ -122,7 +131,8 @@ def test_max_minutes_ends_the_run_early(tmp_path, capsys, digits):
     (["train", "pixelcnn"], "--data is required"),
     (["train", "pixelcnn", "--data", "digits", "--steps", "0"], "steps must be >= 1"),
     (["train", "pixelcnn", "--data", "digits", "--steps", "2", "--epochs", "1"], "not allowed with argument"),
-    (["train", "pixelcnn", "--data", "digits", "--channels", "7"], "multiple of"),
+    (["train", "pixelcnn", "--data", "digits", "--channels", "7"],
+     "--channels 7 does not fit pixelcnn on 1-channel images: it must be a multiple of 2"),
     (["train", "pixelcnn", "--data", "digits", "--batch", "2000"], "larger than the 1500 training images"),
     (["train", "pixelcnn", "--data", "digits", "--device", "tpu"], "--device must be cpu or cuda"),
     (["train", "pixelcnn", "--data", "digits", "--backend", "nosuch"], "unknown backend 'nosuch'"),
@@ -149,7 +159,7 @@ def test_missing_dataset_and_impossible_backend_exit_2_without_traceback(tmp_pat
 def test_resume_errors(tmp_path, capsys, digits):
     out = tmp_path / "run"
     code, _, err = run(["train", "pixelcnn", "--resume", "--out", str(out)], capsys)
-    assert code == 2 and "no checkpoint at" in err
+    assert code == 2 and f"no checkpoint at {out / 'checkpoint.pt'}" in err
     # user files: 8x8 images, then a folder of 16x16 ones for the resumed run (an image size mismatch)
     small, big = tmp_path / "small.npz", tmp_path / "big.npz"
     rng = np.random.default_rng(0)
@@ -163,6 +173,26 @@ def test_resume_errors(tmp_path, capsys, digits):
     assert code == 2 and "(1, 16, 16)" in err and "(1, 8, 8)" in err
     code, _, err = run(base + ["--resume", "--channels", "8"], capsys)
     assert code == 2 and "trained with channels=4" in err
+    # --steps below the checkpoint's step: an error, and the run's metrics are left as they were
+    code, _, err = run(base + ["--resume", "--steps", "3", "--quiet"], capsys)
+    assert code == 0, err
+    metrics = (out / "metrics.jsonl").read_text()
+    assert_cli_error(base + ["--resume", "--steps", "2"], "--steps 2 is below the checkpoint's step 3", capsys)
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_resuming_a_finished_run_evaluates_again_without_duplicates(tmp_path, capsys, digits):
+    out = tmp_path / "run"
+    args = ["train", "pixelcnn", "--data", "digits", "--steps", "2", "--samples", "0", "--eval-batches", "1",
+            "--out", str(out)] + TINY
+    assert run(args, capsys)[0] == 0
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    code, stdout, err = run(["train", "pixelcnn", "--resume", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert "resuming at step 2 of 2" in stdout
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in after] == ["train", "eval"]  # the final evaluation, once
+    assert json.loads(after[1])["test_nats"] == json.loads(before[1])["test_nats"]
 
 
 # ---- data parallel -------------------------------------------------------------------------------------------
@@ -184,3 +214,222 @@ def test_ddp_two_processes_gloo(tmp_path, digits):
     assert len(digests) == 2 and digests[0] == digests[1]  # both replicas end with identical weights
     assert weights_digest(load_model(str(out))) == digests[0]  # and rank 0 wrote them
     assert summary["test_images"] == 297  # the ranks' halves of the test split, summed
+
+
+# ---- the run folder: another run is refused unless --force; --force leaves nothing of it ----------------------
+
+def test_an_existing_run_folder_is_refused_unless_force(tmp_path, capsys, digits):
+    out = tmp_path / "run"
+    vae = ["train", "vae", "--data", "digits", "--steps", "1", "--batch", "16", "--channels", "4", "--latent", "2",
+           "--iw-samples", "0", "--samples", "4", "--eval-batches", "1", "--quiet", "--out", str(out)]
+    assert run(vae, capsys)[0] == 0
+    assert (out / "reconstructions.png").exists()
+    before = (out / "checkpoint.pt").read_bytes()
+    pixel = ["train", "pixelcnn", "--data", "digits", "--steps", "1", "--samples", "4", "--eval-batches", "1",
+             "--out", str(out)] + TINY
+    assert_cli_error(pixel, f"--out {out} holds another run (checkpoint.pt, metrics.jsonl, summary.json, "
+                            f"samples.png, reconstructions.png, interpolation.png): continue it with --resume, "
+                            f"replace it with --force", capsys)
+    assert (out / "checkpoint.pt").read_bytes() == before  # untouched
+    assert_cli_error(pixel + ["--resume", "--force"], "not allowed with argument", capsys)
+    code, _, err = run(pixel + ["--force"], capsys)
+    assert code == 0, err
+    assert read_checkpoint(str(out))["model_config"]["name"] == "pixelcnn"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "samples.png", "summary.json"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+    # a folder of other files is no run: it is used as it is
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "README.txt").write_text("mine")
+    pixel[pixel.index(str(out))] = str(other)
+    assert run(pixel, capsys)[0] == 0 and (other / "README.txt").read_text() == "mine"
+
+
+# ---- colour data: default channels that fit, a clear error for ones that do not ---------------------------------
+
+def _rgb_folder(root, n=30):
+    """A folder of n tiny 8x8 RGB images in two class folders, PNG and JPEG (Pillow writes both)."""
+    from fastgen.data import write_image
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        image = torch.randint(0, 256, (3, 8, 8), generator=gen, dtype=torch.uint8)
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_image(folder / f"{i}.{'jpg' if i % 3 == 0 else 'png'}", image)
+    return root
+
+
+@pytest.mark.parametrize("model, channels", [("pixelcnn", 66), ("gated-pixelcnn", 66)])
+def test_rgb_data_with_default_channels(model, channels, tmp_path, capsys):
+    root = _rgb_folder(tmp_path / "rgb")
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", model, "--data", "files", "--root", str(root), "--steps", "1", "--batch", "8",
+                             "--layers", "1", "--samples", "4", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "3x8x8" in stdout and f"channels={channels}" in stdout  # 64 rounded up to a multiple of 6 (or 3)
+    kwargs = read_checkpoint(str(out))["model_config"]["kwargs"]
+    assert kwargs["channels"] == channels and kwargs["image_shape"] == [3, 8, 8]
+    assert tuple(read_png(out / "samples.png").shape) == (3, 22, 22)
+
+
+def test_rgb_channels_that_do_not_fit_name_the_flag_and_the_nearest_values(tmp_path, capsys):
+    root = _rgb_folder(tmp_path / "rgb")
+    base = ["train", "pixelcnn", "--data", "files", "--root", str(root), "--steps", "1", "--batch", "8",
+            "--out", str(tmp_path / "o")]
+    assert_cli_error(base + ["--channels", "64"], "--channels 64 does not fit pixelcnn on 3-channel images: it must "
+                     "be a multiple of 6 (2 x the data's 3 colour channels); the nearest valid values are 60 or 66",
+                     capsys)
+    assert_cli_error(base + ["--channels", "4"], "the nearest valid value is 6", capsys)
+    base[1] = "gated-pixelcnn"
+    assert_cli_error(base + ["--channels", "32"], "multiple of 3 (the data's 3 colour channels); the nearest valid "
+                     "values are 30 or 33", capsys)
+
+
+# ---- progress bars ------------------------------------------------------------------------------------------------
+
+def test_progress_bars_for_training_and_evaluation(tmp_path, capsys, digits):
+    code, _, err = run(["train", "pixelcnn", "--data", "digits", "--steps", "2", "--samples", "0", "--batch", "16",
+                        "--channels", "8", "--layers", "1", "--eval-batches", "3", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "train" in err and "2/2" in err and "eval (test NLL)" in err and "3/3" in err
+    code, _, err = run(["train", "pixelcnn", "--data", "digits", "--steps", "2", "--samples", "0", "--out",
+                        str(tmp_path), "--force"] + TINY, capsys)
+    assert code == 0 and err == ""  # --quiet: no bar at all
+
+
+def test_progress_counts_when_disabled_and_writes_to_stderr(capsys):
+    from fastgen._progress import Progress
+    with Progress(5, "quiet one", enabled=False) as bar:
+        bar.update(3)
+        bar.postfix = "loss 1"
+        assert bar.n == 3 and bar.postfix == "loss 1"  # the naive sampler stops on n, bar or no bar
+    assert capsys.readouterr() == ("", "")
+    with Progress(4, "loud one") as bar:
+        bar.update(4)
+    out, err = capsys.readouterr()
+    assert out == "" and "loud one" in err and "4/4" in err
+
+
+# ---- interrupts: SIGINT / SIGTERM save at the step boundary, --resume continues exactly ---------------------------
+
+INTERRUPTED = ["train", "gated-pixelcnn", "--data", "digits", "--steps", "60", "--log-every", "3", "--samples", "0",
+               "--eval-batches", "1", "--backend", "ref"] + TINY
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run the interrupted ones must end equal to (backend ref: bitwise deterministic)."""
+    import contextlib
+    import io
+    from fastgen import cli
+    try:
+        load_dataset("digits", "test")
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("straight")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(INTERRUPTED + ["--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("sig, group, workers", [(signal.SIGINT, True, 1), (signal.SIGTERM, False, 0)])
+def test_a_signal_saves_at_the_step_boundary_and_resume_finishes_the_same_run(sig, group, workers, straight_run,
+                                                                                tmp_path, capsys):
+    out = tmp_path / "run"
+    # a new session: Ctrl-C in a terminal signals the whole process group (DataLoader workers included)
+    proc = subprocess.Popen([sys.executable, "-m", "fastgen"] + INTERRUPTED + ["--out", str(out), "--num-workers",
+                                                                               str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+        assert time.time() < deadline, "no training step was logged"
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, (proc.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr
+    step = read_checkpoint(str(out))["step"]
+    assert 3 <= step < 60
+    assert (f"interrupted by {name} at step {step} of 60: checkpoint saved in {out / 'checkpoint.pt'}; continue "
+            f"with: python -m fastgen train gated-pixelcnn --resume --out {out}") in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == name and summary["step"] == step and not summary["finished"]
+    assert summary["test_nats"] is None  # no evaluation on the way out
+
+    code, stdout, err = run(["train", "gated-pixelcnn", "--resume", "--out", str(out), "--backend", "ref", "--quiet"],
+                            capsys)
+    assert code == 0, err
+    assert f"resuming at step {step} of 60" in stdout
+    done = json.loads((out / "summary.json").read_text())
+    want = json.loads((straight_run / "summary.json").read_text())
+    assert done["finished"] and done["weights_sha256"] == want["weights_sha256"]
+    assert train_metrics(out, "lr") == train_metrics(straight_run, "lr")  # the same loss curve, window included
+    assert done["test_nats"] == want["test_nats"]
+
+
+def test_signal_handling_is_deferred_then_restored():
+    from fastgen.train import _Interrupted, _Signals
+
+    def deliver(sig):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.01)  # the handler runs between bytecodes
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with _Signals(main=False) as signals:
+        deliver(signal.SIGINT)  # nothing is raised: the loop asks at the step boundary
+        assert signals.received == "SIGINT"
+        deliver(signal.SIGTERM)  # within a second: a launcher's copy (torchrun forwards signals), absorbed
+        deliver(signal.SIGINT)
+        assert signals.received == "SIGINT"
+        signals.first_s -= 2  # more than a second later: the user means it, quit now
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with _Signals(main=False) as signals:
+        with pytest.raises(_Interrupted), signals.abandoning():  # an evaluation is left at once
+            deliver(signal.SIGTERM)
+        assert signals.received == "SIGTERM" and not signals.abandon
+        with signals.abandoning(allowed=False):  # under torchrun: the evaluation finishes
+            deliver(signal.SIGTERM)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_signal_during_an_evaluation_abandons_it_and_the_resumed_run_redoes_it(tmp_path, capsys, monkeypatch,
+                                                                                   digits):
+    from fastgen.train import PixelKind
+    common = ["train", "gated-pixelcnn", "--data", "digits", "--steps", "6", "--eval-every", "3", "--log-every", "1",
+              "--samples", "0", "--eval-batches", "2", "--backend", "ref"] + TINY
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert run(common + ["--out", str(straight)], capsys)[0] == 0
+    evaluate_ = PixelKind.evaluate
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the evaluation at step 3 runs
+        if not kwargs["final"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_(self, *args, **kwargs)
+
+    monkeypatch.setattr(PixelKind, "evaluate", interrupted)
+    code, stdout, err = run(common + ["--out", str(out)], capsys)
+    assert code == 130 and "interrupted by SIGINT at step 3 of 6" in stdout, err
+    ckpt = read_checkpoint(str(out))
+    assert ckpt["step"] == 3 and ckpt["eval_due"]
+    assert all(json.loads(line)["kind"] == "train" for line in (out / "metrics.jsonl").read_text().splitlines())
+    monkeypatch.undo()
+    code, _, err = run(["train", "gated-pixelcnn", "--resume", "--out", str(out), "--backend", "ref", "--quiet"],
+                       capsys)
+    assert code == 0, err
+
+    def lines(run_dir):  # every record without its timings
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines(out) == lines(straight)  # the evaluation at step 3 is there, once, in its place
+    assert json.loads((out / "summary.json").read_text())["weights_sha256"] == \
+        json.loads((straight / "summary.json").read_text())["weights_sha256"]
+    # a pause by --stop-at on an evaluation step: the same
+    paused = tmp_path / "paused"
+    assert run(common + ["--out", str(paused), "--stop-at", "3"], capsys)[0] == 0
+    assert read_checkpoint(str(paused))["eval_due"]
+    assert run(["train", "gated-pixelcnn", "--resume", "--out", str(paused), "--backend", "ref", "--quiet"],
+               capsys)[0] == 0
+    assert lines(paused) == lines(straight)

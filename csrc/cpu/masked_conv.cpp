@@ -28,8 +28,12 @@
 //     from that NHWC buffer; per output row and tap only the columns whose
 //     input is inside the image are visited, so padding costs nothing.
 //   * work is handed out in small blocks from an atomic counter (a core that
-//     another process is using just takes fewer blocks); grad_w gives each
-//     thread its own sum.
+//     another process is using just takes fewer blocks). grad_w, a sum over
+//     chunks of output rows, is deterministic all the same (parallel_ordered):
+//     chunks go to a fixed number of groups, each tile of a group adds its
+//     chunks in order, and the groups are added in order while unpacking, so
+//     the same inputs give the same bits for a given thread count (and for any
+//     thread count where one group suffices: the direct kernel's larger layers).
 //
 // Layout: channels_last inputs are read in place and answered in channels_last
 // (as F.conv2d does); anything else is read NCHW-contiguous, answered NCHW.
@@ -49,7 +53,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <string_view>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -231,6 +237,39 @@ void parallel_dynamic(int64_t n, int64_t block, const F& f) {
     const int tid = at::get_thread_num();
     for (int64_t b; (b = next.fetch_add(block)) < n;) f(tid, b, std::min(n, b + block));
   });
+}
+
+// A sum over chunks of work that comes out the same whatever the scheduling (grad_w's sum over rows):
+// items (chunk k, tile j), chunk-major, handed out in order from a shared counter as in parallel_dynamic.
+// Chunk k adds into the sums of group k % groups, and each tile of a group takes its chunks in order: an
+// item waits until the tile's previous chunk of its group is in (that item was handed out groups * ntiles
+// items earlier, so the wait is rare and short; the earliest unfinished item never waits, so all finish).
+// The caller adds the groups in order. f(thread, group, chunk, tile, first): first = the group's first
+// chunk (it stores its sums rather than adding them: the buffers need no zero fill).
+template <class F>
+void parallel_ordered(int64_t nchunks, int64_t ntiles, int64_t groups, const F& f) {
+  const int64_t n = nchunks * ntiles;
+  std::vector<std::atomic<int64_t>> done(groups * ntiles);  // per group and tile: its chunks added so far
+  for (auto& d : done) d.store(0, std::memory_order_relaxed);
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    for (int64_t i; (i = next.fetch_add(1)) < n;) {
+      const int64_t k = i / ntiles, j = i % ntiles, g = k % groups, nth = k / groups;
+      std::atomic<int64_t>& d = done[g * ntiles + j];
+      while (d.load(std::memory_order_acquire) != nth) std::this_thread::yield();
+      f(tid, g, k, j, nth == 0);
+      d.store(nth + 1, std::memory_order_release);
+    }
+  });
+}
+
+// Groups for parallel_ordered: enough (group, tile) pairs that a thread seldom waits for another (two per
+// thread), never more groups than chunks (each group's sums are written by its first chunk).
+int64_t sum_groups(int64_t nchunks, int64_t ntiles) {
+  const int64_t want = 2 * int64_t(at::get_num_threads());
+  return std::clamp<int64_t>((want + ntiles - 1) / ntiles, 1, std::max<int64_t>(1, nchunks));
 }
 
 // The convolution kernel (forward and grad_x): out[q][co] = bias[co] + sum over
@@ -491,18 +530,20 @@ struct WgradAcc {
       }
     }
   }
-  // dst[r * ld + ..] += s[r] for the rows r < nr.
-  __attribute__((always_inline)) inline void flush(int64_t nr, T* dst, int64_t ld) const {
+  // dst[r * ld + ..] = s[r] (first) or += s[r], for the rows r < nr.
+  __attribute__((always_inline)) inline void flush(int64_t nr, T* dst, int64_t ld, bool first) const {
 #pragma GCC unroll 8
     for (int r = 0; r < WR; ++r)
       if (r < nr)
 #pragma GCC unroll 4
-        for (int k = 0; k < NV; ++k) V::store(dst + r * ld + k * L, V::add(V::load(dst + r * ld + k * L), s[r][k]));
+        for (int k = 0; k < NV; ++k)
+          V::store(dst + r * ld + k * L, first ? s[r][k] : V::add(V::load(dst + r * ld + k * L), s[r][k]));
   }
 };
 
 template <class T, int NV>
-void wgrad_tile(const WgradArgs<T>& a, int64_t row0, int64_t row1, int64_t t, int64_t ci0, int64_t co0, T* gw) {
+void wgrad_tile(const WgradArgs<T>& a, int64_t row0, int64_t row1, int64_t t, int64_t ci0, int64_t co0, T* gw,
+                bool first) {
   const Conv& c = *a.c;
   const int64_t dy = a.geo->dy[t], dx = a.geo->dx[t], Cop = a.Cop, xps = a.x_ps;
   const int64_t lo = std::max<int64_t>(0, -dx), hi = std::min<int64_t>(c.Wo, c.W - dx);
@@ -517,27 +558,26 @@ void wgrad_tile(const WgradArgs<T>& a, int64_t row0, int64_t row1, int64_t t, in
     const T* gr = a.g + b * a.g_img + ((oy + a.g_top) * a.g_Wp + lo + a.g_left) * Cop + co0;
     acc.add(xr, xps, xoff, gr, Cop, hi - lo);
   }
-  acc.flush(nr, gw + (t * c.Ci + ci0) * Cop + co0, Cop);
+  acc.flush(nr, gw + (t * c.Ci + ci0) * Cop + co0, Cop, first);
 }
 
-// Items are (chunk of output rows, tile) pairs, chunk-major, so that the threads
-// work through one chunk together; each thread adds into its own gw [ntaps][Ci][Cop].
+// One item of grad_w: tile `tile` (WR input channels x 4 vectors of output channels) over chunk `chunk` of
+// output rows, every tap, into its group's gw [ntaps][Ci][Cop]. Items go chunk-major (parallel_ordered), so
+// that the threads work through one chunk together while it is in cache.
 template <class T>
-void wgrad_tasks(const WgradArgs<T>& a, T* gw_thread, int64_t begin, int64_t end) {
+void wgrad_item(const WgradArgs<T>& a, T* gw, int64_t chunk, int64_t tile, bool first) {
   constexpr int L = Vec<T>::L;
   const Conv& c = *a.c;
   const int64_t nt = static_cast<int64_t>(c.taps.size()), nrows = c.B * c.Ho;
-  const int64_t nco = (a.Cop / L + 3) / 4, ntiles = (c.Ci + WR - 1) / WR * nco;
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t row0 = item / ntiles * a.rows_per_chunk, row1 = std::min(nrows, row0 + a.rows_per_chunk);
-    const int64_t tile = item % ntiles, ci0 = tile / nco * WR, co0 = tile % nco * 4 * L;
-    for (int64_t t = 0; t < nt; ++t) {
-      switch (std::min<int64_t>(4, (a.Cop - co0) / L)) {
-        case 4: wgrad_tile<T, 4>(a, row0, row1, t, ci0, co0, gw_thread); break;
-        case 3: wgrad_tile<T, 3>(a, row0, row1, t, ci0, co0, gw_thread); break;
-        case 2: wgrad_tile<T, 2>(a, row0, row1, t, ci0, co0, gw_thread); break;
-        default: wgrad_tile<T, 1>(a, row0, row1, t, ci0, co0, gw_thread); break;
-      }
+  const int64_t nco = (a.Cop / L + 3) / 4;
+  const int64_t row0 = chunk * a.rows_per_chunk, row1 = std::min(nrows, row0 + a.rows_per_chunk);
+  const int64_t ci0 = tile / nco * WR, co0 = tile % nco * 4 * L;
+  for (int64_t t = 0; t < nt; ++t) {
+    switch (std::min<int64_t>(4, (a.Cop - co0) / L)) {
+      case 4: wgrad_tile<T, 4>(a, row0, row1, t, ci0, co0, gw, first); break;
+      case 3: wgrad_tile<T, 3>(a, row0, row1, t, ci0, co0, gw, first); break;
+      case 2: wgrad_tile<T, 2>(a, row0, row1, t, ci0, co0, gw, first); break;
+      default: wgrad_tile<T, 1>(a, row0, row1, t, ci0, co0, gw, first); break;
     }
   }
 }
@@ -652,13 +692,13 @@ void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo
   const WgradArgs<T> a{&c, &geo, xc.data_ptr<T>(), c.Ci * c.H * c.W, x_cs, x_ps,
                        gpad.data, gpad.img, gx_geo.top, gx_geo.left, gpad.Wp, Cop, rows_per_chunk};
   const int64_t ntiles = (c.Ci + WR - 1) / WR * ((Cop / Vec<T>::L + 3) / 4);
-  const int64_t nitems = (nrows + rows_per_chunk - 1) / rows_per_chunk * ntiles;
-  // one [ntaps][Ci][Cop] sum per thread (no two threads add into one weight), added up at the end
-  const int64_t nthreads = at::get_num_threads(), size = nt * c.Ci * Cop;
-  std::vector<T> packed(nthreads * size, T(0));
-  parallel_dynamic(nitems, 4, [&](int tid, int64_t b, int64_t e) { wgrad_tasks<T>(a, packed.data() + tid * size, b, e); });
-  for (int64_t k = 1; k < nthreads; ++k)
-    for (int64_t i = 0; i < size; ++i) packed[i] += packed[k * size + i];
+  const int64_t nchunks = (nrows + rows_per_chunk - 1) / rows_per_chunk, groups = sum_groups(nchunks, ntiles);
+  // one [ntaps][Ci][Cop] sum per group (each written by its first chunk), added in order while unpacking
+  const int64_t size = nt * c.Ci * Cop;
+  const std::unique_ptr<T[]> packed(new T[groups * size]);
+  parallel_ordered(nchunks, ntiles, groups, [&](int, int64_t grp, int64_t chunk, int64_t tile, bool first) {
+    wgrad_item<T>(a, packed.get() + grp * size, chunk, tile, first);
+  });
   // unpack into [Co, Ci, kh, kw] (zeros: masked taps and hidden centre pairs stay exactly zero), through
   // [kh][kw][Ci][Co] rows and one permuted copy
   at::Tensor rows = at::zeros({c.kh, c.kw, c.Ci, c.Co}, x.options());
@@ -668,8 +708,12 @@ void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo
     const bool hides = c.is_centre(tap) && (c.strict || c.data_channels > 1);
     for (int64_t ci = 0; ci < c.Ci; ++ci) {
       T* dst = r + ((tap.i * c.kw + tap.j) * c.Ci + ci) * c.Co;
-      const T* src = packed.data() + (t * c.Ci + ci) * Cop;
-      for (int64_t co = 0; co < c.Co; ++co) dst[co] = hides && !c.centre_open(co, ci) ? T(0) : src[co];
+      const T* src = packed.get() + (t * c.Ci + ci) * Cop;
+      for (int64_t co = 0; co < c.Co; ++co) {
+        T s = src[co];
+        for (int64_t grp = 1; grp < groups; ++grp) s += src[grp * size + co];
+        dst[co] = hides && !c.centre_open(co, ci) ? T(0) : s;
+      }
     }
   }
   gw.copy_(rows.permute({3, 2, 0, 1}));
@@ -901,14 +945,16 @@ void wino_conv(const WinoGrid& g, const Padded<T>& in, int64_t nin, const T* U, 
   });
 }
 
-// acc[r][0..NV*L) += sum over tiles m < n of v[m][r] * d[m][0..NV*L) for r < nr (<= WR): grad_w's products.
+// acc[r][0..NV*L) = (first) or += the sum over tiles m < n of v[m][r] * d[m][0..NV*L) for r < nr (<= WR):
+// grad_w's products.
 template <class T, int NV>
-void wino_wgrad_tile(const T* v, int64_t ldv, const T* d, int64_t ldd, int64_t n, int64_t nr, T* acc, int64_t lda) {
+void wino_wgrad_tile(const T* v, int64_t ldv, const T* d, int64_t ldd, int64_t n, int64_t nr, T* acc, int64_t lda,
+                     bool first) {
   int64_t roff[WR];  // rows past nr read the last one again (and are not written)
   for (int r = 0; r < WR; ++r) roff[r] = std::min<int64_t>(r, nr - 1);
   WgradAcc<T, NV> s;
   s.add(v, ldv, roff, d, ldd, n);
-  s.flush(nr, acc, lda);
+  s.flush(nr, acc, lda, first);
 }
 
 // gw [Co][Ci][2][3] = G^T [sum over tiles of (A dy A^T) (.) (B^T d B)] G, from x padded as for the forward
@@ -921,33 +967,31 @@ void wino_grad_w(const Conv& c, const WinoGrid& g, const Padded<T>& xin, const P
   const int64_t vsize = WK * nmax * ldx, dsize = WK * nmax * Cop, nthreads = at::get_num_threads();
   const at::Tensor scratch = at::empty({nthreads * (vsize + dsize)}, xin.buf.options());  // written before read
   T* const bufs = scratch.data_ptr<T>();
-  std::vector<T> sums(nthreads * size, T(0));  // one sum per thread
-  parallel_dynamic(g.blocks(), 1, [&](int tid, int64_t begin, int64_t end) {
+  // one sum per group of blocks (parallel_ordered: a block is one chunk of one tile), added in order below
+  const int64_t groups = sum_groups(g.blocks(), 1);
+  const std::unique_ptr<T[]> sums(new T[groups * size]);
+  parallel_ordered(g.blocks(), 1, groups, [&](int tid, int64_t grp, int64_t blk, int64_t, bool first) {
     T* V = bufs + tid * (vsize + dsize);
     T* D = V + vsize;
-    T* S = sums.data() + tid * size;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const WinoBlock k = wino_block(g, blk);
-      wino_input<T>(xin, g, k, V);
-      wino_grad_out<T>(gin, g, k, D);
-      for (int64_t t = 0; t < WK; ++t)
-        for (int64_t ci0 = 0; ci0 < c.Ci; ci0 += WR)
-          for (int64_t co0 = 0; co0 < Cop; co0 += 4 * L) {
-            const T* v = V + t * k.n * ldx + ci0;
-            const T* d = D + t * k.n * Cop + co0;
-            T* acc = S + (t * c.Ci + ci0) * Cop + co0;
-            const int64_t nr = std::min<int64_t>(WR, c.Ci - ci0);
-            switch (std::min<int64_t>(4, (Cop - co0) / L)) {
-              case 4: wino_wgrad_tile<T, 4>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
-              case 3: wino_wgrad_tile<T, 3>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
-              case 2: wino_wgrad_tile<T, 2>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
-              default: wino_wgrad_tile<T, 1>(v, ldx, d, Cop, k.n, nr, acc, Cop); break;
-            }
+    T* S = sums.get() + grp * size;
+    const WinoBlock k = wino_block(g, blk);
+    wino_input<T>(xin, g, k, V);
+    wino_grad_out<T>(gin, g, k, D);
+    for (int64_t t = 0; t < WK; ++t)
+      for (int64_t ci0 = 0; ci0 < c.Ci; ci0 += WR)
+        for (int64_t co0 = 0; co0 < Cop; co0 += 4 * L) {
+          const T* v = V + t * k.n * ldx + ci0;
+          const T* d = D + t * k.n * Cop + co0;
+          T* acc = S + (t * c.Ci + ci0) * Cop + co0;
+          const int64_t nr = std::min<int64_t>(WR, c.Ci - ci0);
+          switch (std::min<int64_t>(4, (Cop - co0) / L)) {
+            case 4: wino_wgrad_tile<T, 4>(v, ldx, d, Cop, k.n, nr, acc, Cop, first); break;
+            case 3: wino_wgrad_tile<T, 3>(v, ldx, d, Cop, k.n, nr, acc, Cop, first); break;
+            case 2: wino_wgrad_tile<T, 2>(v, ldx, d, Cop, k.n, nr, acc, Cop, first); break;
+            default: wino_wgrad_tile<T, 1>(v, ldx, d, Cop, k.n, nr, acc, Cop, first); break;
           }
-    }
+        }
   });
-  for (int64_t t = 1; t < nthreads; ++t)
-    for (int64_t i = 0; i < size; ++i) sums[i] += sums[t * size + i];
   // G^T along rows, then columns, into [2][3][Ci][Co] rows (whole vectors of co), then one permuted copy
   using V = Vec<T>;
   at::Tensor rows = at::empty({2, 3, c.Ci, c.Co}, gw.options());
@@ -966,15 +1010,26 @@ void wino_grad_w(const Conv& c, const WinoGrid& g, const Padded<T>& xin, const P
   };
   const auto half = V::set1(T(0.5));
   for (int64_t ci = 0; ci < c.Ci; ++ci) {
-    const T* src = sums.data() + ci * Cop;  // sum k at src[k * Ci * Cop + co]
-    T* dst = rp + ci * c.Co;                // tap (r, j) at dst[(r*3 + j) * plane + co]
+    const T* src = sums.get() + ci * Cop;  // sum k of group grp at src[grp * size + k * Ci * Cop + co]
+    T* dst = rp + ci * c.Co;               // tap (r, j) at dst[(r*3 + j) * plane + co]
+    // sum k: the groups' sums added in order
+    auto vsum = [&](int k, int64_t co) {
+      typename V::R s = V::load(src + k * c.Ci * Cop + co);
+      for (int64_t grp = 1; grp < groups; ++grp) s = V::add(s, V::load(src + grp * size + k * c.Ci * Cop + co));
+      return s;
+    };
+    auto ssum = [&](int k, int64_t co) {
+      T s = src[k * c.Ci * Cop + co];
+      for (int64_t grp = 1; grp < groups; ++grp) s += src[grp * size + k * c.Ci * Cop + co];
+      return s;
+    };
     int64_t co = 0;
     for (; co + V::L <= c.Co; co += V::L)
-      finish([&](int k) { return V::load(src + k * c.Ci * Cop + co); }, V::add, V::sub,
+      finish([&](int k) { return vsum(k, co); }, V::add, V::sub,
              [&](typename V::R v) { return V::fma(v, half, V::zero()); },
              [&](int tap, typename V::R v) { V::store(dst + tap * plane + co, v); });
     for (; co < c.Co; ++co)
-      finish([&](int k) { return src[k * c.Ci * Cop + co]; }, [](T a, T b) { return a + b; },
+      finish([&](int k) { return ssum(k, co); }, [](T a, T b) { return a + b; },
              [](T a, T b) { return a - b; }, [](T a) { return T(0.5) * a; },
              [&](int tap, T v) { dst[tap * plane + co] = v; });
   }

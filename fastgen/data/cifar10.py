@@ -84,7 +84,7 @@ def _read_batch(path):
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def load_cifar10(root, split="train"):
+def load_cifar10(root: "str | os.PathLike[str] | None", split: str = "train") -> "tuple[torch.Tensor, torch.Tensor]":
     """(images uint8 [N, 3, 32, 32], labels int64 [N]) of one CIFAR-10 split,
     'train' (data_batch_1..5) or 'test' (test_batch), read from ``root``."""
     if split not in SPLITS:

@@ -15,6 +15,9 @@ Code that indexes tensors itself can call ``data.draw(index, generator)``.
 ``.images`` of that split holds the fixed seeded binarization (as the
 evaluation splits do); ``.source`` holds the grey images drawn from.
 """
+import os
+from typing import Optional, Tuple
+
 import torch
 
 from fastgen.data import cifar10, digits, fashion_mnist, files, mnist
@@ -76,13 +79,15 @@ class ImageData(torch.utils.data.Dataset):
                 f"{self.num_classes} classes, levels={self.levels}{kind})")
 
 
-def load_dataset(name, split="train", *, root=None, expect_shape=None, num_classes=None):
+def load_dataset(name: str, split: str = "train", *, root: "str | os.PathLike[str] | None" = None,
+                 expect_shape: Optional[Tuple[Optional[int], ...]] = None,
+                 num_classes: Optional[int] = None) -> ImageData:
     """Load one split of a dataset as an ImageData.
 
     name: 'mnist', 'binarized-mnist' (splits train/valid/test), 'fashion-mnist',
       'digits', 'cifar10' (root = the cifar-10-batches-py folder) (train/test),
       'files' (root = an .npz, an IDX images file or folder, or a folder of
-      PNGs; splits train/test/all; see fastgen.data.files).
+      PNG / JPEG / BMP images; splits train/test/all; see fastgen.data.files).
     root: where the files are; only for 'files', 'cifar10' and (optionally) 'fashion-mnist'.
     expect_shape: (C, H, W) the caller needs, None entries matching anything.
     num_classes: labels must lie in 0..num_classes-1; it becomes .num_classes.

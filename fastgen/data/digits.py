@@ -19,7 +19,7 @@ _cache = {}
 _lock = threading.Lock()
 
 
-def load_digits(split="train"):
+def load_digits(split: str = "train") -> "tuple[torch.Tensor, torch.Tensor]":
     """(images uint8 [N, 1, 8, 8], labels int64 [N]) of one split of
     sklearn's digits: 'train' (1500) or 'test' (297)."""
     if split not in SPLITS:

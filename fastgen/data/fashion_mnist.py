@@ -7,6 +7,8 @@ Splits: 'train' (60000) and 'test' (10000), uint8 [N, 1, 28, 28], 10 classes.
 import os
 import threading
 
+import torch
+
 from fastgen.data.errors import DatasetMissingError
 from fastgen.data.files import IDX_SPLIT_PREFIXES, find_idx_pair, load_idx
 
@@ -19,7 +21,8 @@ _cache = {}
 _lock = threading.Lock()
 
 
-def load_fashion_mnist(split="train", root=None):
+def load_fashion_mnist(split: str = "train", root: "str | os.PathLike[str] | None" = None
+                       ) -> "tuple[torch.Tensor, torch.Tensor]":
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) of one Fashion-MNIST
     split, 'train' or 'test'. ``root``: a folder with the IDX files (default:
     where the Debian package puts them). Decoded once per process per split;

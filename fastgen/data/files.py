@@ -1,4 +1,4 @@
-"""A user's own images: an .npz file, IDX files or a folder of PNGs.
+"""A user's own images: an .npz file, IDX files or a folder of PNG / JPEG / BMP images.
 
 Each source yields images uint8 [N, C, H, W] (C = 1 or 3) and int64 labels [N].
 
@@ -12,8 +12,9 @@ Each source yields images uint8 [N, C, H, W] (C = 1 or 3) and int64 labels [N].
   the file named like it with 'images' -> 'labels', 'idx3' -> 'idx1' (none:
   all 0). Or a folder holding train-images-idx3-ubyte[.gz] and
   t10k-(or test-)images-idx3-ubyte[.gz] with their labels files: ready-made splits.
-- PNG folder: labels from the sub-folder names, sorted, -> 0..K-1, or all 0
-  when the PNGs lie directly in the folder. Sub-folders exactly 'train' and
+- image folder (.png, .jpg, .jpeg, .bmp files, read with Pillow): labels from
+  the sub-folder names, sorted, -> 0..K-1, or all 0 when the images lie
+  directly in the folder. Sub-folders exactly 'train' and
   'test' are ready-made splits (each flat or with class sub-folders). All
   images must have the same size; alpha is dropped; grey images are widened
   to RGB when the folder also holds colour ones.
@@ -23,20 +24,20 @@ images 0, 10, 20, ... (every 10th, from the first), 'train' = the rest; 'all'
 = everything. With ready-made splits, 'all' = train followed by test.
 """
 import os
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
 from fastgen.data.errors import DatasetMissingError
 from fastgen.data.idx import is_idx, labels_path_for, read_idx
-from fastgen.data.images import read_png
+from fastgen.data.images import READ_SUFFIXES, read_image
 
 SPLITS = ("train", "test", "all")
 IMAGE_KEYS = ("images", "x", "data")
 LABEL_KEYS = ("labels", "y", "targets")
 KINDS = ("an .npz file, an IDX images file (optionally .gz), a folder with train-/t10k-images-idx3-ubyte "
-         "IDX files, or a folder of PNG images")
+         "IDX files, or a folder of PNG / JPEG / BMP images")
 
 
 def as_images(array, where):
@@ -114,7 +115,8 @@ def _npz(path):
 
 # --- IDX ---------------------------------------------------------------------------------------
 
-def load_idx(images_path, labels_path=None):
+def load_idx(images_path: "str | os.PathLike[str]", labels_path: "str | os.PathLike[str] | None" = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, C, H, W], labels int64 [N]) of an IDX images file and
     its labels file (None: all 0). Both may be gzipped."""
     images = as_images(read_idx(images_path), os.fspath(images_path))
@@ -146,31 +148,31 @@ def _idx_folder(folder):
     return {s: load_idx(*pair) for s, pair in found.items()}
 
 
-# --- PNG folder --------------------------------------------------------------------------------
+# --- image folder --------------------------------------------------------------------------------
 
 def _listing(folder):
-    """(sub-folders, PNG files) directly in ``folder``, sorted, hidden entries skipped."""
+    """(sub-folders, image files) directly in ``folder``, sorted, hidden entries skipped."""
     names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
     dirs = [n for n in names if os.path.isdir(os.path.join(folder, n))]
-    pngs = [n for n in names if n.lower().endswith(".png") and os.path.isfile(os.path.join(folder, n))]
-    return dirs, pngs
+    images = [n for n in names if n.lower().endswith(READ_SUFFIXES) and os.path.isfile(os.path.join(folder, n))]
+    return dirs, images
 
 
-def _scan_png(folder):
-    """{class name or None: [png paths]} of a flat or class-per-sub-folder folder."""
-    dirs, pngs = _listing(folder)
-    if dirs and pngs:
-        raise ValueError(f"{folder}: holds both PNG files and sub-folders ({', '.join(dirs[:5])}); put every image "
+def _scan_images(folder):
+    """{class name or None: [image paths]} of a flat or class-per-sub-folder folder."""
+    dirs, files = _listing(folder)
+    if dirs and files:
+        raise ValueError(f"{folder}: holds both image files and sub-folders ({', '.join(dirs[:5])}); put every image "
                          f"in a class sub-folder, or all of them directly in the folder")
-    if pngs:
-        return {None: [os.path.join(folder, n) for n in pngs]}
+    if files:
+        return {None: [os.path.join(folder, n) for n in files]}
     return {d: [os.path.join(folder, d, n) for n in _listing(os.path.join(folder, d))[1]] for d in dirs}
 
 
-def _decode_pngs(paths, where):
-    """uint8 [N, C, H, W] of PNG files that share one size; alpha dropped,
+def _decode_images(paths, where):
+    """uint8 [N, C, H, W] of image files that share one size; alpha dropped,
     grey widened to RGB when any image has colour."""
-    images = [read_png(p) for p in paths]
+    images = [read_image(p) for p in paths]
     images = [x[:1] if x.shape[0] == 2 else x[:3] for x in images]  # drop alpha
     first = images[0]
     for p, x in zip(paths, images):
@@ -182,12 +184,12 @@ def _decode_pngs(paths, where):
     return torch.stack(images)
 
 
-def _png_folder(folder):
-    dirs, pngs = _listing(folder)
-    if set(dirs) == {"train", "test"} and not pngs:
-        scans = {s: _scan_png(os.path.join(folder, s)) for s in ("train", "test")}
+def _image_folder(folder):
+    dirs, files = _listing(folder)
+    if set(dirs) == {"train", "test"} and not files:
+        scans = {s: _scan_images(os.path.join(folder, s)) for s in ("train", "test")}
     else:
-        scans = {"all": _scan_png(folder)}
+        scans = {"all": _scan_images(folder)}
     flat = {None in scan for scan in scans.values()}
     if len(flat) > 1:
         raise ValueError(f"{folder}: 'train' and 'test' must both be flat or both have class sub-folders")
@@ -197,9 +199,9 @@ def _png_folder(folder):
     for split, scan in scans.items():
         paths[split] = [(p, label_of[c]) for c in sorted(scan, key=str) for p in scan[c]]
         if not paths[split]:
-            raise ValueError(f"{folder}: no PNG images found" + ("" if split == "all" else f" under {split}/"))
+            raise ValueError(f"{folder}: no images ({', '.join(READ_SUFFIXES)}) found" + ("" if split == "all" else f" under {split}/"))
     all_paths = [p for split in scans for p, _ in paths[split]]
-    decoded = _decode_pngs(all_paths, folder)  # decoded together: one size and channel count for every split
+    decoded = _decode_images(all_paths, folder)  # decoded together: one size and channel count for every split
     start = 0
     for split in scans:
         n = len(paths[split])
@@ -215,10 +217,10 @@ class FileData(NamedTuple):
     labels: torch.Tensor  # int64 [N]
     num_classes: int  # number of class folders, else largest label + 1 over every split (at least 1)
     levels: int  # 2 when every pixel of every split is 0 or 1, else 256
-    classes: Optional[List[str]]  # class sub-folder names of a PNG folder, else None
+    classes: Optional[List[str]]  # class sub-folder names of an image folder, else None
 
 
-def load_files(root, split="all"):
+def load_files(root: "str | os.PathLike[str] | None", split: str = "all") -> "FileData":
     """One split of a user's files as a FileData; ``root``: see the module
     docstring; ``split``: 'train', 'test' or 'all'."""
     if split not in SPLITS:
@@ -232,7 +234,7 @@ def load_files(root, split="all"):
     if os.path.isdir(path):
         parts = _idx_folder(path)
         if parts is None:
-            parts, classes = _png_folder(path)
+            parts, classes = _image_folder(path)
     elif path.lower().endswith(".npz"):
         parts = _npz(path)
     elif is_idx(path):

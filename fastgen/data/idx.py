@@ -34,7 +34,7 @@ def is_idx(path):
     return len(head) == 4 and head[:2] == b"\0\0" and head[2] in DTYPES and head[3] >= 1
 
 
-def read_idx(path):
+def read_idx(path: "str | os.PathLike[str]") -> np.ndarray:
     """The array stored in an IDX file (gzipped or not), as numpy."""
     data = read_bytes(path)
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in DTYPES or data[3] < 1:
@@ -52,7 +52,7 @@ def read_idx(path):
     return np.frombuffer(data, dtype, offset=start).reshape(dims)
 
 
-def write_idx(path, array):
+def write_idx(path: "str | os.PathLike[str]", array: np.ndarray) -> None:
     """Write ``array`` as an IDX file; gzipped when ``path`` ends in .gz."""
     a = np.asarray(array)
     key = a.dtype.str.lstrip("<>|=")

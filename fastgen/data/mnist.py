@@ -17,6 +17,7 @@ import importlib.util
 import os
 import pickle
 import threading
+from typing import Optional
 
 import torch
 
@@ -58,7 +59,7 @@ def _decode():
     return out
 
 
-def load_mnist(split="train"):
+def load_mnist(split: str = "train") -> "tuple[torch.Tensor, torch.Tensor]":
     """(images, labels) of one MNIST split: uint8 [N, 1, 28, 28] (0..255) and
     int64 [N]. ``split``: 'train' (50000), 'valid' (10000) or 'test' (10000).
     Decoded once per process (a few seconds); the returned tensors are shared,
@@ -71,7 +72,7 @@ def load_mnist(split="train"):
     return _cache[split]
 
 
-def binarize(images, generator=None):
+def binarize(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Bernoulli draw of uint8 0..255 ``images``: uint8 0/1 of the same shape,
     each pixel 1 with probability pixel/255 (0 stays 0, 255 stays 1).
     ``generator``: a torch.Generator on the images' device; None uses torch's
@@ -82,7 +83,7 @@ def binarize(images, generator=None):
     return (u * 255 < images).to(torch.uint8)  # P(u * 255 < x) = x / 255 for u ~ U[0, 1)
 
 
-def load_binarized_mnist(split="test"):
+def load_binarized_mnist(split: str = "test") -> "tuple[torch.Tensor, torch.Tensor]":
     """(images, labels) of one MNIST split with the *fixed* binarization:
     uint8 0/1 [N, 1, 28, 28] drawn once with seed FIXED_SEED, identical on
     every call and in every run (for evaluation). Training should draw fresh

@@ -142,12 +142,18 @@ class PixelCNN(AutoregressiveImageModel):
                  num_classes=None, kernel_size=3, backend=None):
         super().__init__(image_shape, likelihood, levels, num_classes)
         dc = self.data_channels
-        if channels % (2 * dc):
+        if channels % self.channel_multiple(dc):
             raise ValueError(f"PixelCNN: channels ({channels}) must be a multiple of 2 * data_channels ({2 * dc})")
         self.input = MaskedConv2d(dc, channels, 7, padding=3, mask_type="A", data_channels=dc, backend=backend)
         self.label_bias = nn.Embedding(num_classes, channels) if num_classes is not None else None
         self.blocks = nn.ModuleList(ResidualBlock(channels, kernel_size, dc, backend) for _ in range(blocks))
         self.head = _output_head(channels, self.out_channels, dc, backend)
+
+    @staticmethod
+    def channel_multiple(data_channels: int) -> int:
+        """``channels`` must be a multiple of this: a residual block halves them, and each half keeps the
+        colour blocks."""
+        return 2 * data_channels
 
     def forward(self, x, label=None):
         self.check_label(label, x.shape[0])
@@ -169,7 +175,7 @@ class GatedPixelCNN(AutoregressiveImageModel):
                  num_classes=None, kernel_size=3, first_kernel=7, backend=None):
         super().__init__(image_shape, likelihood, levels, num_classes)
         dc = self.data_channels
-        if channels % dc:
+        if channels % self.channel_multiple(dc):
             raise ValueError(f"GatedPixelCNN: channels ({channels}) must be a multiple of data_channels ({dc})")
         if layers < 1:
             raise ValueError(f"GatedPixelCNN: layers must be >= 1, got {layers}")
@@ -179,6 +185,11 @@ class GatedPixelCNN(AutoregressiveImageModel):
             + [GatedMaskedConv2d(channels, channels, kernel_size, "B", dc, num_classes, last=i == layers - 2,
                                  backend=backend) for i in range(layers - 1)])
         self.head = _output_head(channels, self.out_channels, dc, backend if backend in MASKED_CONV.backends else None)
+
+    @staticmethod
+    def channel_multiple(data_channels: int) -> int:
+        """``channels`` must be a multiple of this: the colour blocks."""
+        return data_channels
 
     def forward(self, x, label=None):
         self.check_label(label, x.shape[0])

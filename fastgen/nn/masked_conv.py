@@ -16,14 +16,19 @@ class MaskedConv2d(nn.Conv2d):
     output block g sees input blocks < g (mask A) or <= g (mask B).
     ``backend``: force one backend (see ``fastgen.backends()``); default: dispatch.
 
-    Also takes the common form ``MaskedConv2d('A', in_channels, out_channels, k, ...)``.
+    Also takes the common form ``MaskedConv2d('A', in_channels, out_channels, k, ...)``
+    (the mask type first; given there and as ``mask_type=`` too, the two must agree).
     A state_dict with the extra ``mask`` buffer of mask-buffer implementations
     loads; a stored mask that disagrees with this layer's is an error.
     """
 
-    def __init__(self, *args, mask_type="B", data_channels=1, backend=None, **kwargs):
+    def __init__(self, *args, mask_type=None, data_channels=1, backend=None, **kwargs):
         if args and isinstance(args[0], str):
+            if mask_type is not None and mask_type != args[0]:
+                raise TypeError(f"MaskedConv2d: the mask type is given twice and the two disagree: {args[0]!r} (the "
+                                f"first argument) and mask_type={mask_type!r}; give it once")
             mask_type, args = args[0], args[1:]
+        mask_type = "B" if mask_type is None else mask_type
         super().__init__(*args, **kwargs)
         check_layer_args(self.in_channels, self.out_channels, self.kernel_size, mask_type, data_channels,
                          self.stride, self.groups, self.padding_mode)

@@ -15,9 +15,11 @@ from typing import NamedTuple
 import torch
 
 from fastgen import _ext
-from fastgen._dispatch import new_op, takes
+from fastgen._dispatch import BadCall, Examples, example_randn, new_op, takes
+from fastgen._seed import generator
 from fastgen.ref import dmol as ref
-from fastgen.ref.dmol import REDUCTIONS, infer_nr_mix
+from fastgen.ref.dmol import infer_nr_mix
+from fastgen.ref.precision import REDUCTIONS, compute_dtype, output_dtype, reduce_rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OP_NAME = "discretized_mix_logistic_nll"
@@ -132,7 +134,7 @@ class DmolNLL(torch.autograd.Function):
 def _register_cpp_fakes():
     @torch.library.register_fake("fastgen::dmol_nll_forward")
     def _(x, params, nr_mix):
-        return x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=ref.compute_dtype(params.dtype))
+        return x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=compute_dtype(params.dtype))
 
     @torch.library.register_fake("fastgen::dmol_nll_backward")
     def _(grad_nll, x, params, nr_mix):
@@ -149,12 +151,8 @@ if _cpp_unavailable() is None:
 
 def _kernel_runner(backend):
     def run(c):
-        nll = DmolNLL.apply(c.x.to(c.params.dtype), c.params, c.nr_mix, backend)
-        if c.reduction != "none":
-            nll = nll.flatten(1).sum(1)
-            if c.reduction == "mean":
-                nll = nll.mean()
-        return nll.to(c.params.dtype)
+        nll = DmolNLL.apply(c.x.to(c.params.dtype), c.params, c.nr_mix, backend)  # per pixel, in the math type
+        return reduce_rows(nll, c.reduction).to(output_dtype(c.params.dtype, c.reduction))
     return run
 
 
@@ -185,7 +183,9 @@ def discretized_mix_logistic_nll(x, params, *, nr_mix=None, reduction="sum", bac
     (C = 1 or 3), params [B, K, H, W] in the original's layout (K = 3 nr_mix
     for one channel, 10 nr_mix for RGB; nr_mix inferred when not given).
     ``reduction``: 'sum' (per image, [B]), 'mean' (over images), 'none' (per
-    pixel, [B, H, W])."""
+    pixel, [B, H, W]). The per-pixel NLL has params' dtype; a reduced one of
+    float16 or bfloat16 params is float32 (an image's NLL overflows float16
+    where float32 holds it: fastgen.ref.precision)."""
     c = make_call(x, params, nr_mix, reduction)
     return OP.run(c, params.device.type, backend)
 
@@ -194,8 +194,9 @@ def sample_discretized_mix_logistic(params, *, channels=None, nr_mix=None, seed=
     """x on the 256 levels in [-1, 1], [B, C, H, W], float32 (float64 for float64
     params: bfloat16 cannot hold every level), drawn from the mixture of every
     pixel independently (a whole image is sampled pixel by pixel: PixelCNNpp.sample).
-    ``channels`` is inferred from K when it fits one layout only; ``seed``:
-    uniforms from a CPU generator (None: torch's default generator)."""
+    ``channels`` is inferred from K when it fits one layout only; ``seed``: an
+    int in [0, 2**63) keying the uniforms' CPU generator (None: a seed drawn from
+    torch's default generator, so torch.manual_seed makes it reproducible)."""
     op = "sample_discretized_mix_logistic"
     if not isinstance(params, torch.Tensor) or params.dim() != 4:
         raise ValueError(f"{op}: params must be a 4-D tensor [B, K, H, W]")
@@ -209,9 +210,45 @@ def sample_discretized_mix_logistic(params, *, channels=None, nr_mix=None, seed=
     if not temperature > 0:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     b, _, h, w = params.shape
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = generator(seed, op)
     u_mix = torch.rand(b, h, w, generator=gen, dtype=torch.float64)
     u_log = torch.rand(b, channels, h, w, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         return ref.sample_discretized_mix_logistic(params, channels, nr_mix, u_mix.to(params.device),
                                                    u_log.to(params.device), temperature)
+
+
+# ---- the op contract (tests/test_op_contract.py) -----------------------------------------------------------
+
+def _example(batch, dtype, device, gen):
+    """RGB on the 256 levels (both edge levels present where there is a pixel), an odd 5 x 3 image, 2 components;
+    x takes no gradient."""
+    v = torch.randint(0, 256, (batch, 3, 5, 3), generator=gen)
+    if v.numel():
+        v.view(-1)[0], v.view(-1)[-1] = 0, 255
+    x = (v.double() / 127.5 - 1).to(device=device, dtype=dtype)
+    return (x, example_randn((batch, 20, 5, 3), dtype, device, gen)), {}
+
+
+def _bad(error, message, x=(1, 3, 2, 2), params=(1, 30, 2, 2), dtypes=(torch.float32, torch.float32), fill=0.0,
+         **kwargs):
+    def make(device):
+        return (torch.full(x, fill, device=device).to(dtypes[0]), torch.zeros(params, device=device).to(dtypes[1])), \
+            kwargs
+    return BadCall(make, error, message)
+
+
+OP.set_examples(Examples(discretized_mix_logistic_nll, _example, [
+    _bad(ValueError, "params has 31 channels, which fits no PixelCNN++ layout", params=(1, 31, 2, 2)),
+    _bad(ValueError, "K must be 3 * nr_mix", x=(1, 1, 2, 2), params=(1, 10, 2, 2)),
+    _bad(ValueError, "params has 30 channels with nr_mix=4", nr_mix=4),
+    _bad(ValueError, "the data must have 1 or 3 channels, got 2", x=(1, 2, 2, 2)),
+    _bad(ValueError, "x must be in [-1, 1]", fill=1.5),
+    _bad(ValueError, "must agree in batch, height and width", params=(2, 30, 2, 2)),
+    _bad(ValueError, "must agree in batch, height and width", x=(1, 3, 2, 3)),
+    _bad(TypeError, "x must be a floating tensor", dtypes=(torch.int64, torch.float32)),
+    _bad(TypeError, "params must be float16, bfloat16, float32 or float64", dtypes=(torch.float32, torch.int64)),
+    _bad(ValueError, "x must be 4-D", x=(3, 2, 2)),
+    _bad(ValueError, "reduction must be one of", reduction="avg"),
+    BadCall(lambda device: (([0.0], torch.zeros(1, 30, 2, 2)), {}), TypeError, "x must be a tensor"),
+]))

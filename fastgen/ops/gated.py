@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import autocast, new_op, takes
-from fastgen.ops.masked_conv import _CPP_FAST, FLOAT_DTYPES, _kernel_layout, masked_conv2d, masked_conv2d_op
+from fastgen._dispatch import BadCall, Examples, autocast, example_randn, new_op, takes
+from fastgen.ops.masked_conv import (_CPP_FAST, FLOAT_DTYPES, _kernel_layout, asked_grads, masked_conv2d,
+                                     masked_conv2d_op)
 from fastgen.ref import gated as ref
 from fastgen.ref.gated import STACKS
 
@@ -189,11 +190,6 @@ def _act_kernels(backend):
     return torch.ops.fastgen.gated_activation_forward, torch.ops.fastgen.gated_activation_backward
 
 
-def _empty_unless(grads, need, like):
-    # a fresh tensor each: a registered op may not return its inputs or one tensor twice
-    return tuple(g if (n and g is not None and g.numel() > 0) else like.new_empty(0) for g, n in zip(grads, need))
-
-
 def _act_out_shape(x):
     return (x.shape[0], x.shape[1] // 2, *x.shape[2:])
 
@@ -226,7 +222,7 @@ def _(x, cond, data_channels, backend):
 def gated_activation_grad_op(grad_out: torch.Tensor, x: torch.Tensor, cond: Optional[torch.Tensor],
                              data_channels: int, backend: str, output_mask: List[bool]) -> List[torch.Tensor]:
     grads = _act_kernels(backend)[1](grad_out, x, cond, data_channels, output_mask)
-    return list(_empty_unless(grads, output_mask, x))
+    return asked_grads(grads, output_mask, x)
 
 
 @gated_activation_grad_op.register_fake
@@ -279,7 +275,7 @@ def gated_conv2d_grad_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.
     """[grad_x, grad_weight, grad_bias, grad_cond]; an entry not asked for is empty."""
     from fastgen.kernels import gated as k
     grads = k.gated_conv2d_backward(grad_out, x, weight, bias, cond, stack, mask_type, data_channels, output_mask)
-    return list(_empty_unless(grads, output_mask, x))
+    return asked_grads(grads, output_mask, x)
 
 
 @gated_conv2d_grad_op.register_fake
@@ -404,3 +400,65 @@ def gated_conv2d(input, weight, bias=None, cond=None, *, stack="horizontal", mas
         input, weight, bias, cond = autocast(input.device.type, input, weight, bias, cond)
     c = make_conv_call(input, weight, bias, cond, stack, mask_type, data_channels)
     return CONV.run(c, input.device.type, backend)
+
+
+# ---- the op contract (tests/test_op_contract.py) -----------------------------------------------------------
+
+def _act_example(batch, dtype, device, gen):
+    """Three colour blocks, an odd 5 x 3 image, a [B, 2C] conditioning bias (its gradient sums positions)."""
+    x = example_randn((batch, 12, 5, 3), dtype, device, gen)
+    return (x, example_randn((batch, 12), dtype, device, gen)), dict(data_channels=3)
+
+
+def _conv_example(batch, dtype, device, gen):
+    """The horizontal stack, mask A, three colour blocks, a conditioning map."""
+    x = example_randn((batch, 3, 5, 7), dtype, device, gen)
+    w = example_randn((12, 3, 1, 3), dtype, device, gen, scale=1 / 3)
+    b = example_randn((12,), dtype, device, gen)
+    cond = example_randn((batch, 12, 5, 7), dtype, device, gen)
+    return (x, w, b, cond), dict(stack="horizontal", mask_type="A", data_channels=3)
+
+
+def _vertical_example(batch, dtype, device, gen):
+    x = example_randn((batch, 5, 6, 7), dtype, device, gen)
+    return (x, example_randn((6, 5, 2, 3), dtype, device, gen), example_randn((6,), dtype, device, gen)), {}
+
+
+def _bad(error, message, *shapes, dtypes=(), **kwargs):
+    """A call of tensors of ``shapes`` (zeros; float32 unless ``dtypes`` says otherwise; None stays None)."""
+    def make(device):
+        ts = [None if s is None else torch.zeros(s, device=device).to(dtypes[i] if i < len(dtypes) else torch.float32)
+              for i, s in enumerate(shapes)]
+        return tuple(ts), kwargs
+    return BadCall(make, error, message)
+
+
+ACT.set_examples(Examples(gated_activation, _act_example, [
+    _bad(ValueError, "it needs a positive multiple of 2*data_channels", (2, 5, 3, 3)),
+    _bad(ValueError, "it needs a positive multiple of 2*data_channels (= 4)", (2, 6, 3, 3), data_channels=2),
+    _bad(TypeError, "input must be float16, bfloat16, float32 or float64", (2, 4, 3, 3), dtypes=(torch.int64,)),
+    _bad(ValueError, "cond must have shape (2, 4)", (2, 4, 3, 3), (2, 4, 3)),
+    _bad(TypeError, "must share one dtype", (2, 4, 3, 3), (2, 4), dtypes=(torch.float32, torch.float64)),
+    _bad(ValueError, "input must be [batch, 2*C, ...]", (4,)),
+    _bad(ValueError, "data_channels must be a positive int", (2, 4, 3, 3), data_channels=0),
+]))
+
+CONV.set_examples(Examples(gated_conv2d, _conv_example, [
+    _bad(ValueError, "stack must be one of", (1, 2, 4, 4), (8, 2, 2, 3), stack="diagonal"),
+    _bad(ValueError, "must be 1 x kc", (1, 2, 4, 4), (8, 2, 2, 3)),
+    _bad(ValueError, "needs an odd width", (1, 2, 4, 4), (8, 2, 2, 2), stack="vertical"),
+    _bad(ValueError, "input has 3 channels but weight expects 2", (1, 3, 4, 4), (8, 2, 1, 2)),
+    _bad(ValueError, "output channels must be a positive multiple of 2*data_channels", (1, 2, 4, 4), (7, 2, 1, 2)),
+    _bad(ValueError, "bias must have shape (8,)", (1, 2, 4, 4), (8, 2, 1, 2), (4,)),
+    _bad(ValueError, "cond must have shape (1, 8)", (1, 2, 4, 4), (8, 2, 1, 2), None, (1, 8, 4)),
+    _bad(ValueError, "mask_type must be 'A' or 'B'", (1, 2, 4, 4), (8, 2, 1, 2), mask_type="C"),
+    _bad(ValueError, "input and weight must be 4-D", (2, 4, 4), (8, 2, 1, 2)),
+]))
+
+VERTICAL.set_examples(Examples(vertical_conv2d, _vertical_example, [
+    _bad(ValueError, "the kernel width must be odd", (1, 2, 4, 4), (3, 2, 2, 2)),
+    _bad(ValueError, "shift must be an int >= 0", (1, 2, 4, 4), (3, 2, 2, 3), shift=-1),
+    _bad(ValueError, "must be 4-D with matching Cin", (1, 3, 4, 4), (3, 2, 2, 3)),
+    _bad(ValueError, "bias must have shape (3,)", (1, 2, 4, 4), (3, 2, 2, 3), (2,)),
+    _bad(TypeError, "must share one dtype", (1, 2, 4, 4), (3, 2, 2, 3), dtypes=(torch.float32, torch.float64)),
+]))

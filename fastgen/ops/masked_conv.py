@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import autocast, new_op, takes
+from fastgen._dispatch import BadCall, Examples, autocast, example_randn, new_op, takes
 from fastgen.ref import masked_conv as ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -239,11 +239,21 @@ def masked_conv2d_grad_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
                           output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_bias); an entry not asked for in output_mask is empty."""
     _, bwd = _kernels(backend)
-    gx, gw, gb = bwd(grad_out, x, weight, mask_type, data_channels, padding, dilation, output_mask)
-    empty = x.new_empty(0)
-    # a fresh tensor each: a registered op may not return its inputs or one tensor twice
-    return tuple(g if (need and g is not None and g.numel() > 0) else empty.clone()
-                 for g, need in zip((gx, gw, gb), output_mask))
+    grads = bwd(grad_out, x, weight, mask_type, data_channels, padding, dilation, output_mask)
+    return tuple(asked_grads(grads, output_mask, x))
+
+
+def asked_grads(grads, output_mask, like):
+    """A registered backward op's gradients: each one asked for is the kernel's, whatever its size (an empty
+    batch's grad_x has no elements and is still grad_x, of its input's shape); each one not asked for is a
+    fresh empty tensor (a registered op may not return its inputs or one tensor twice)."""
+    out = []
+    for i, (g, need) in enumerate(zip(grads, output_mask)):
+        if need and not isinstance(g, torch.Tensor):
+            raise RuntimeError(f"fastgen internal error: a backward kernel returned no gradient {i} though it was "
+                               f"asked for")
+        out.append(g if need else like.new_empty(0))
+    return out
 
 
 @masked_conv2d_grad_op.register_fake
@@ -336,3 +346,42 @@ def masked_conv2d(input, weight, bias=None, padding=0, dilation=1, *, mask_type=
         input, weight, bias = autocast(input.device.type, input, weight, bias)
     c = make_call(input, weight, bias, mask_type, data_channels, padding, dilation, stride, groups)
     return OP.run(c, input.device.type, backend)
+
+
+# ---- the op contract (tests/test_op_contract.py) -----------------------------------------------------------
+
+def _example(batch, dtype, device, gen):
+    """Mask A with three colour blocks, an odd 7 x 5 image, bias: the centre tap's colour rule in play."""
+    x = example_randn((batch, 6, 7, 5), dtype, device, gen)
+    w = example_randn((9, 6, 3, 3), dtype, device, gen)
+    b = example_randn((9,), dtype, device, gen)
+    return (x, w, b), dict(padding="same", mask_type="A", data_channels=3)
+
+
+def _bad(error, message, kernel=3, x_shape=(1, 6, 8, 8), x_dtype=torch.float32, w_dtype=torch.float32,
+         bias_shape=(6,), **kwargs):
+    def make(device):
+        x = torch.zeros(x_shape, device=device).to(x_dtype)
+        w = torch.zeros(6, 6, kernel, kernel, dtype=w_dtype, device=device)
+        return (x, w, torch.zeros(bias_shape, device=device)), dict(dict(padding="same"), **kwargs)
+    return BadCall(make, error, message)
+
+
+OP.set_examples(Examples(masked_conv2d, _example, [
+    _bad(ValueError, "odd in both dimensions", kernel=4),
+    _bad(ValueError, "only stride 1", stride=2),
+    _bad(ValueError, "only groups=1", groups=2),
+    _bad(ValueError, "mask_type must be 'A' or 'B'", mask_type="C"),
+    _bad(ValueError, "mask_type must be 'A' or 'B'", mask_type="V"),  # 'V' is internal to the cpp kernel
+    _bad(ValueError, "must both be divisible by data_channels (4)", data_channels=4),
+    _bad(TypeError, "input must be float16, bfloat16, float32 or float64", x_dtype=torch.int64),
+    _bad(TypeError, "must share a dtype", w_dtype=torch.float64),
+    _bad(ValueError, "input has 5 channels but weight expects 6", x_shape=(1, 5, 8, 8)),
+    _bad(ValueError, "input must be 4-D", x_shape=(6, 8, 8)),
+    _bad(ValueError, "is too small for kernel", x_shape=(1, 6, 1, 1), padding=0),
+    _bad(ValueError, "padding must be >= 0", padding=-1),
+    _bad(ValueError, "padding must be 'same', 'valid'", padding="full"),
+    _bad(ValueError, "dilation must be >= 1", dilation=0),
+    _bad(ValueError, "bias must have shape (6,)", bias_shape=(5,)),
+    BadCall(lambda device: (([1.0], torch.zeros(6, 6, 3, 3)), {}), TypeError, "input and weight must be tensors"),
+]))

@@ -16,9 +16,10 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from fastgen import _ext
-from fastgen._dispatch import new_op, takes
+from fastgen._dispatch import BadCall, Examples, example_randn, new_op, takes
+from fastgen._seed import check_seed, draw_seed
 from fastgen.ref import reparameterize_kl as ref
-from fastgen.ref.reparameterize_kl import REDUCTIONS, check_seed, compute_dtype
+from fastgen.ref.precision import REDUCTIONS, compute_dtype, output_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OP_NAME = "reparameterize_kl"
@@ -46,11 +47,6 @@ def _check_tensor(name, t, mu):
         raise ValueError(f"{OP_NAME}: {name} must be on mu's device {mu.device}, got {t.device}")
 
 
-def draw_seed():
-    """A seed from torch's default CPU generator (so torch.manual_seed makes it reproducible)."""
-    return int(torch.randint(0, ref.SEED_LIMIT - 1, (), dtype=torch.int64).item())
-
-
 def make_call(mu, logvar, prior_mu, prior_logvar, seed, reduction):
     _check_tensor("mu", mu, None)
     _check_tensor("logvar", logvar, mu)
@@ -72,9 +68,7 @@ def make_call(mu, logvar, prior_mu, prior_logvar, seed, reduction):
                              f"got {tuple(p.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP_NAME}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if seed is None:
-        seed = draw_seed()
-    check_seed(seed)
+    seed = draw_seed() if seed is None else check_seed(seed, OP_NAME)
     return Call(mu, logvar, prior_mu, prior_logvar, seed, reduction)
 
 
@@ -183,9 +177,9 @@ def _kernel_runner(backend):
             prior = [(mu.new_zeros(()) if p is None else p).expand(mu.shape).contiguous()
                      for p in (c.prior_mu, c.prior_logvar)]
         z, kl = ReparameterizeKL.apply(mu, c.logvar.contiguous(), *prior, c.seed, c.reduction == "none", backend)
-        if c.reduction == "mean":
+        if c.reduction == "mean":  # the kernels' row sums are in the math type already
             kl = kl.mean()
-        return z, kl.to(mu.dtype)
+        return z, kl.to(output_dtype(mu.dtype, c.reduction))
     return run
 
 
@@ -218,8 +212,47 @@ def reparameterize_kl(mu, logvar, *, prior_mu=None, prior_logvar=None, seed=None
 
     ``reduction``: 'sum' (default) sums the KL over all but the first dimension
     ([B]); 'mean' averages those sums over the batch (a scalar); 'none' keeps it
-    elementwise. ``seed``: an int in [0, 2**63); None draws one from torch's
-    default generator (``torch.manual_seed`` makes it reproducible). The same
-    seed gives the same eps, on every backend (fastgen.ref.reparameterize_kl)."""
+    elementwise. z and an elementwise KL have mu's dtype; a reduced KL of
+    float16 or bfloat16 inputs is float32 (its sums overflow float16 where
+    float32 holds them: fastgen.ref.precision). ``seed``: an int in [0, 2**63);
+    None draws one from torch's default generator (``torch.manual_seed`` makes it
+    reproducible). The same seed gives the same eps, on every backend
+    (fastgen.ref.reparameterize_kl)."""
     c = make_call(mu, logvar, prior_mu, prior_logvar, seed, reduction)
     return OP.run(c, mu.device.type, backend)
+
+
+# ---- the op contract (tests/test_op_contract.py) -----------------------------------------------------------
+
+def _example(batch, dtype, device, gen):
+    """Rows of 7 x 3 with a prior mean broadcast over the batch (its gradient sums the rows) and a full prior
+    log-variance."""
+    mu = example_randn((batch, 7, 3), dtype, device, gen)
+    logvar = example_randn((batch, 7, 3), dtype, device, gen)
+    kwargs = dict(prior_mu=example_randn((7, 3), dtype, device, gen),
+                  prior_logvar=example_randn((batch, 7, 3), dtype, device, gen, scale=0.5), seed=11)
+    return (mu, logvar), kwargs
+
+
+def _bad(error, message, mu=(2, 3), logvar=(2, 3), dtypes=(torch.float32, torch.float32), **kwargs):
+    def make(device):
+        return (torch.zeros(mu, device=device).to(dtypes[0]), torch.zeros(logvar, device=device).to(dtypes[1])), {
+            k: torch.zeros(v, device=device) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return BadCall(make, error, message)
+
+
+OP.set_examples(Examples(reparameterize_kl, _example, [
+    _bad(ValueError, "logvar must have mu's shape (2, 3)", logvar=(2, 4)),
+    _bad(ValueError, "prior_mu must have mu's shape (2, 3) or broadcast to it", prior_mu=(4,)),
+    _bad(ValueError, "prior_logvar must have mu's shape", prior_logvar=(2, 3, 1)),
+    _bad(TypeError, "mu must be float16, bfloat16, float32 or float64", dtypes=(torch.int64, torch.float32)),
+    _bad(TypeError, "logvar must be float16, bfloat16", dtypes=(torch.float32, torch.int32)),
+    _bad(TypeError, "logvar must have mu's dtype", dtypes=(torch.float32, torch.float64)),
+    _bad(ValueError, "reduction must be one of", reduction="avg"),
+    _bad(ValueError, "mu must have a batch dimension", mu=(), logvar=()),
+    _bad(ValueError, "seed must be an int in [0, 2**63), got -1", seed=-1),
+    _bad(ValueError, "seed must be an int in [0, 2**63)", seed=2 ** 63),
+    _bad(ValueError, "seed must be an int in [0, 2**63)", seed=1.5),
+    _bad(ValueError, "seed must be an int in [0, 2**63)", seed=True),
+    BadCall(lambda device: (([0.0], torch.zeros(1)), {}), TypeError, "mu must be a tensor"),
+], tol={torch.float64: dict(rtol=1e-5, atol=1e-5)}))  # eps is drawn in float32 by each backend's own log/cos/sin

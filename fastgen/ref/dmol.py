@@ -24,21 +24,20 @@ Log-scales are clamped below at -7. With s = exp(-log_scale), d = x - m:
 log p(pixel) = logsumexp_k (log_softmax(logits)_k + sum_c log p_c,k); the NLL
 is its negative, summed over pixels per image ('sum'), averaged over images
 ('mean'), or per pixel [B, H, W] ('none'). Math in float32 for float16,
-bfloat16 and float32 parameters (float64 for float64).
+bfloat16 and float32 parameters (float64 for float64); the per-pixel NLL in
+params' dtype, a reduced one ('sum', 'mean') of float16/bfloat16 params in
+float32 (fastgen.ref.precision: one rule for every op with a reduction).
 """
 import math
 
 import torch
 
-REDUCTIONS = ("sum", "mean", "none")
+from fastgen.ref.precision import compute_dtype, output_dtype, reduce_rows
+
 LOG_SCALE_MIN = -7.0
 EDGE = 0.999  # x below -EDGE is level 0, above EDGE level 255 (the original's thresholds)
 CDF_DELTA_MIN = 1e-5
 LOG_HALF_BINS = math.log(127.5)
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def infer_nr_mix(channels, k):
@@ -55,7 +54,7 @@ def split_params(params, channels, nr_mix):
     b, _, h, w = params.shape
     m = nr_mix
     logits = params[:, :m]
-    rest = params[:, m:].reshape(b, channels, -1, m, h, w)  # [B, C, 2 or 3, M, H, W]
+    rest = params[:, m:].reshape(b, channels, 3 if channels == 3 else 2, m, h, w)  # [B, C, 2 or 3, M, H, W]
     coeffs = rest[:, :, 2] if channels == 3 else None
     return logits, rest[:, :, 0], rest[:, :, 1], coeffs
 
@@ -94,13 +93,9 @@ def log_prob_components(x, params, nr_mix):
 
 
 def discretized_mix_logistic_nll(x, params, nr_mix, reduction="sum"):
-    """The NLL in nats (module docstring), in params' dtype."""
+    """The NLL in nats (module docstring), in output_dtype(params.dtype, reduction)."""
     nll = -torch.logsumexp(log_prob_components(x, params, nr_mix), 1)  # [B, H, W]
-    if reduction == "sum":
-        nll = nll.flatten(1).sum(1)
-    elif reduction == "mean":
-        nll = nll.flatten(1).sum(1).mean()
-    return nll.to(params.dtype)
+    return reduce_rows(nll, reduction).to(output_dtype(params.dtype, reduction))
 
 
 def quantize(v):

@@ -9,8 +9,9 @@
   but the first dimension ('sum'), averaged over the batch of those sums
   ('mean'), or kept elementwise ('none').
 
-Math in float32 for float16/bfloat16/float32 inputs (float64 for float64), results in
-the input's dtype.
+Math in float32 for float16/bfloat16/float32 inputs (float64 for float64); z and an
+elementwise kl in the input's dtype, a reduced kl ('sum', 'mean') of float16/bfloat16
+inputs in float32 (fastgen.ref.precision: one rule for every op with a reduction).
 
 The noise stream (what every backend draws): element i of mu, counted in
 row-major order whatever mu's strides, takes output ``i % 4`` of Triton's
@@ -31,8 +32,8 @@ at 1e-7 bounds |eps| by sqrt(-2 log 1e-7) = 5.68.
 """
 import torch
 
-REDUCTIONS = ("sum", "mean", "none")
-SEED_LIMIT = 2 ** 63  # seeds are ints in [0, SEED_LIMIT)
+from fastgen._seed import check_seed
+from fastgen.ref.precision import compute_dtype, output_dtype, reduce_rows
 
 # Philox-4x32 constants (tl.philox_impl)
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -84,21 +85,12 @@ def box_muller(u1, u2):
 
 def normal_stream(seed, n, device="cpu"):
     """The first ``n`` normals (float32) of the stream of ``seed`` (module docstring)."""
-    check_seed(seed)
+    check_seed(seed, "reparameterize_kl")
     groups = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     r0, r1, r2, r3 = philox4x32(seed, groups)
     n0, n1 = box_muller(uniform(r0), uniform(r1))
     n2, n3 = box_muller(uniform(r2), uniform(r3))
     return torch.stack([n0, n1, n2, n3], 1).reshape(-1)[:n]
-
-
-def check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"reparameterize_kl: seed must be an int in [0, 2**63), got {seed!r}")
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def kl_elementwise(mu, logvar, prior_mu=None, prior_logvar=None):
@@ -110,15 +102,6 @@ def kl_elementwise(mu, logvar, prior_mu=None, prior_logvar=None):
     return 0.5 * (prior_logvar - logvar + (torch.exp(logvar) + d * d) * torch.exp(-prior_logvar) - 1)
 
 
-def reduce_kl(kl, reduction):
-    """'none': as it is; 'sum': summed over all but the first dimension; 'mean':
-    those sums averaged over the batch."""
-    if reduction == "none":
-        return kl
-    rows = kl.reshape(kl.shape[0], -1).sum(1)
-    return rows if reduction == "sum" else rows.mean()
-
-
 def reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, seed=0, reduction="sum", eps=None):
     """(z, kl) as in the module docstring; ``eps`` replaces the stream's noise when given."""
     ct = compute_dtype(mu.dtype)
@@ -126,5 +109,5 @@ def reparameterize_kl(mu, logvar, prior_mu=None, prior_logvar=None, seed=0, redu
         eps = normal_stream(seed, mu.numel(), mu.device).reshape(mu.shape)
     up = [None if t is None else t.to(ct) for t in (mu, logvar, prior_mu, prior_logvar)]
     z = up[0] + torch.exp(0.5 * up[1]) * eps.to(ct)
-    kl = reduce_kl(kl_elementwise(*up), reduction)
-    return z.to(mu.dtype), kl.to(mu.dtype)
+    kl = reduce_rows(kl_elementwise(*up), reduction)
+    return z.to(mu.dtype), kl.to(output_dtype(mu.dtype, reduction))

@@ -37,7 +37,7 @@ METHODS = ("cached", "naive")
 MIXTURE_LEVELS = 256  # the discretized logistic mixture's bins (fastgen.ref.dmol)
 
 # The C++ engine is the CPU's only compiled engine (benchmarks/RESULTS.md, bench_sampling.py).
-OP = new_op("sample_cached", {"cpu": ["cpp"]})
+OP = new_op("sample_cached", {"cpu": ["cpp"]}, contract="engine")  # a job, not tensors: tests/test_sampling*.py
 
 
 def _engine_why_not(device_type, name, entry="sample_cached"):
@@ -99,7 +99,7 @@ OP.register("cuda", _run_engine, why_not=_engine_why_not("cuda", "CUDA"), unavai
 
 # Multi-scale networks (PixelCNN++: fastgen/sampling/schedule.py): the C++ engine on the CPU. The CUDA
 # engine (csrc/cuda/schedule.cu) compiles but has not run on a GPU: opt-in (backend='cuda') until measured.
-SCHEDULE_OP = new_op("sample_scheduled", {"cpu": ["cpp"]})
+SCHEDULE_OP = new_op("sample_scheduled", {"cpu": ["cpp"]}, contract="engine")
 
 
 def _run_schedule_ref(job):

@@ -29,11 +29,10 @@
 //     input is inside the image are visited, so padding costs nothing.
 //   * work is handed out in small blocks from an atomic counter (a core that
 //     another process is using just takes fewer blocks). grad_w, a sum over
-//     chunks of output rows, is deterministic all the same (parallel_ordered):
-//     chunks go to a fixed number of groups, each tile of a group adds its
-//     chunks in order, and the groups are added in order while unpacking, so
-//     the same inputs give the same bits for a given thread count (and for any
-//     thread count where one group suffices: the direct kernel's larger layers).
+//     chunks of output rows, is deterministic instead (parallel_parts): each
+//     thread adds a fixed, contiguous part of the chunks in order into its own
+//     sums, and the parts are added in order while unpacking, so the same
+//     inputs give the same bits for a given thread count.
 //
 // Layout: channels_last inputs are read in place and answered in channels_last
 // (as F.conv2d does); anything else is read NCHW-contiguous, answered NCHW.
@@ -55,7 +54,6 @@
 #include <cstdlib>
 #include <memory>
 #include <string_view>
-#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -239,37 +237,34 @@ void parallel_dynamic(int64_t n, int64_t block, const F& f) {
   });
 }
 
-// A sum over chunks of work that comes out the same whatever the scheduling (grad_w's sum over rows):
-// items (chunk k, tile j), chunk-major, handed out in order from a shared counter as in parallel_dynamic.
-// Chunk k adds into the sums of group k % groups, and each tile of a group takes its chunks in order: an
-// item waits until the tile's previous chunk of its group is in (that item was handed out groups * ntiles
-// items earlier, so the wait is rare and short; the earliest unfinished item never waits, so all finish).
-// The caller adds the groups in order. f(thread, group, chunk, tile, first): first = the group's first
-// chunk (it stores its sums rather than adding them: the buffers need no zero fill).
-template <class F>
-void parallel_ordered(int64_t nchunks, int64_t ntiles, int64_t groups, const F& f) {
-  const int64_t n = nchunks * ntiles;
-  std::vector<std::atomic<int64_t>> done(groups * ntiles);  // per group and tile: its chunks added so far
-  for (auto& d : done) d.store(0, std::memory_order_relaxed);
-  std::atomic<int64_t> next{0};
-  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    const int tid = at::get_thread_num();
-    for (int64_t i; (i = next.fetch_add(1)) < n;) {
-      const int64_t k = i / ntiles, j = i % ntiles, g = k % groups, nth = k / groups;
-      std::atomic<int64_t>& d = done[g * ntiles + j];
-      while (d.load(std::memory_order_acquire) != nth) std::this_thread::yield();
-      f(tid, g, k, j, nth == 0);
-      d.store(nth + 1, std::memory_order_release);
-    }
-  });
+// A sum over chunks of work that comes out the same however the threads are scheduled (grad_w's sum over
+// output rows): the chunks are cut into `parts` contiguous ranges (one per thread, fewer when there are fewer
+// chunks) and the tiles into `tile_groups` (so that a few chunks still keep every thread busy; tiles write
+// disjoint sums). Item (part, tile group) adds its chunks in order, chunk-major over its tiles (a chunk stays in
+// cache while its tiles pass over it), into the part's sums, which stay in that thread's cache; the caller adds
+// the parts in order. f(part, chunk, tile, first): first = the part's first chunk (it stores rather than adds,
+// so the sums need no zero fill). The same bits for a given thread count.
+struct Parts {
+  int64_t parts, tile_groups;
+};
+
+Parts sum_parts(int64_t nchunks, int64_t ntiles) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t parts = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, nchunks));
+  return {parts, std::clamp<int64_t>((threads + parts - 1) / parts, 1, std::max<int64_t>(1, ntiles))};
 }
 
-// Groups for parallel_ordered: enough (group, tile) pairs that a thread seldom waits for another (two per
-// thread), never more groups than chunks (each group's sums are written by its first chunk).
-int64_t sum_groups(int64_t nchunks, int64_t ntiles) {
-  const int64_t want = 2 * int64_t(at::get_num_threads());
-  return std::clamp<int64_t>((want + ntiles - 1) / ntiles, 1, std::max<int64_t>(1, nchunks));
+template <class F>
+void parallel_parts(int64_t nchunks, int64_t ntiles, const Parts& s, const F& f) {
+  at::parallel_for(0, s.parts * s.tile_groups, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i / s.tile_groups, q = i % s.tile_groups;
+      const int64_t c0 = p * nchunks / s.parts, c1 = (p + 1) * nchunks / s.parts;
+      const int64_t j0 = q * ntiles / s.tile_groups, j1 = (q + 1) * ntiles / s.tile_groups;
+      for (int64_t k = c0; k < c1; ++k)
+        for (int64_t j = j0; j < j1; ++j) f(p, k, j, k == c0);
+    }
+  });
 }
 
 // The convolution kernel (forward and grad_x): out[q][co] = bias[co] + sum over
@@ -562,8 +557,8 @@ void wgrad_tile(const WgradArgs<T>& a, int64_t row0, int64_t row1, int64_t t, in
 }
 
 // One item of grad_w: tile `tile` (WR input channels x 4 vectors of output channels) over chunk `chunk` of
-// output rows, every tap, into its group's gw [ntaps][Ci][Cop]. Items go chunk-major (parallel_ordered), so
-// that the threads work through one chunk together while it is in cache.
+// output rows, every tap, into its part's gw [ntaps][Ci][Cop]. Each part goes chunk-major (parallel_parts), so
+// that a chunk stays in cache while its tiles pass over it.
 template <class T>
 void wgrad_item(const WgradArgs<T>& a, T* gw, int64_t chunk, int64_t tile, bool first) {
   constexpr int L = Vec<T>::L;
@@ -692,12 +687,14 @@ void grad_w(const Conv& c, const Padded<T>& gpad, int64_t Cop, const Geo& gx_geo
   const WgradArgs<T> a{&c, &geo, xc.data_ptr<T>(), c.Ci * c.H * c.W, x_cs, x_ps,
                        gpad.data, gpad.img, gx_geo.top, gx_geo.left, gpad.Wp, Cop, rows_per_chunk};
   const int64_t ntiles = (c.Ci + WR - 1) / WR * ((Cop / Vec<T>::L + 3) / 4);
-  const int64_t nchunks = (nrows + rows_per_chunk - 1) / rows_per_chunk, groups = sum_groups(nchunks, ntiles);
-  // one [ntaps][Ci][Cop] sum per group (each written by its first chunk), added in order while unpacking
+  const int64_t nchunks = (nrows + rows_per_chunk - 1) / rows_per_chunk;
+  const Parts parts = sum_parts(nchunks, ntiles);
+  const int64_t groups = parts.parts;
+  // one [ntaps][Ci][Cop] sum per part (each written by its first chunk), added in order while unpacking
   const int64_t size = nt * c.Ci * Cop;
   const std::unique_ptr<T[]> packed(new T[groups * size]);
-  parallel_ordered(nchunks, ntiles, groups, [&](int, int64_t grp, int64_t chunk, int64_t tile, bool first) {
-    wgrad_item<T>(a, packed.get() + grp * size, chunk, tile, first);
+  parallel_parts(nchunks, ntiles, parts, [&](int64_t part, int64_t chunk, int64_t tile, bool first) {
+    wgrad_item<T>(a, packed.get() + part * size, chunk, tile, first);
   });
   // unpack into [Co, Ci, kh, kw] (zeros: masked taps and hidden centre pairs stay exactly zero), through
   // [kh][kw][Ci][Co] rows and one permuted copy
@@ -967,11 +964,12 @@ void wino_grad_w(const Conv& c, const WinoGrid& g, const Padded<T>& xin, const P
   const int64_t vsize = WK * nmax * ldx, dsize = WK * nmax * Cop, nthreads = at::get_num_threads();
   const at::Tensor scratch = at::empty({nthreads * (vsize + dsize)}, xin.buf.options());  // written before read
   T* const bufs = scratch.data_ptr<T>();
-  // one sum per group of blocks (parallel_ordered: a block is one chunk of one tile), added in order below
-  const int64_t groups = sum_groups(g.blocks(), 1);
+  // one sum per part of the blocks (parallel_parts: a block is one chunk of one tile), added in order below
+  const Parts parts = sum_parts(g.blocks(), 1);
+  const int64_t groups = parts.parts;
   const std::unique_ptr<T[]> sums(new T[groups * size]);
-  parallel_ordered(g.blocks(), 1, groups, [&](int tid, int64_t grp, int64_t blk, int64_t, bool first) {
-    T* V = bufs + tid * (vsize + dsize);
+  parallel_parts(g.blocks(), 1, parts, [&](int64_t grp, int64_t blk, int64_t, bool first) {
+    T* V = bufs + at::get_thread_num() * (vsize + dsize);
     T* D = V + vsize;
     T* S = sums.get() + grp * size;
     const WinoBlock k = wino_block(g, blk);

@@ -3,7 +3,9 @@
 * csrc/cpu/*.cpp is always built (-O3 -g0 -fopenmp; OpenMP linked too, or
   at::parallel_for runs on one thread);
 * csrc/cuda/*.cu and *.cpp are added when torch has CUDA;
-* FASTGEN_SKIP_EXT=1 gives a pure-Python install.
+* FASTGEN_SKIP_EXT=1 gives a pure-Python install;
+* FASTGEN_PTXAS_VERBOSE=1 has ptxas report each CUDA kernel's registers,
+  spills and shared memory (`make cuda-build` keeps that log).
 The folder kernels/ is installed as fastgen.kernels (never as a top-level
 `kernels`, a name taken on the package index). fastgen/py.typed marks the
 package as typed (PEP 561).
@@ -31,7 +33,8 @@ def extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         ext = CUDAExtension("fastgen._C", sources, include_dirs=[os.path.abspath("csrc")],
                             define_macros=[("FASTGEN_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + (
+                                ["-Xptxas=-v"] if os.environ.get("FASTGEN_PTXAS_VERBOSE") == "1" else [])},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("fastgen._C", sources, include_dirs=[os.path.abspath("csrc")],

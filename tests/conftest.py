@@ -10,6 +10,17 @@ from fastgen.data import DatasetMissingError, load_dataset
 from fastgen.ops.masked_conv import OP as MASKED_CONV
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA device: skipped, with the reason, where there is none (a CUDA build of
+    torch on a machine without a GPU, as `make cuda-build` runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 DEPS := $(VENV)/.fastgen-deps
 
-.PHONY: setup build test test-py test-triton test-bench cuda-build demo bench clean
+.PHONY: setup build test test-py test-triton test-bench cuda-build compile-report demo bench clean
 
 setup: $(DEPS)
 
@@ -33,7 +33,7 @@ $(DEPS): pyproject.toml Makefile
 build: $(DEPS)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build test-py test-triton test-bench cuda-build
+test: build test-py test-triton test-bench cuda-build compile-report
 
 # FASTGEN_REQUIRE: a backend built here must not be skipped as "unavailable".
 test-py:
@@ -84,6 +84,39 @@ cuda-build:
 	PYTHONPATH=$(CUDA_BUILD)/lib FASTGEN_REQUIRE=cpp $(VENV_CUDA)/bin/python -P -m pytest $(CUDA_TESTS) -q \
 	  -m "not triton" -p no:cacheprovider
 
+# The Triton compile report (kernels/compile_report.py): every kernel a launcher starts, in every config its
+# autotuner can pick and every dtype it takes, compiled ahead of time for sm_90 and sm_80 with .venv-cuda's
+# triton (3.8) and with triton 3.6.0, the GPU machine's (.venv-triton36: that triton in front of $(VENV)'s
+# torch). Table: $(REPORT)/compile_report.md; fails on a compile error, shared memory over the SM's, spills
+# in fixed tiles, or a kernels/compiled.json (what the dispatch may prefer Triton for) that disagrees.
+# Unchanged kernels are not compiled again ($(REPORT)/rows-*.json). REPORT_SCOPE=ci (the default, what
+# `make test` runs: every kernel, dtype and arch in its first autotune config, about 4 min from nothing on
+# 2 cores) or full (every autotune config and every plan for both archs: `make compile-report REPORT_SCOPE=full`).
+REPORT ?= build-report
+REPORT_SCOPE ?= ci
+TRITON36 ?= .venv-triton36
+TRITON36_DEPS := $(TRITON36)/.fastgen-deps
+
+$(TRITON36_DEPS): Makefile $(DEPS)
+	@command -v $(TRITON36)/bin/python >/dev/null || $(PYTHON) -m venv --system-site-packages $(TRITON36)
+	@$(TRITON36)/bin/python -m pip install -q triton==3.6.0 \
+	  || { echo "triton 3.6.0 cannot be installed here: the compile report skips its column"; exit 0; }
+	$(TRITON36)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/fastgen-torch.pth', 'w')\
+	  .write(sys.argv[1] + '\n')" "$$($(PY) -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+	@touch $@
+
+compile-report: $(DEPS) $(CUDA_DEPS) $(TRITON36_DEPS)
+	@mkdir -p $(REPORT) && rm -f $(REPORT)/triton-*.json
+	@FASTGEN_SKIP_EXT=1 $(PY) setup.py -q build_py --build-lib $(REPORT)/lib >/dev/null
+	PYTHONPATH=$(REPORT)/lib $(VENV_CUDA)/bin/python -P -m fastgen.kernels.compile_report run \
+	  $(REPORT)/triton-cuda.json --scope $(REPORT_SCOPE) --cache $(REPORT)/rows-cuda.json
+	@if $(TRITON36)/bin/python -c "import triton, sys; sys.exit(triton.__version__ != '3.6.0')" 2>/dev/null; then \
+	  PYTHONPATH=$(REPORT)/lib $(TRITON36)/bin/python -P -m fastgen.kernels.compile_report run \
+	    $(REPORT)/triton-3.6.json --scope $(REPORT_SCOPE) --cache $(REPORT)/rows-3.6.json; \
+	else echo "triton 3.6.0 is not installed in $(TRITON36): the report has no triton 3.6.0 column"; fi
+	$(PY) -m fastgen.kernels.compile_report table $(REPORT)/compile_report.md $(REPORT)/triton-*.json \
+	  --record kernels/compiled.json
+
 # --force: demo_out/ is the demo's own folder, replaced on every run
 demo: build
 	$(PY) -m fastgen demo --force
@@ -93,4 +126,4 @@ bench: build
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/bench-$$(date +%Y%m%d-%H%M%S).json
 
 clean:
-	rm -rf build $(CUDA_BUILD) *.egg-info fastgen/_C*.so
+	rm -rf build $(CUDA_BUILD) $(REPORT) *.egg-info fastgen/_C*.so

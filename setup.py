@@ -16,7 +16,7 @@ import os
 from setuptools import setup
 
 packages = ["fastgen", "fastgen.data", "fastgen.models", "fastgen.nn", "fastgen.ops", "fastgen.ref", "fastgen.sampling",
-            "fastgen.kernels"]
+            "fastgen.train", "fastgen.kernels"]
 package_dir = {"fastgen": "fastgen", "fastgen.kernels": "kernels"}
 
 
@@ -43,5 +43,7 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
-setup(packages=packages, package_dir=package_dir, package_data={"fastgen": ["py.typed"]}, ext_modules=ext_modules,
+# compiled.json: which ops' Triton kernels compiled for which architectures (the dispatch reads it)
+setup(packages=packages, package_dir=package_dir,
+      package_data={"fastgen": ["py.typed"], "fastgen.kernels": ["compiled.json"]}, ext_modules=ext_modules,
       cmdclass=cmdclass)

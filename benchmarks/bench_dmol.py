@@ -4,7 +4,7 @@ Contenders, forward + backward of the loss summed over the batch (gradient of
 the parameters), RGB, nr_mix = 10:
 
 * ``common``           the loss as the usual PyTorch port of PixelCNN++ writes it
-                       (fastgen.testing.dmol_loss_common: NHWC permutes, ~20
+                       (harness.dmol_loss_common: NHWC permutes, ~20
                        full-size temporaries kept for autograd);
 * ``compile(common)``  ``torch.compile`` of it (compile time excluded, reported apart);
 * ``fastgen``          fastgen.discretized_mix_logistic_nll, dispatch default.
@@ -22,7 +22,7 @@ import torch
 import fastgen
 from fastgen.ops.dmol import OP, make_call
 from fastgen.ref import dmol as ref
-from fastgen.testing import (check_outcome, dmol_loss_common, first_call, peak_rss, relative_error, start_record, sync,
+from harness import (check_outcome, dmol_loss_common, first_call, peak_rss, relative_error, start_record, sync,
                              time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,7 +64,7 @@ def step_fn(f, x, params):
 
 
 def rss_step(spec):
-    """(step, reset) for fastgen.testing.peak_rss."""
+    """(step, reset) for harness.peak_rss."""
     x, params = inputs(tuple(spec["shape"]), getattr(torch, spec["dtype"]), "cpu")
     step = step_fn(make_contender(spec["contender"]), x, params)
 

@@ -1,11 +1,11 @@
 """Gated PixelCNN: fastgen beside the plain-PyTorch Gated PixelCNN.
 
-Contenders, same weights and inputs (fastgen.testing.make_gated):
+Contenders, same weights and inputs (harness.make_gated):
 
 * ``common``           the layer as it is commonly written: padded convolutions
                        cropped to the causal window, a mask multiply for the
                        mask-A pixel, ``chunk``, ``tanh * sigmoid``
-                       (fastgen.testing.PlainGatedMaskedConv2d);
+                       (fastgen.demo.PlainGatedMaskedConv2d);
 * ``compile(common)``  ``torch.compile`` of it (compile time excluded, reported apart);
 * ``fastgen``          fastgen.GatedMaskedConv2d with the dispatch default;
 * ``fastgen[triton]``  forced onto the Triton kernels (GPU only).
@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from fastgen.ops.gated import CONV, VERTICAL, make_conv_call, make_vertical_call
-from fastgen.testing import (check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss, relative_error,
+from harness import (check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss, relative_error,
                              start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +162,7 @@ def test_gated(benchmark, smoke, bench_results, case):
         benchmark.extra_info["steps_per_s"] = round(1 / median, 2)
     if DEVICE == "cpu" and mode != "fwd" and not smoke:
         rss = peak_rss(contender, shape, "fwd+bwd" if mode == "fwd+bwd" else "train", dtype=str(dtype)[6:],
-                       threads=torch.get_num_threads(), builder="fastgen.testing:gated_rss_step", kind=kind)
+                       threads=torch.get_num_threads(), builder="harness:gated_rss_step", kind=kind)
         benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
         benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
     bench_results.append(record)

@@ -3,7 +3,7 @@
 Contenders, same weights and inputs, in one run:
 
 * ``common``        the mask-buffer layer found in the wild: ``weight.data *= mask``
-                    then the full convolution (fastgen.testing.MaskBufferConv2d);
+                    then the full convolution (harness.MaskBufferConv2d);
 * ``compile(ref)``  ``torch.compile`` of fastgen's reference (``conv2d(x, weight * mask)``);
                     compile time is excluded from the timing and reported apart
                     (extra_info ``compile_s``: a cold compile, inductor's caches off);
@@ -22,7 +22,7 @@ peak RSS of a fresh subprocess (fwd+bwd, real runs only).
 
 Smoke run (CI): ``pytest benchmarks/ -q --benchmark-disable`` (tiny shapes, one call each).
 Real run: ``pytest benchmarks/ --benchmark-only`` (add ``--benchmark-json=FILE`` to keep it;
-``python -m fastgen.testing FILE`` prints the compact table again).
+``python benchmarks/harness.py FILE`` prints the compact table again).
 """
 import functools
 from contextlib import nullcontext
@@ -34,7 +34,7 @@ import torch._inductor.config  # noqa: F401  (compile contender: caches off whil
 from fastgen.ops.masked_conv import OP, make_call
 from fastgen.ref.masked_conv import causal_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
-from fastgen.testing import (COMMON, COMPILED, check_outcome, contender_names, first_call, make_masked_conv, peak_rss,
+from harness import (COMMON, COMPILED, check_outcome, contender_names, first_call, make_masked_conv, peak_rss,
                              relative_error, start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,7 +34,7 @@ Checks before timing (a wrong contender is reported as wrong, never timed):
 * exactness of the cached path, once per model and engine: the teacher-forced
   logits ``cached_logits(model, images, backend=...)`` on a few blob images
   against the float64 model's ``model(model.feed(images))``, with the tolerance
-  rule of the other benchmarks (fastgen.testing.tolerance);
+  rule of the other benchmarks (harness.tolerance);
 * the samples, per batch: the pixels of the first K steps of up to 16 batch
   elements (spread over the batch) against naive sampling with a float64 copy
   of the model on the same uniforms. A float32 run may draw the neighbouring
@@ -49,7 +49,7 @@ Checks before timing (a wrong contender is reported as wrong, never timed):
   parameters (above).
 
 Memory (CPU real runs, largest batch): the peak RSS of a fresh subprocess
-(fastgen.testing.peak_rss) for one naive pixel step (one full forward pass) and
+(harness.peak_rss) for one naive pixel step (one full forward pass) and
 for one cached[cpp] run, above the RSS after a warm-up run.
 
 Smoke run (CI): ``pytest benchmarks/ -q --benchmark-disable``: 8x8 models, batch 2,
@@ -70,7 +70,7 @@ from fastgen.sampling import cached_logits, sample
 from fastgen.sampling.api import OP, SCHEDULE_OP, _draw_shape
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
-from fastgen.testing import OtherLoad, peak_rss, record_timing, relative_error, start_record, sync, tolerance
+from harness import OtherLoad, peak_rss, record_timing, relative_error, start_record, sync, tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -251,7 +251,7 @@ def compare_samples(got, spec, batch, steps):
 
 
 def rss_step(spec):
-    """peak_rss builder (fastgen.testing.peak_rss): one naive prefix or one cached run."""
+    """peak_rss builder (harness.peak_rss): one naive prefix or one cached run."""
     model_spec = (spec["kind"], tuple(spec["image_shape"]), spec["channels"], spec["depth"], spec["likelihood"],
                   spec["levels"])
     model = build_model(model_spec, device="cpu")

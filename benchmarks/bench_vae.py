@@ -26,7 +26,7 @@ import torch
 import fastgen
 from fastgen.ops.reparameterize_kl import OP, make_call
 from fastgen.ref import reparameterize_kl as ref
-from fastgen.testing import check_outcome, first_call, peak_rss, relative_error, start_record, sync, time_step
+from harness import check_outcome, first_call, peak_rss, relative_error, start_record, sync, time_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +73,7 @@ def step_fn(f, mu, logvar, gz, eps=None):
 
 
 def rss_step(spec):
-    """(step, reset) for fastgen.testing.peak_rss: one contender's fwd+bwd on the spec's shape."""
+    """(step, reset) for harness.peak_rss: one contender's fwd+bwd on the spec's shape."""
     mu, logvar, gz = inputs(tuple(spec["shape"]), getattr(torch, spec["dtype"]), "cpu")
     step = step_fn(make_contender(spec["contender"]), mu, logvar, gz)
 

@@ -9,7 +9,7 @@ import fnmatch
 
 import pytest
 
-from fastgen.testing import format_table, table_rows
+from harness import format_table, table_rows
 
 _RESULTS = pytest.StashKey()
 

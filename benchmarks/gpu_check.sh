@@ -18,6 +18,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   | tee -a "$OUT/device.txt"
 
+# fastgen runs from the tree here (not installed): fastgen.kernels is kernels/ (setup.py's package_dir)
+[ -e fastgen/kernels ] || ln -s ../kernels fastgen/kernels
+
 stage "build: fastgen._C with csrc/cuda for sm_90 (limit 150 s)"
 if ! TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTGEN_PTXAS_VERBOSE=1 timeout 150 \
     $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
@@ -41,5 +44,5 @@ for spec in masked_conv:45 gated:45 dmol:30 vae:30 sampling:60; do
 done
 
 stage "table"
-for f in "$OUT"/bench_*.json; do [ -s "$f" ] && $PY -m fastgen.testing "$f"; done 2>&1 | tee "$OUT/table.txt"
+for f in "$OUT"/bench_*.json; do [ -s "$f" ] && PYTHONPATH=. $PY benchmarks/harness.py "$f"; done 2>&1 | tee "$OUT/table.txt"
 stage "done"

@@ -7,21 +7,55 @@ Order of choice for one call:
    convolution has no ``cpp`` backend of its own) ignores it, but a name that
    no op has is an error (a typo must not pass silently);
 2. otherwise the op's measured preference list for the tensor's device type:
-   the first backend in it that can take the call. ``ref`` always can.
+   the first backend in it that can take the call. ``ref`` always can. On a
+   CUDA device a Triton backend is preferred only for an architecture where
+   fastgen's compile report compiled every kernel of the op
+   (kernels/compiled.json, checked by `make compile-report`).
+
+A kernel that fails to compile (or load) at its first launch raises
+``KernelCompileError`` naming it: a ``BackendError`` when the backend was asked
+for, otherwise a one-time warning naming the failure and the backend that runs
+instead, the next in the preference list (that backend and architecture are
+then skipped). A backward kernel that fails so computes its gradients with
+``ref`` (``backward``) after the same warning.
 
 Every op also joins the op contract (tests/test_op_contract.py): next to its
 backends it registers ``Examples`` (valid inputs of any batch size, and bad
 calls with the error each must raise), or declares itself an engine op
 (``contract="engine"``: it takes a job, not tensors, and its own tests cover it).
 """
+import contextvars
 import os
+import warnings
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 
+from fastgen import _ext
+
 
 class BackendError(RuntimeError):
     """An explicitly requested backend cannot take the call."""
+
+
+class KernelCompileError(BackendError):
+    """A kernel failed to compile, or to load, for a device at its launch. ``kernel`` names it, ``arch`` is the
+    device's architecture (sm_90; the device type for a device that is not CUDA)."""
+
+    def __init__(self, message, kernel, arch):
+        super().__init__(message)
+        self.kernel, self.arch = kernel, arch
+
+
+# True while an op runs a backend that was asked for (backend= or FASTGEN_BACKEND): a kernel op's autograd
+# context keeps it for its backward (``explicit()``)
+_EXPLICIT = contextvars.ContextVar("fastgen_explicit_backend", default=False)
+
+
+def explicit():
+    """Whether the backend running now was asked for explicitly (False while torch.compile traces: its graph
+    launches the kernels later, outside the dispatch)."""
+    return not torch.compiler.is_compiling() and _EXPLICIT.get()
 
 
 class BadCall(NamedTuple):
@@ -62,6 +96,7 @@ class Op:
         self.contract = contract
         self.examples = None
         self.backends = {}
+        self.failed = {}  # (backend, arch) -> why: kernels that failed to compile at their first launch there
 
     def register(self, name, run, *, why_not=None, unavailable=None):
         """``run(call)`` computes the op. ``unavailable()`` says why the backend is
@@ -84,8 +119,10 @@ class Op:
         _, why_not, missing = self.backends[name]
         return missing or (why_not(call) if call is not None else None)
 
-    def choose(self, call, device_type, backend=None):
-        """Name of the backend that runs ``call`` (see the module docstring)."""
+    def choose(self, call, device, backend=None):
+        """Name of the backend that runs ``call`` on ``device`` (a torch.device or its name; see the module
+        docstring)."""
+        device = torch.device(device)
         requested, source = backend, "backend="
         if requested is None:
             env = forced_backend()
@@ -96,14 +133,58 @@ class Op:
             if why:
                 raise BackendError(f"{self.name}: {source}{requested!r} cannot take this call: {why}")
             return requested
-        for name in self.preference.get(device_type, ()):
-            if name in self.backends and self.reason(name, call) is None:
+        for name in self.preference.get(device.type, ()):
+            if name in self.backends and self.reason(name, call) is None and self.skipped(name, device) is None:
                 return name
         return "ref"
 
-    def run(self, call, device_type, backend=None):
-        name = self.choose(call, device_type, backend)
-        return self.backends[name][0](call)
+    def skipped(self, name, device):
+        """Why the preference list passes over backend ``name`` on ``device`` although it can take the call (it
+        failed to compile there, or a Triton backend's kernels were not compiled for the architecture), or None."""
+        arch = _ext.cuda_arch(device) if device.type == "cuda" else device.type
+        if (name, arch) in self.failed:
+            return self.failed[(name, arch)]
+        if device.type == "cuda" and name == "triton":
+            compiled = _ext.compiled_archs(name, self.name)
+            if arch not in compiled:
+                return (f"its kernels were not compiled for {arch} in fastgen's compile report (compiled for: "
+                        f"{', '.join(compiled) or 'none'})")
+        return None
+
+    def run(self, call, device, backend=None):
+        name = self.choose(call, device, backend)
+        if torch.compiler.is_compiling():  # traced: the compiled graph launches the kernels, not this call
+            return self.backends[name][0](call)
+        asked = backend is not None or forced_backend() in self.backends
+        token = _EXPLICIT.set(asked)
+        try:
+            return self.backends[name][0](call)
+        except KernelCompileError as e:
+            if asked:
+                raise
+            self.failed[(name, e.arch)] = f"it failed to compile there: {e}"
+            self._warn(name, e, self.choose(call, device))
+        finally:
+            _EXPLICIT.reset(token)
+        return self.run(call, device)
+
+    def _warn(self, name, error, instead):
+        warnings.warn(f"{self.name}: {error}; {instead!r} runs instead, and the {name} backend is skipped on "
+                      f"{error.arch} from now on (pass backend={name!r} to get this as an error)", RuntimeWarning,
+                      stacklevel=4)
+
+    def backward(self, name, asked, kernel_grads, ref_grads):
+        """The gradients of a kernel backend's backward ``kernel_grads()``; if its kernel fails to compile, the
+        error when ``asked`` (the backend was requested), otherwise the one-time warning and ``ref_grads()``."""
+        try:
+            return kernel_grads()
+        except KernelCompileError as e:
+            if asked:
+                raise
+            if (name, e.arch) not in self.failed:
+                self.failed[(name, e.arch)] = f"it failed to compile there: {e}"
+                self._warn(name, e, "ref")
+            return ref_grads()
 
     def status(self):
         """{backend: None if available, else the reason it is missing}."""
@@ -122,6 +203,21 @@ def takes(backend, device_type, dtypes, tensor=lambda c: c.x):
             return f"the {backend} backend takes {names}, got {t.dtype}"
         return None
     return why_not
+
+
+def vjp(fn, inputs, need, grad_outputs):
+    """The gradients, by autograd through ``fn(*inputs)`` (a tensor or a tuple of them), of the inputs flagged in
+    ``need`` (None for the others and for an input the outputs do not depend on): how a kernel backend's backward
+    falls back to ``ref``."""
+    leaves = [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) else t for t, n in zip(inputs, need)]
+    with torch.enable_grad():
+        outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    wanted = [t for t, n in zip(leaves, need) if n]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+               if pairs and wanted else [None] * len(wanted))
+    return [next(got) if n else None for n in need]
 
 
 def example_randn(shape, dtype, device, generator, *, grad=True, scale=1.0):

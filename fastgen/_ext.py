@@ -4,6 +4,7 @@ These are facts of the installation: fastgen._dispatch asks each once, when a
 backend is registered, and keeps the answer (so nothing here is called, or
 cached behind functools.lru_cache, while torch.compile traces a dispatch)."""
 import importlib.util
+import json
 import os
 
 
@@ -60,3 +61,29 @@ def triton_why_not(device_type):
     if device_type == "cpu":
         return "triton takes CPU tensors only under TRITON_INTERPRET=1 (set before importing fastgen)"
     return f"triton does not run on {device_type} tensors"
+
+
+_ARCHS = {}
+
+
+def cuda_arch(device):
+    """'sm_90' for a CUDA device of compute capability 9.0 (asked once per device)."""
+    import torch
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCHS:
+        major, minor = torch.cuda.get_device_capability(index)
+        _ARCHS[index] = f"sm_{major}{minor}"
+    return _ARCHS[index]
+
+
+_COMPILED = None
+
+
+def compiled_archs(backend, op):
+    """The architectures for which fastgen's compile report compiled every kernel of ``op``'s ``backend``
+    (kernels/compiled.json, written and checked by `make compile-report`)."""
+    global _COMPILED
+    if _COMPILED is None:  # package data of fastgen.kernels (kernels/ in the source tree)
+        from importlib import resources
+        _COMPILED = json.loads(resources.files("fastgen.kernels").joinpath("compiled.json").read_text())
+    return _COMPILED.get(backend, {}).get(op, [])

@@ -21,11 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import INTERPRET, Launch, start
 from .gated import _sigmoid, _tanh
-from .masked_conv import INTERPRET, _round_out
+from .masked_conv import _round_out
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG_HALF_BINS = 4.8481163645546632  # log(127.5)
+# log(127.5); a global read inside a kernel must be a tl.constexpr: the compiler refuses a plain float (the
+# interpreter takes it)
+LOG_HALF_BINS = tl.constexpr(4.8481163645546632)
 
 
 @triton.jit
@@ -198,19 +201,20 @@ def _block(hw):
     return 32 if INTERPRET else min(128, triton.next_power_of_2(max(hw, 16)))
 
 
-def dmol_nll_forward(x, params, nr_mix: int):
-    """The per-pixel NLL [B, H, W] in fp32."""
+def dmol_nll_forward(x, params, nr_mix: int, *, launch=start):
+    """The per-pixel NLL [B, H, W] in fp32. ``launch``: see kernels/_launch.py."""
     x, params, c, hw = _geometry("discretized_mix_logistic_nll (triton)", x, params, nr_mix)
     nll = torch.empty((x.shape[0], x.shape[2], x.shape[3]), dtype=torch.float32, device=x.device)
     if nll.numel() == 0:
         return nll
     block = _block(hw)
-    _fwd_kernel[(x.shape[0], triton.cdiv(hw, block))](
-        x, params, nll, hw, nr_mix, params.stride(0), params.stride(1), params.stride(3), C=c, BLOCK=block)
+    launch(Launch(_fwd_kernel, (x.shape[0], triton.cdiv(hw, block)),
+                  (x, params, nll, hw, nr_mix, params.stride(0), params.stride(1), params.stride(3)),
+                  dict(C=c, BLOCK=block)))
     return nll
 
 
-def dmol_nll_backward(grad_nll, x, params, nr_mix: int):
+def dmol_nll_backward(grad_nll, x, params, nr_mix: int, *, launch=start):
     """grad_params (params' dtype and layout) for the per-pixel upstream gradient grad_nll [B, H, W] (fp32)."""
     who = "discretized_mix_logistic_nll (triton)"
     x, params, c, hw = _geometry(who, x, params, nr_mix)
@@ -221,7 +225,8 @@ def dmol_nll_backward(grad_nll, x, params, nr_mix: int):
     if grad.numel() == 0:
         return grad
     block = _block(hw)
-    _bwd_kernel[(x.shape[0], triton.cdiv(hw, block))](
-        x, params, grad_nll.contiguous(), grad, hw, nr_mix, params.stride(0), params.stride(1), params.stride(3),
-        C=c, CAST_F32=INTERPRET, BLOCK=block)
+    launch(Launch(_bwd_kernel, (x.shape[0], triton.cdiv(hw, block)),
+                  (x, params, grad_nll.contiguous(), grad, hw, nr_mix, params.stride(0), params.stride(1),
+                   params.stride(3)),
+                  dict(C=c, CAST_F32=INTERPRET, BLOCK=block)))
     return grad

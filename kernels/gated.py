@@ -55,8 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .masked_conv import (INTERPRET, SUPPORTED_DTYPES, _Geometry, _channel_block, _grad_input, _grad_weight, _launch,
-                          _like_input, _mma, _needs_int64, _round_out, check_conv_tensors)
+from ._launch import INTERPRET, Launch, start
+from .masked_conv import (SUPPORTED_DTYPES, _Geometry, _channel_block, _grad_input, _grad_weight, _like_input, _mma,
+                          _needs_int64, _round_out, check_conv_tensors)
 
 STACKS = ("vertical", "horizontal")
 _SLOT_M = 32  # rows per partial-sum slot of the conv backward; every BLOCK_M is a multiple of it
@@ -314,10 +315,11 @@ def _conv_pre_grad_kernel(go_ptr, x_ptr, w_ptr, bias_ptr, cond_ptr, gp_ptr, sums
 # ---- launch configuration ---------------------------------------------------------------------------------
 
 def _conv_configs():
-    # two accumulators per tile: smaller N tiles than masked_conv's list (BLOCK_N = gated channels)
+    # two accumulators per tile: smaller N tiles than masked_conv's list (BLOCK_N = gated channels); no
+    # (128, 64) with 4 warps: its two 128x64 fp32 accumulators spill on sm_80 and sm_90 (the compile report)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
             for bm, bn, nw, ns in ((64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
-                                   (32, 32, 2, 4), (128, 64, 4, 4))]
+                                   (32, 32, 2, 4))]
 
 
 if INTERPRET:
@@ -347,12 +349,6 @@ def _check_tensor(who, name, t, device):
         raise ValueError(f"{who}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{who}: {name} on {t.device} but input on {device}")
-
-
-def _check_device(who, x):
-    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
-        raise ValueError(f"{who}: needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 set before "
-                         f"importing fastgen), got {x.device.type}")
 
 
 def _cond_mode(who, cond, x_shape):
@@ -397,7 +393,6 @@ class _ActShape:
     def __init__(self, x, cond, data_channels):
         who = "gated_activation (triton)"
         _check_tensor(who, "input", x, x.device if isinstance(x, torch.Tensor) else None)
-        _check_device(who, x)
         if x.dim() < 2:
             raise ValueError(f"{who}: input must be [B, 2C, ...], got shape {tuple(x.shape)}")
         if not isinstance(data_channels, int) or data_channels < 1:
@@ -431,8 +426,9 @@ class _ActShape:
         return (self.B * triton.cdiv(self.S, bs), triton.cdiv(self.C, bc))
 
 
-def gated_activation_forward(x, cond, data_channels: int) -> torch.Tensor:
-    """tanh(f + cond_f) * sigmoid(g + cond_g) per colour block: [B, 2C, ...] -> [B, C, ...]."""
+def gated_activation_forward(x, cond, data_channels: int, *, launch=start) -> torch.Tensor:
+    """tanh(f + cond_f) * sigmoid(g + cond_g) per colour block: [B, 2C, ...] -> [B, C, ...]. ``launch``: see
+    kernels/_launch.py."""
     a = _ActShape(x, cond, data_channels)
     y = _like(x, a.out_shape)
     if y.numel() == 0:
@@ -440,14 +436,14 @@ def gated_activation_forward(x, cond, data_channels: int) -> torch.Tensor:
     x3, y3 = a.view3(x, 2 * a.C), y.view(a.B, a.C, a.S)
     c3, cst = a.cond3(cond)
     bs, bc = _act_blocks(a.S, a.C)
-    _act_fwd_kernel[a.grid(bs, bc)](
-        x3, c3 if c3 is not None else x3, y3, a.S, a.C, a.cg, *x3.stride(), *cst, *y3.stride(),
-        COND=a.cond_mode, CAST_F32=INTERPRET, INT64=_needs_int64(x3, y3, *([c3] if c3 is not None else [])),
-        BLOCK_S=bs, BLOCK_C=bc)
+    launch(Launch(_act_fwd_kernel, a.grid(bs, bc),
+                  (x3, c3 if c3 is not None else x3, y3, a.S, a.C, a.cg, *x3.stride(), *cst, *y3.stride()),
+                  dict(COND=a.cond_mode, CAST_F32=INTERPRET,
+                       INT64=_needs_int64(x3, y3, *([c3] if c3 is not None else [])), BLOCK_S=bs, BLOCK_C=bc)))
     return y
 
 
-def gated_activation_backward(grad_out, x, cond, data_channels: int, output_mask) -> tuple:
+def gated_activation_backward(grad_out, x, cond, data_channels: int, output_mask, *, launch=start) -> tuple:
     """(grad_x, grad_cond); an entry output_mask does not ask for (or grad_cond without cond) is
     x.new_empty(0). grad_cond: grad_x summed over positions (fp32) for a [B, 2C] cond, a separate
     copy of grad_x for a full-shape cond."""
@@ -476,11 +472,11 @@ def gated_activation_backward(grad_out, x, cond, data_channels: int, output_mask
     gx3 = gx.view(a.B, 2 * a.C, a.S) if gx is not None else x3
     gc3 = gc.view(a.B, 2 * a.C, a.S) if gc is not None else x3
     live = [t for t in (x3, go3, c3, gx3, gc3, sums) if t is not None]
-    _act_bwd_kernel[a.grid(bs, bc)](
-        go3, x3, c3 if c3 is not None else x3, gx3, gc3, sums if sums is not None else x3, a.S, a.C, a.cg,
-        *go3.stride(), *x3.stride(), *cst, *gx3.stride(), *gc3.stride(),
-        COND=a.cond_mode, WRITE_X=need_x, WRITE_C=gc is not None, SUMS=sums is not None,
-        CAST_F32=INTERPRET, INT64=_needs_int64(*live), BLOCK_S=bs, BLOCK_C=bc)
+    launch(Launch(_act_bwd_kernel, a.grid(bs, bc),
+                  (go3, x3, c3 if c3 is not None else x3, gx3, gc3, sums if sums is not None else x3, a.S, a.C, a.cg,
+                   *go3.stride(), *x3.stride(), *cst, *gx3.stride(), *gc3.stride()),
+                  dict(COND=a.cond_mode, WRITE_X=need_x, WRITE_C=gc is not None, SUMS=sums is not None,
+                       CAST_F32=INTERPRET, INT64=_needs_int64(*live), BLOCK_S=bs, BLOCK_C=bc)))
     if sums is not None:
         gc = sums.sum(1).to(cond.dtype)
     return (gx if need_x else empty), (gc if need_c else empty)
@@ -580,25 +576,27 @@ def _bias_cond_pre(g, x, bias, cond):
     return pre.to(x.dtype)
 
 
-def gated_conv2d_forward(x, weight, bias, cond, stack: str, mask_type: str, data_channels: int) -> torch.Tensor:
-    """gated_activation(stack_conv2d(x, weight, bias) + cond) in one pass: [B, Cin, H, W] -> [B, C, H, W]."""
+def gated_conv2d_forward(x, weight, bias, cond, stack: str, mask_type: str, data_channels: int, *,
+                         launch=start) -> torch.Tensor:
+    """gated_activation(stack_conv2d(x, weight, bias) + cond) in one pass: [B, Cin, H, W] -> [B, C, H, W].
+    ``launch``: see kernels/_launch.py."""
     g = _StackGeometry(x, weight, stack, mask_type, data_channels)
     cond_mode = g.check_extras(x, bias, cond)
     y = _like_input(x, (g.B, g.C, g.H, g.W))
     if y.numel() == 0:
         return y
     if g.Ci == 0:
-        return gated_activation_forward(_bias_cond_pre(g, x, bias, cond), None, data_channels)
+        return gated_activation_forward(_bias_cond_pre(g, x, bias, cond), None, data_channels, launch=launch)
     c, cst = _cond4(cond, cond_mode)
     consts = g.launch_consts(bias, cond_mode, x, y, c)
     args = (x, weight, bias if bias is not None else y, c if c is not None else y, y,
             g.H * g.W, g.Ci, g.H, g.W, g.C, *x.stride(), *weight.stride(), *cst, *y.stride(), *g.conv_args())
-    _launch(_conv_fwd, g.grid(), args, consts, dict(_INTERP_CONV, BLOCK_N=_channel_block(g.C)))
+    launch(Launch(_conv_fwd, g.grid(), args, consts, dict(_INTERP_CONV, BLOCK_N=_channel_block(g.C))))
     return y
 
 
 def gated_conv2d_backward(grad_out, x, weight, bias, cond, stack: str, mask_type: str, data_channels: int,
-                          output_mask) -> tuple:
+                          output_mask, *, launch=start) -> tuple:
     """(grad_x, grad_weight, grad_bias, grad_cond); an entry output_mask does not ask for (or the
     grad of a None bias / cond) is x.new_empty(0). grad_weight is exactly zero at taps the stack
     hides (masked centre channel pairs of the horizontal stack)."""
@@ -618,7 +616,7 @@ def gated_conv2d_backward(grad_out, x, weight, bias, cond, stack: str, mask_type
                 (torch.zeros_like(cond) if need_c else empty))
     if g.Ci == 0:
         pre = _bias_cond_pre(g, x, bias, cond)
-        gp = gated_activation_backward(grad_out, pre, None, data_channels, [True, False])[0].float()
+        gp = gated_activation_backward(grad_out, pre, None, data_channels, [True, False], launch=launch)[0].float()
         gc = (gp.sum((2, 3)) if cond_mode == 1 else gp).to(cond.dtype) if need_c else empty
         return ((torch.zeros_like(x) if need_x else empty), (torch.zeros_like(weight) if need_w else empty),
                 (gp.sum((0, 2, 3)).to(bias.dtype) if need_b else empty), gc)
@@ -638,13 +636,13 @@ def gated_conv2d_backward(grad_out, x, weight, bias, cond, stack: str, mask_type
             sums if sums is not None else dummy, g.H * g.W, g.Ci, g.H, g.W, g.C, n_slots,
             *grad_out.stride(), *x.stride(), *weight.stride(), *cst,
             *(gp.stride() if gp is not None else (0, 0, 0, 0)), *g.conv_args())
-    _launch(_conv_pre_grad, g.grid(), args, consts, dict(_INTERP_CONV, BLOCK_N=_channel_block(g.C)))
+    launch(Launch(_conv_pre_grad, g.grid(), args, consts, dict(_INTERP_CONV, BLOCK_N=_channel_block(g.C))))
 
     gx = gw = gb = gc = empty
     if need_x:
-        gx = _grad_input(gp, weight, x, g)
+        gx = _grad_input(gp, weight, x, g, launch)
     if need_w:
-        gw = _grad_weight(gp, x, g)
+        gw = _grad_weight(gp, x, g, launch)
     if need_b:
         gb = sums.sum((0, 1)).to(bias.dtype)
     if need_c:

@@ -30,13 +30,12 @@ Under TRITON_INTERPRET=1 tile operands are cast to fp32 before tl.dot (bf16
 tl.dot is wrong in the interpreter) and fixed block sizes replace autotuning
 (which the interpreter cannot run).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._launch import INTERPRET, Launch, start
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1
 
@@ -272,8 +271,9 @@ def _gemm_configs():
 
 
 def _grad_w_configs():
+    # no (128, 4 warps, 3 stages): it spills in every dtype on sm_80 and in fp32 on sm_90 (the compile report)
     return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
-            for bm, nw, ns in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 4), (128, 8, 3))]
+            for bm, nw, ns in ((32, 4, 3), (64, 4, 3), (64, 8, 4), (128, 8, 3))]
 
 
 if INTERPRET:
@@ -296,15 +296,6 @@ def _channel_block(c, cap=64):
     return max(16, min(cap, triton.next_power_of_2(max(int(c), 1))))
 
 
-def _launch(kernel, grid, args, consts, interp_meta):
-    """Fixed meta-parameters under the interpreter, autotuned ones on a GPU."""
-    if INTERPRET:
-        meta = dict(consts, **interp_meta)
-        kernel[grid(meta)](*args, **meta)
-    else:
-        kernel[grid](*args, **consts)
-
-
 def _precision(dtype):
     # fp32 on a GPU: TF32 tensor cores only when torch is allowed them too (default: exact fp32)
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -324,7 +315,8 @@ def _pair(v, name):
 
 
 def check_conv_tensors(who, x, weight):
-    """The input/weight checks every convolution launcher needs (4-D, one dtype and device Triton runs)."""
+    """The input/weight checks every convolution launcher needs (4-D, one dtype, one device; that the device is
+    one Triton runs is start's check)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError(f"{who}: input and weight must be tensors")
     if x.dim() != 4 or weight.dim() != 4:
@@ -334,9 +326,6 @@ def check_conv_tensors(who, x, weight):
                          f"{x.dtype} and {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{who}: input on {x.device} but weight on {weight.device}")
-    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
-        raise ValueError(f"{who}: needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 set before "
-                         f"importing fastgen), got {x.device.type}")
 
 
 class _Geometry:
@@ -405,8 +394,9 @@ def _like_input(x, shape):
 
 # ---- public launchers -------------------------------------------------------------------------------------
 
-def masked_conv2d_forward(x, weight, bias, mask_type: str, data_channels: int, padding, dilation) -> torch.Tensor:
-    """y = conv2d(x, weight * mask) + bias, computing only the visible taps."""
+def masked_conv2d_forward(x, weight, bias, mask_type: str, data_channels: int, padding, dilation, *,
+                          launch=start) -> torch.Tensor:
+    """y = conv2d(x, weight * mask) + bias, computing only the visible taps. ``launch``: see kernels/_launch.py."""
     g = _Geometry(x, weight, mask_type, data_channels, padding, dilation)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (g.Co,) or bias.dtype != x.dtype \
@@ -427,11 +417,11 @@ def masked_conv2d_forward(x, weight, bias, mask_type: str, data_channels: int, p
 
     args = (x, weight, bias if bias is not None else y, y, M, *g.dims(),
             *x.stride(), *weight.stride(), *y.stride(), *g.conv())
-    _launch(_fwd, grid, args, consts, dict(_INTERP_GEMM, BLOCK_N=_channel_block(g.Co)))
+    launch(Launch(_fwd, grid, args, consts, dict(_INTERP_GEMM, BLOCK_N=_channel_block(g.Co))))
     return y
 
 
-def _grad_input(grad_out, weight, x, g):
+def _grad_input(grad_out, weight, x, g, launch):
     gx = _like_input(x, x.shape)
     M = g.B * g.H * g.W
     if gx.numel() == 0:
@@ -445,11 +435,16 @@ def _grad_input(grad_out, weight, x, g):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(g.Ci, meta["BLOCK_N"]))
 
     args = (grad_out, weight, gx, M, *g.dims(), *grad_out.stride(), *weight.stride(), *gx.stride(), *g.conv())
-    _launch(_grad_x, grid, args, consts, dict(_INTERP_GEMM, BLOCK_N=_channel_block(g.Ci)))
+    launch(Launch(_grad_x, grid, args, consts, dict(_INTERP_GEMM, BLOCK_N=_channel_block(g.Ci))))
     return gx
 
 
-def _grad_weight(grad_out, x, g, split=None):
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device; 1 for any other (a plan on meta tensors, the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _grad_weight(grad_out, x, g, launch, split=None):
     """grad_weight in x's dtype; ``split`` (the number of M ranges reduced apart) is chosen if None."""
     shape = (g.Co, g.Ci, g.kh, g.kw)
     M = g.B * g.Ho * g.Wo
@@ -462,7 +457,7 @@ def _grad_weight(grad_out, x, g, split=None):
             split = 1  # programs run one after another: splitting only adds work
         else:
             # enough programs to fill the GPU (~4 per SM), each reducing >= 1024 rows, buffer <= 256 MiB
-            sms = torch.cuda.get_device_properties(g.device).multi_processor_count
+            sms = _sm_count(g.device)
             split = min(max(1, (4 * sms) // tiles), max(1, M // 1024),
                         max(1, (256 << 20) // (4 * g.Co * g.Ci * g.kh * g.kw)))
     split = max(1, min(int(split), M))
@@ -481,13 +476,13 @@ def _grad_weight(grad_out, x, g, split=None):
         return (g.n_taps, tiles // g.n_taps, split)
 
     args = (grad_out, x, buf, M, *g.dims(), *grad_out.stride(), *x.stride(), *g.conv(), m_per_split)
-    _launch(_grad_w, grid, args, consts, _INTERP_GRAD_W)
+    launch(Launch(_grad_w, grid, args, consts, _INTERP_GRAD_W))
     gw = buf[0] if split == 1 else buf.sum(0)
     return gw.to(g.dtype)
 
 
 def masked_conv2d_backward(grad_out, x, weight, mask_type: str, data_channels: int, padding, dilation,
-                           output_mask) -> tuple:
+                           output_mask, *, launch=start) -> tuple:
     """(grad_x, grad_weight, grad_bias), each None where output_mask says it is not needed.
     grad_weight is exactly zero at masked taps and masked centre channel pairs."""
     g = _Geometry(x, weight, mask_type, data_channels, padding, dilation)
@@ -501,7 +496,7 @@ def masked_conv2d_backward(grad_out, x, weight, mask_type: str, data_channels: i
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)  # tl.dot wants both operands in one dtype
     need_x, need_w, need_b = (bool(v) for v in output_mask)
-    gx = _grad_input(grad_out, weight, x, g) if need_x else None
-    gw = _grad_weight(grad_out, x, g) if need_w else None
+    gx = _grad_input(grad_out, weight, x, g, launch) if need_x else None
+    gw = _grad_weight(grad_out, x, g, launch) if need_w else None
     gb = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(x.dtype) if need_b else None
     return gx, gw, gb

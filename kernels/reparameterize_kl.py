@@ -26,7 +26,8 @@ import triton.language as tl
 
 from fastgen._seed import check_seed
 
-from .masked_conv import INTERPRET, _round_out
+from ._launch import INTERPRET, Launch, start
+from .masked_conv import _round_out, _sm_count
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2 ** 31 - 1
@@ -160,17 +161,19 @@ def _rows(mu):
 def _fwd_plan(B, D, device):
     """(G, cols_per_split, splits): tiles of 4G elements; a row is split only when rows are too few to fill
     the device (and each split keeps several tiles)."""
-    G = max(16, min(512, triton.next_power_of_2((D + 3) // 4 + 1)))
+    # at most 256 rows of 4: G = 512 spills on sm_80 with the default 4 warps (the compile report)
+    G = max(16, min(256, triton.next_power_of_2((D + 3) // 4 + 1)))
     if INTERPRET:
         G = min(G, 64)
-    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1)
+    programs = 4 * _sm_count(device)
     splits = max(1, min(triton.cdiv(programs, max(B, 1)), triton.cdiv(D, 16 * 4 * G)))
     cols = triton.cdiv(triton.cdiv(D, splits), 4) * 4  # a multiple of 4: splits start on group boundaries
     return G, cols, triton.cdiv(D, cols)
 
 
-def reparameterize_kl_forward(mu, logvar, prior_mu, prior_logvar, seed: int, elementwise: bool):
-    """(z, kl): kl elementwise in mu's dtype, or the per-row sums [B] in fp32 (fp64 for fp64)."""
+def reparameterize_kl_forward(mu, logvar, prior_mu, prior_logvar, seed: int, elementwise: bool, *, launch=start):
+    """(z, kl): kl elementwise in mu's dtype, or the per-row sums [B] in fp32 (fp64 for fp64). ``launch``: see
+    kernels/_launch.py."""
     mu, logvar, prior_mu, prior_logvar = _check("reparameterize_kl (triton)", mu, logvar, prior_mu, prior_logvar,
                                                 seed)
     B, D = _rows(mu)
@@ -183,16 +186,18 @@ def reparameterize_kl_forward(mu, logvar, prior_mu, prior_logvar, seed: int, ele
     kl = torch.empty_like(mu) if elementwise else torch.empty((B, splits), dtype=_math_dtype(mu.dtype),
                                                               device=mu.device)
     prior = prior_mu is not None
-    _fwd_kernel[(B, splits)](
-        mu, logvar, prior_mu if prior else mu, prior_logvar if prior else mu, z, kl, kl, seed, D, cols, splits,
-        PRIOR=prior, ELEMENTWISE=elementwise, ACC=_acc(mu.dtype), CAST_F32=INTERPRET,
-        INT64=mu.numel() + 4 * G > _INT32_MAX, G=G)
+    launch(Launch(_fwd_kernel, (B, splits),
+                  (mu, logvar, prior_mu if prior else mu, prior_logvar if prior else mu, z, kl, kl, seed, D, cols,
+                   splits),
+                  dict(PRIOR=prior, ELEMENTWISE=elementwise, ACC=_acc(mu.dtype), CAST_F32=INTERPRET,
+                       INT64=mu.numel() + 4 * G > _INT32_MAX, G=G)))
     if not elementwise:
         kl = kl.sum(1) if splits > 1 else kl.view(B)
     return z, kl
 
 
-def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed: int, output_mask):
+def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed: int, output_mask, *,
+                               launch=start):
     """(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar); an entry not asked for (or a prior gradient
     without a prior) is empty. grad_kl: per row [B] or mu's shape, in fp32 (fp64 for fp64)."""
     who = "reparameterize_kl (triton)"
@@ -217,13 +222,14 @@ def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logv
     n = mu.numel()
     if n == 0 or not any(need):
         return tuple(outs)
-    G = 64 if INTERPRET else 256
+    # 256 rows of 4 in fp64 spill with triton 3.6 (the compile report): 128 there
+    G = 64 if INTERPRET else (128 if mu.dtype == torch.float64 else 256)
     dummy = mu
-    _bwd_kernel[(triton.cdiv(n, 4 * G),)](
-        mu, logvar, prior_mu if prior else dummy, prior_logvar if prior else dummy,
-        grad_z if grad_z is not None else dummy, grad_kl if grad_kl is not None else dummy,
-        *[o if nd else dummy for o, nd in zip(outs, need)], seed, n, D,
-        PRIOR=prior, HAS_GZ=grad_z is not None, HAS_GK=grad_kl is not None, GK_ROWS=gk_rows,
-        NEED_MU=need[0], NEED_LV=need[1], NEED_PM=need[2], NEED_PLV=need[3], ACC=_acc(mu.dtype), CAST_F32=INTERPRET,
-        INT64=n + 4 * G > _INT32_MAX, G=G)
+    launch(Launch(_bwd_kernel, (triton.cdiv(n, 4 * G),),
+                  (mu, logvar, prior_mu if prior else dummy, prior_logvar if prior else dummy,
+                   grad_z if grad_z is not None else dummy, grad_kl if grad_kl is not None else dummy,
+                   *[o if nd else dummy for o, nd in zip(outs, need)], seed, n, D),
+                  dict(PRIOR=prior, HAS_GZ=grad_z is not None, HAS_GK=grad_kl is not None, GK_ROWS=gk_rows,
+                       NEED_MU=need[0], NEED_LV=need[1], NEED_PM=need[2], NEED_PLV=need[3], ACC=_acc(mu.dtype),
+                       CAST_F32=INTERPRET, INT64=n + 4 * G > _INT32_MAX, G=G)))
     return tuple(outs)

@@ -80,7 +80,7 @@ def test_out_not_writable(name, tmp_path, capsys):
 
 def test_out_checks_use_a_real_write(tmp_path, monkeypatch):
     """check_out asks the file system (a probe file), not only os.access: a read-only mount fails it even for root."""
-    from fastgen import train as train_mod
+    from fastgen.train import common as train_mod
     from fastgen.train import OutputError, check_out
 
     def refuse(*args, **kwargs):

@@ -85,11 +85,12 @@ def test_training_twice_with_one_seed_gives_the_same_weights(model, tmp_path, tw
     vertical stack runs the Winograd kernel over several blocks."""
     require_backend(masked_conv.OP, "cpp")
     from fastgen.train import TrainConfig, train
+    from fastgen.train.pixel import PixelOptions
 
     def run(name):
-        cfg = TrainConfig(model=model, data="digits", steps=3, batch=64, channels=64, depth=2, seed=3,
+        cfg = TrainConfig(model=model, data="digits", steps=3, batch=64, channels=64, seed=3,
                           out=str(tmp_path / name), ckpt_every=0, samples=0, eval_batches=1, quiet=True,
-                          device="cpu")
+                          device="cpu", options=PixelOptions(depth=2))
         return train(cfg)["weights_sha256"]
 
     assert run("a") == run("b")

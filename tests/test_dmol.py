@@ -10,9 +10,9 @@ import torch
 import fastgen
 from fastgen.ops import dmol as ops
 from fastgen.ref import dmol as ref
-from fastgen.testing import dmol_loss_common
 
 from conftest import require_backend
+from harness import dmol_loss_common
 
 KERNELS = ["cpp", pytest.param("triton", marks=pytest.mark.triton)]
 

@@ -318,7 +318,7 @@ def test_triton_opcheck():
 def test_triton_half_precision_rule(dtype, stack, kernel):
     """fp16/bf16: error at most 2x that of the ref run in the same dtype, both against float64."""
     require_backend(ops.CONV, "triton")
-    from fastgen.testing import relative_error
+    from harness import relative_error
     dev = device_for("triton")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 6, 7, generator=gen).to(dtype)

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
+from fastgen.demo import plain_gated_pixelcnn
 from fastgen.models import GatedPixelCNN, PixelCNN
-from fastgen.testing import plain_gated_pixelcnn
 
 from conftest import mnist_crops
 

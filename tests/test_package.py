@@ -21,15 +21,21 @@ def test_installed_pure_python_build(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
                     str(tmp_path / "dist"), str(ROOT)], check=True, env=env, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("fastgen-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     assert "fastgen/kernels/__init__.py" in names and "fastgen/py.typed" in names
+    assert "fastgen/kernels/compiled.json" in names  # the compile report's record, read by the dispatch
+    assert "fastgen/train/loop.py" in names and "fastgen/demo.py" in names
+    # the test and benchmark harness stays outside the runtime package
+    assert not [n for n in names if n.endswith(".py") and b"import pytest" in archive.read(n)]
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package would be installed"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
                     str(wheel)], check=True, cwd=tmp_path)
-    code = ("import fastgen, fastgen.kernels, torch;"
+    code = ("import fastgen, fastgen.kernels, fastgen.cli, fastgen.demo, fastgen.train, torch;"
             "assert fastgen.__file__.startswith(%r), fastgen.__file__;"
             "assert fastgen.kernels.__file__.startswith(%r);"
+            "assert 'sm_90' in fastgen._ext.compiled_archs('triton', 'masked_conv2d');"
             "info = fastgen.backends(); print(info['extension']['cpp']);"
             "y = fastgen.MaskedConv2d('A', 1, 2, 3, padding=1)(torch.randn(1, 1, 4, 4)); print(tuple(y.shape))"
             % (str(target), str(target)))
@@ -74,9 +80,10 @@ def test_build_requirements_can_read_the_metadata():
     assert " pillow " in install and " tqdm " in install
 
 
-def test_package_data_has_py_typed():
-    assert (ROOT / "fastgen" / "py.typed").exists()
-    assert 'package_data={"fastgen": ["py.typed"]}' in (ROOT / "setup.py").read_text()
+def test_package_data_has_py_typed_and_the_compile_record():
+    assert (ROOT / "fastgen" / "py.typed").exists() and (ROOT / "kernels" / "compiled.json").exists()
+    setup = (ROOT / "setup.py").read_text()
+    assert '"fastgen": ["py.typed"]' in setup and '"fastgen.kernels": ["compiled.json"]' in setup
 
 
 def test_version_and_help_text(capsys):

@@ -13,6 +13,7 @@ from conftest import assert_cli_error
 from test_train import TINY, run
 
 from fastgen import cli
+from fastgen.demo import run_demo
 from fastgen.data import DatasetMissingError, load_dataset, read_png, save_grid
 from fastgen.train import load_model
 
@@ -124,8 +125,8 @@ def test_demo_compares_cached_and_naive_sampling(tmp_path, capsys):
         load_dataset("binarized-mnist", "test")
     except DatasetMissingError as e:
         pytest.skip(str(e))
-    summary = cli.run_demo(steps=2, batch=4, channels=8, layers=1, test_images=8, samples=0, compare_steps=0,
-                           sample_batch=2, out=str(tmp_path), quiet=True)
+    summary = run_demo(steps=2, batch=4, channels=8, layers=1, test_images=8, samples=0, compare_steps=0,
+                       sample_batch=2, out=str(tmp_path), quiet=True)
     out = capsys.readouterr().out
     assert "sampling 2 images: cached" in out and "extrapolated from 56 of 784 pixel steps" in out
     assert "warning" not in out

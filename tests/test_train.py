@@ -369,7 +369,7 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_finishes_the_same_run(si
 
 
 def test_signal_handling_is_deferred_then_restored():
-    from fastgen.train import _Interrupted, _Signals
+    from fastgen.train.loop import _Interrupted, _Signals
 
     def deliver(sig):
         os.kill(os.getpid(), sig)
@@ -397,19 +397,19 @@ def test_signal_handling_is_deferred_then_restored():
 
 def test_a_signal_during_an_evaluation_abandons_it_and_the_resumed_run_redoes_it(tmp_path, capsys, monkeypatch,
                                                                                    digits):
-    from fastgen.train import PixelKind
+    from fastgen.train.pixel import PixelFamily
     common = ["train", "gated-pixelcnn", "--data", "digits", "--steps", "6", "--eval-every", "3", "--log-every", "1",
               "--samples", "0", "--eval-batches", "2", "--backend", "ref"] + TINY
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert run(common + ["--out", str(straight)], capsys)[0] == 0
-    evaluate_ = PixelKind.evaluate
+    evaluate_ = PixelFamily.evaluate
 
     def interrupted(self, *args, **kwargs):  # Ctrl-C while the evaluation at step 3 runs
         if not kwargs["final"]:
             os.kill(os.getpid(), signal.SIGINT)
         return evaluate_(self, *args, **kwargs)
 
-    monkeypatch.setattr(PixelKind, "evaluate", interrupted)
+    monkeypatch.setattr(PixelFamily, "evaluate", interrupted)
     code, stdout, err = run(common + ["--out", str(out)], capsys)
     assert code == 130 and "interrupted by SIGINT at step 3 of 6" in stdout, err
     ckpt = read_checkpoint(str(out))

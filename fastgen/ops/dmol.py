@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from fastgen import _ext
-from fastgen._dispatch import BadCall, Examples, example_randn, new_op, takes
+from fastgen._dispatch import BadCall, Examples, example_randn, explicit, new_op, takes, vjp
 from fastgen._seed import generator
 from fastgen.ref import dmol as ref
 from fastgen.ref.dmol import infer_nr_mix
@@ -121,13 +121,22 @@ class DmolNLL(torch.autograd.Function):
     def forward(ctx, x, params, nr_mix, backend):
         ctx.save_for_backward(x, params)
         ctx.args = (nr_mix, backend)
+        ctx.explicit = explicit()
         return _kernels(backend)[0](x, params, nr_mix)
 
     @staticmethod
     def backward(ctx, grad):
         x, params = ctx.saved_tensors
         nr_mix, backend = ctx.args
-        grad_params = _kernels(backend)[1](grad.contiguous(), x, params, nr_mix) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+
+        def ref_grads():
+            return vjp(lambda p: ref.discretized_mix_logistic_nll(x, p, nr_mix, "none"), (params,), [True],
+                       (grad,))[0]
+
+        grad_params = OP.backward(backend, ctx.explicit, lambda: _kernels(backend)[1](grad.contiguous(), x, params,
+                                                                                       nr_mix), ref_grads)
         return None, grad_params, None, None
 
 
@@ -187,7 +196,7 @@ def discretized_mix_logistic_nll(x, params, *, nr_mix=None, reduction="sum", bac
     float16 or bfloat16 params is float32 (an image's NLL overflows float16
     where float32 holds it: fastgen.ref.precision)."""
     c = make_call(x, params, nr_mix, reduction)
-    return OP.run(c, params.device.type, backend)
+    return OP.run(c, params.device, backend)
 
 
 def sample_discretized_mix_logistic(params, *, channels=None, nr_mix=None, seed=None, temperature=1.0):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import BadCall, Examples, autocast, example_randn, new_op, takes
+from fastgen._dispatch import BadCall, Examples, autocast, example_randn, explicit, new_op, takes, vjp
 from fastgen.ops.masked_conv import (_CPP_FAST, FLOAT_DTYPES, _kernel_layout, asked_grads, masked_conv2d,
                                      masked_conv2d_op)
 from fastgen.ref import gated as ref
@@ -178,7 +178,7 @@ def vertical_conv2d(input, weight, bias=None, *, shift=0, backend=None):
     if isinstance(input, torch.Tensor):
         input, weight, bias = autocast(input.device.type, input, weight, bias)
     c = make_vertical_call(input, weight, bias, shift)
-    return VERTICAL.run(c, input.device.type, backend)
+    return VERTICAL.run(c, input.device, backend)
 
 
 # ---- registered kernel ops with autograd -----------------------------------------------------------------------
@@ -234,6 +234,7 @@ def _act_setup(ctx, inputs, output):
     x, cond, data_channels, backend = inputs
     ctx.save_for_backward(x, cond)
     ctx.args = (data_channels, backend)
+    ctx.explicit = explicit()
 
 
 def _act_backward(ctx, grad_out):
@@ -243,8 +244,14 @@ def _act_backward(ctx, grad_out):
     # does) rather than written twice
     full_map = cond is not None and cond.shape == x.shape
     ask = [need[0] or (need[1] and full_map), need[1] and not full_map]
-    grads = gated_activation_grad_op(grad_out.contiguous(memory_format=_kernel_layout(grad_out))
-                                     if grad_out.dim() == 4 else grad_out.contiguous(), x, cond, *ctx.args, ask)
+    data_channels, backend = ctx.args
+
+    def ref_grads():
+        return vjp(lambda x, c: ref.gated_activation(x, c, data_channels), (x, cond), ask, (grad_out,))
+
+    grads = ACT.backward(backend, ctx.explicit, lambda: gated_activation_grad_op(
+        grad_out.contiguous(memory_format=_kernel_layout(grad_out)) if grad_out.dim() == 4 else grad_out.contiguous(),
+        x, cond, *ctx.args, ask), ref_grads)
     grad_cond = (grads[0] if full_map else grads[1]) if need[1] else None
     return grads[0] if need[0] else None, grad_cond, None, None
 
@@ -294,14 +301,21 @@ def _conv_setup(ctx, inputs, output):
     x, weight, bias, cond, stack, mask_type, data_channels = inputs
     ctx.save_for_backward(x, weight, bias, cond)
     ctx.args = (stack, mask_type, data_channels)
+    ctx.explicit = explicit()
 
 
 def _conv_backward(ctx, grad_out):
     x, weight, bias, cond = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2],
             cond is not None and ctx.needs_input_grad[3]]
-    grads = gated_conv2d_grad_op(grad_out.contiguous(memory_format=_kernel_layout(grad_out)), x, weight, bias, cond,
-                                 *ctx.args, need)
+
+    def ref_grads():
+        return vjp(lambda x, w, b, c: ref.gated_conv2d(x, w, b, c, *ctx.args), (x, weight, bias, cond), need,
+                   (grad_out,))
+
+    grads = CONV.backward("triton", ctx.explicit, lambda: gated_conv2d_grad_op(
+        grad_out.contiguous(memory_format=_kernel_layout(grad_out)), x, weight, bias, cond, *ctx.args, need),
+        ref_grads)
     return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
 
 
@@ -386,7 +400,7 @@ def gated_activation(input, cond=None, *, data_channels=1, backend=None):
     if isinstance(input, torch.Tensor):
         input, cond = autocast(input.device.type, input, cond)
     c = make_act_call(input, cond, data_channels)
-    return ACT.run(c, input.device.type, backend)
+    return ACT.run(c, input.device, backend)
 
 
 def gated_conv2d(input, weight, bias=None, cond=None, *, stack="horizontal", mask_type="B", data_channels=1,
@@ -399,7 +413,7 @@ def gated_conv2d(input, weight, bias=None, cond=None, *, stack="horizontal", mas
     if isinstance(input, torch.Tensor):
         input, weight, bias, cond = autocast(input.device.type, input, weight, bias, cond)
     c = make_conv_call(input, weight, bias, cond, stack, mask_type, data_channels)
-    return CONV.run(c, input.device.type, backend)
+    return CONV.run(c, input.device, backend)
 
 
 # ---- the op contract (tests/test_op_contract.py) -----------------------------------------------------------

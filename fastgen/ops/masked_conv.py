@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
-from fastgen._dispatch import BadCall, Examples, autocast, example_randn, new_op, takes
+from fastgen._dispatch import BadCall, Examples, autocast, example_randn, explicit, new_op, takes, vjp
 from fastgen.ref import masked_conv as ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -266,14 +266,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight)
     ctx.args = (mask_type, data_channels, padding, dilation, backend)
     ctx.has_bias = bias is not None
+    ctx.explicit = explicit()
 
 
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    mask_type, data_channels, padding, dilation, backend = ctx.args
+
+    def ref_grads():
+        gx, gw = vjp(lambda x, w: ref.masked_conv2d(x, w, None, mask_type, data_channels, padding, dilation),
+                     (x, weight), need[:2], (grad_out,))
+        return gx, gw, grad_out.sum((0, 2, 3)).to(weight.dtype) if need[2] else None
+
     # channels_last grad_out is read in place; anything else (e.g. expanded) is made dense
-    grads = masked_conv2d_grad_op(grad_out.contiguous(memory_format=_kernel_layout(grad_out)), x, weight, *ctx.args,
-                                  need)
+    grads = OP.backward(backend, ctx.explicit, lambda: masked_conv2d_grad_op(
+        grad_out.contiguous(memory_format=_kernel_layout(grad_out)), x, weight, *ctx.args, need), ref_grads)
     return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 5
 
 
@@ -345,7 +353,7 @@ def masked_conv2d(input, weight, bias=None, padding=0, dilation=1, *, mask_type=
     if isinstance(input, torch.Tensor):
         input, weight, bias = autocast(input.device.type, input, weight, bias)
     c = make_call(input, weight, bias, mask_type, data_channels, padding, dilation, stride, groups)
-    return OP.run(c, input.device.type, backend)
+    return OP.run(c, input.device, backend)
 
 
 # ---- the op contract (tests/test_op_contract.py) -----------------------------------------------------------

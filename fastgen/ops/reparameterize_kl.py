@@ -16,7 +16,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from fastgen import _ext
-from fastgen._dispatch import BadCall, Examples, example_randn, new_op, takes
+from fastgen._dispatch import BadCall, Examples, example_randn, explicit, new_op, takes, vjp
 from fastgen._seed import check_seed, draw_seed
 from fastgen.ref import reparameterize_kl as ref
 from fastgen.ref.precision import REDUCTIONS, compute_dtype, output_dtype
@@ -130,20 +130,28 @@ class ReparameterizeKL(torch.autograd.Function):
     def forward(ctx, mu, logvar, prior_mu, prior_logvar, seed, elementwise, backend):
         z, kl = _kernels(backend)[0](mu, logvar, prior_mu, prior_logvar, seed, elementwise)
         ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-        ctx.args = (seed, backend)
+        ctx.args = (seed, backend, elementwise)
+        ctx.explicit = explicit()
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
         mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-        seed, backend = ctx.args
+        seed, backend, elementwise = ctx.args
         prior = prior_mu is not None
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], prior and ctx.needs_input_grad[2],
                 prior and ctx.needs_input_grad[3]]
         if grad_kl is not None:  # the kernels read it in the math type
             grad_kl = grad_kl.to(compute_dtype(mu.dtype)).contiguous()
-        grads = _kernels(backend)[1](None if grad_z is None else grad_z.contiguous(), grad_kl, mu, logvar,
-                                     prior_mu, prior_logvar, seed, need)
+
+        def ref_grads():  # ref draws the same noise from the seed
+            return vjp(lambda m, lv, pm, plv: ref.reparameterize_kl(m, lv, pm, plv, seed,
+                                                                    "none" if elementwise else "sum"),
+                       (mu, logvar, prior_mu, prior_logvar), need, (grad_z, grad_kl))
+
+        grads = OP.backward(backend, ctx.explicit, lambda: _kernels(backend)[1](
+            None if grad_z is None else grad_z.contiguous(), grad_kl, mu, logvar, prior_mu, prior_logvar, seed, need),
+            ref_grads)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
 
 
@@ -219,7 +227,7 @@ def reparameterize_kl(mu, logvar, *, prior_mu=None, prior_logvar=None, seed=None
     reproducible). The same seed gives the same eps, on every backend
     (fastgen.ref.reparameterize_kl)."""
     c = make_call(mu, logvar, prior_mu, prior_logvar, seed, reduction)
-    return OP.run(c, mu.device.type, backend)
+    return OP.run(c, mu.device, backend)
 
 
 # ---- the op contract (tests/test_op_contract.py) -----------------------------------------------------------

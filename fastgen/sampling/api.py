@@ -208,10 +208,10 @@ def _run_program(prog, likelihood, levels, table, temperature, u, images, progre
     """A compiled program (fastgen.sampling.causality.check) on the dispatched engine."""
     if likelihood == "logistic-mixture":
         job = dict(prog=prog, u=u, feed=table, temperature=temperature, images=images, progress=progress)
-        return SCHEDULE_OP.run(job, prog.device.type, backend)
+        return SCHEDULE_OP.run(job, prog.device, backend)
     job = dict(prog=prog, u=u, feed=table, likelihood=likelihood, levels=levels, temperature=temperature,
                images=images, progress=progress)
-    return OP.run(job, prog.device.type, backend)
+    return OP.run(job, prog.device, backend)
 
 
 def _checked(model, n, likelihood, levels, shape, condition, feed):
@@ -222,6 +222,12 @@ def _checked(model, n, likelihood, levels, shape, condition, feed):
     prog, why = causality.check(model, n=n, likelihood=likelihood, levels=levels, shape=shape,
                                 condition=condition, table=table)
     return prog, why, table
+
+
+def engine_backend(backend: Optional[str]) -> Optional[str]:
+    """``backend`` if the cached engine has it, else None (dispatch): like the
+    layers, a forced name applies to each op that has it (a command's --backend)."""
+    return backend if backend in OP.backends else None
 
 
 @torch.no_grad()

@@ -1,11 +1,11 @@
-"""Baselines and helpers shared by the benchmarks, the tests and the demo.
+"""The benchmarks' harness: baselines, contenders, the checks before timing, memory, the table. Not part of
+the installed package: the benchmarks (and the tests that check a baseline) import it as ``harness``
+(pyproject's pytest ``pythonpath``).
 
 * :class:`MaskBufferConv2d`: the common masked convolution found in the wild
   (a ``mask`` buffer, ``self.weight.data *= self.mask`` then the full conv);
-* :class:`RefMaskedConv2d`: an ``nn.Conv2d`` running fastgen's float reference
-  (what ``torch.compile`` is given in the benchmarks);
-* :class:`PlainGatedMaskedConv2d` / :func:`plain_gated_pixelcnn`: the Gated
-  PixelCNN written in plain PyTorch (the gated benchmarks' and the demo's baseline);
+* ``RefMaskedConv2d``, ``PlainGatedMaskedConv2d``, ``plain_gated_pixelcnn``,
+  ``OtherLoad`` come from fastgen.demo (the demo times the same baseline);
 * :func:`make_masked_conv`: one contender of the masked-conv benchmarks by name;
 * :func:`relative_error` / :func:`tolerance`: the numbers contract of DESIGN.md;
 * :func:`peak_rss`: peak resident memory of a contender's steps, measured in a
@@ -13,10 +13,9 @@
 * :class:`OtherLoad`: how much CPU other processes took while a timing ran
   (shared machines);
 * :func:`format_table` / :func:`table_from_json`: the compact benchmark table
-  (``python -m fastgen.testing results.json [more runs ...]`` prints it for
+  (``python benchmarks/harness.py results.json [more runs ...]`` prints it for
   ``--benchmark-json`` files).
 """
-import copy
 import json
 import math
 import os
@@ -29,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.ref.gated import split_gate
-from fastgen.ref.masked_conv import causal_mask, centre_channel_mask
-from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
+from fastgen.demo import OtherLoad, PlainGatedMaskedConv2d, RefMaskedConv2d, plain_gated_pixelcnn
+from fastgen.ref.masked_conv import causal_mask
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class MaskBufferConv2d(nn.Conv2d):
@@ -49,19 +49,6 @@ class MaskBufferConv2d(nn.Conv2d):
     def forward(self, x):
         self.weight.data *= self.mask
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class RefMaskedConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` whose forward is fastgen's reference masked conv
-    (``conv2d(x, weight * mask)``); the torch.compile contender compiles this."""
-
-    def __init__(self, mask_type, *args, data_channels=1, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.mask_type, self.data_channels = mask_type, data_channels
-
-    def forward(self, x):
-        return ref_masked_conv2d(x, self.weight, self.bias, self.mask_type, self.data_channels, self.padding,
-                                 self.dilation)
 
 
 COMMON = "common"
@@ -98,84 +85,6 @@ def make_masked_conv(contender, in_channels, out_channels, kernel_size, mask_typ
     if contender == COMPILED:
         return torch.compile(mod, dynamic=False, **({"mode": compile_mode} if compile_mode else {}))
     return mod
-
-
-# ---- the plain-PyTorch Gated PixelCNN (the baseline of the gated benchmarks and the demo) -----------------
-
-class PlainGatedMaskedConv2d(nn.Module):
-    """The Gated PixelCNN layer as it is commonly written in PyTorch: padded
-    convolutions cropped to the causal window, the mask-A pixel hidden by
-    ``weight * mask``, ``chunk`` and ``tanh * sigmoid``. Same math and parameter
-    names as fastgen.GatedMaskedConv2d (its state_dict loads; the mask is a buffer)."""
-
-    def __init__(self, in_channels, channels, kernel_size=3, mask_type="B", data_channels=1, num_classes=None,
-                 residual=None, last=False):
-        super().__init__()
-        k, half = kernel_size, kernel_size // 2 + 1
-        self.channels, self.mask_type, self.data_channels = channels, mask_type, data_channels
-        self.residual = mask_type == "B" and in_channels == channels if residual is None else residual
-        self.v_conv = nn.Conv2d(in_channels, 2 * channels, (half, k), padding=(k // 2, k // 2))
-        self.h_conv = nn.Conv2d(in_channels, 2 * channels, (1, half), padding=(0, k // 2))
-        mask = torch.ones_like(self.h_conv.weight)
-        mask[:, :, 0, -1] = centre_channel_mask(2 * channels, in_channels, mask_type, data_channels)
-        self.register_buffer("h_mask", mask)
-        self.link = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)
-        self.last = last
-        if not last:
-            self.res = RefMaskedConv2d("B", channels, channels, 1, data_channels=data_channels)
-        self.skip = RefMaskedConv2d("B", channels, channels, 1, data_channels=data_channels)
-        if num_classes is not None:
-            if not last:
-                self.label_v = nn.Embedding(num_classes, 2 * channels)
-            self.label_h = nn.Embedding(num_classes, 2 * channels)
-
-    def gate(self, x):
-        if self.data_channels == 1:
-            f, g = x.chunk(2, dim=1)
-        else:
-            f, g = split_gate(x, self.data_channels)
-        return torch.tanh(f) * torch.sigmoid(g)
-
-    def forward(self, v, h=None, label=None):
-        h = v if h is None else h
-        height, width = v.shape[2:]
-        v_pre = self.v_conv(v)[:, :, :height]
-        h_pre = F.conv2d(h, self.h_conv.weight * self.h_mask, self.h_conv.bias, padding=self.h_conv.padding)
-        h_pre = h_pre[:, :, :, :width]
-        shifted = F.pad(v_pre, (0, 0, 1, 0))[:, :, :height]
-        h_pre = h_pre + self.link(shifted)
-        if label is not None:
-            h_pre = h_pre + self.label_h(label)[:, :, None, None]
-        gated = self.gate(h_pre)
-        if self.last:
-            return None, None, self.skip(gated)
-        if label is not None:
-            v_pre = v_pre + self.label_v(label)[:, :, None, None]
-        h_out = self.res(gated)
-        if self.residual:
-            h_out = h_out + h
-        return self.gate(v_pre), h_out, self.skip(gated)
-
-
-def plain_gated_pixelcnn(model):
-    """A copy of a fastgen.models.GatedPixelCNN written in plain PyTorch
-    (:class:`PlainGatedMaskedConv2d`, mask-multiply 1x1 convolutions), with
-    identical weights: the baseline of the gated benchmarks and the demo."""
-    from fastgen.models import GatedPixelCNN
-    plain = copy.deepcopy(model)
-    dc = model.data_channels
-    for i, layer in enumerate(model.layers):
-        plain.layers[i] = PlainGatedMaskedConv2d(layer.in_channels, layer.channels, layer.kernel_size,
-                                                 layer.mask_type, dc, layer.num_classes, layer.residual, layer.last)
-    for i, m in enumerate(model.head):
-        if isinstance(m, nn.Conv2d):
-            plain.head[i] = RefMaskedConv2d("B", m.in_channels, m.out_channels, 1, data_channels=dc)
-    plain = plain.to(next(model.parameters()))
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or not all(k.endswith("h_mask") for k in missing):
-        raise RuntimeError(f"plain_gated_pixelcnn: state_dict mismatch: missing {missing}, unexpected {unexpected}")
-    assert isinstance(plain, GatedPixelCNN)
-    return plain
 
 
 GATED_CONTENDERS = ("common", "compile(common)", "fastgen", "fastgen[triton]")
@@ -397,9 +306,11 @@ def check_outcome(got, want, ref_err, dtype, record, bench_results, contender, o
 
 # ---- memory: peak RSS of a fresh subprocess --------------------------------------------------------------
 
+# the child imports this file and the benchmark builders by module name: benchmarks/ goes on its path
 _RSS_CHILD = r"""
 import json, sys
-from fastgen.testing import _rss_child_main
+sys.path.insert(0, sys.argv[2])
+from harness import _rss_child_main
 _rss_child_main(json.loads(sys.argv[1]))
 """
 
@@ -490,7 +401,7 @@ def peak_rss(contender, shape, mode="fwd+bwd", *, dtype="float32", steps=2, thre
     spec = {"contender": contender, "shape": list(shape), "mode": mode, "dtype": dtype, "steps": steps,
             "threads": threads, "builder": builder, **spec_extra}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(spec)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(spec), HERE], capture_output=True, text=True,
                           env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"peak_rss({contender!r}, {shape}, {mode!r}) failed (exit {proc.returncode}):\n"
@@ -502,49 +413,6 @@ def peak_rss(contender, shape, mode="fwd+bwd", *, dtype="float32", steps=2, thre
 
 
 # ---- how much of the machine others used while we measured ----------------------------------------------
-
-def _proc_stat_busy():
-    """(busy, total) clock ticks of all CPUs since boot; busy counts steal time too."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
-
-
-def _self_ticks():
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
-
-
-class OtherLoad:
-    """``with OtherLoad() as m: ...`` then ``m.fraction``: the share of the
-    machine's CPU time that other processes (and the hypervisor, as steal)
-    used meanwhile; 0 on a quiet machine. None where /proc is missing.
-    Timings taken while it is above a few percent are not to be trusted."""
-
-    fraction = None
-
-    def __enter__(self):
-        try:
-            self._start = (_proc_stat_busy(), _self_ticks())
-        except (OSError, ValueError, IndexError):
-            self._start = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._start is None:
-            return False
-        try:
-            (busy1, total1), me1 = _proc_stat_busy(), _self_ticks()
-        except (OSError, ValueError, IndexError):
-            return False
-        (busy0, total0), me0 = self._start
-        if total1 > total0:
-            self.fraction = max(0.0, ((busy1 - busy0) - (me1 - me0)) / (total1 - total0))
-        return False
-
 
 def sync():
     """Wait for the GPU, if there is one: a timed step ends when its kernels do."""
@@ -684,5 +552,5 @@ def table_from_json(*paths):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m fastgen.testing BENCHMARK_JSON [MORE_RUNS.json ...]")
+        sys.exit("usage: python benchmarks/harness.py BENCHMARK_JSON [MORE_RUNS.json ...]")
     print(table_from_json(*sys.argv[1:]))

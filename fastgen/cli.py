@@ -178,7 +178,7 @@ def sample_command(args) -> int:
     from fastgen._seed import check_seed
     from fastgen.data import save_grid
     from fastgen.data.images import image_format
-    from fastgen.models import VAE
+    from fastgen.models import DCGANGenerator, VAE
     from fastgen.sampling.api import engine_backend
     from fastgen.train import check_out, command_backend, grid_labels, load_model
     # every argument and the output path are checked before the (slower) model load and sampling
@@ -213,21 +213,24 @@ def sample_command(args) -> int:
     else:
         labels, nrow = grid_labels(args.n, classes, device)
 
-    vae = isinstance(model, VAE)
-    if vae and args.method not in (None, "cached"):
-        raise SampleError(f"--method {args.method} is for the pixel models: a VAE decodes prior draws in one pass")
+    vae, gan = isinstance(model, VAE), isinstance(model, DCGANGenerator)
+    if (vae or gan) and args.method not in (None, "cached"):
+        raise SampleError(f"--method {args.method} is for the pixel models: a {'VAE' if vae else 'GAN'} draws its "
+                          f"images in one pass")
     method = args.method or "cached"
     t0 = time.perf_counter()
     if vae:  # z ~ N(0, temperature^2 I), decoded to display images (0..255)
         images = model.sample(args.n, seed=args.seed, temperature=args.temperature)
+    elif gan:  # G(z) for z ~ N(0, temperature^2 I), as images on 0..255
+        images = model.sample(args.n, labels, seed=args.seed, temperature=args.temperature)
     else:
         images = model.sample(args.n, labels, temperature=args.temperature, seed=args.seed, method=method,
                               backend=engine_backend(args.backend), progress=not args.quiet)
     images = images.cpu()  # waits for a GPU to finish: the time is the whole sampling
     seconds = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_grid(images, args.out, nrow=args.nrow or nrow, levels=256 if vae else model.levels)
-    print(f"sampled {args.n} images ({'vae prior' if vae else method}) in {seconds:.2f} s: "
+    save_grid(images, args.out, nrow=args.nrow or nrow, levels=256 if vae or gan else model.levels)
+    print(f"sampled {args.n} images ({'vae prior' if vae else 'generator' if gan else method}) in {seconds:.2f} s: "
           f"{args.n / seconds:.1f} images/s; wrote {args.out}")
     return 0
 

@@ -214,7 +214,7 @@ def plan_jobs(scope="full"):
 
 
 def _specialise(job):
-    """(signature, constexprs, attrs, options) as triton's JIT would make them for this call on ``job.arch``."""
+    """(target, signature, constexprs, attrs, options) as triton's JIT makes them for this call on job.arch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature

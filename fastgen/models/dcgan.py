@@ -1,0 +1,162 @@
+"""DCGAN (Radford, Metz and Chintala 2016), unconditional or class-conditional, for square grey or RGB images
+of 28x28 (MNIST, Fashion-MNIST), 32x32, 64x64 and any size s * 2^n with s in {4, 7}, n >= 1.
+
+The five rules: strided convolutions in D and fractionally-strided (transposed) ones in G instead of pooling;
+batch norm in both (not on G's output nor D's input layer); no fully connected hidden layers (G's projection of
+z is a transposed convolution from 1x1 to s x s, D's last layer a convolution from s x s to one logit); ReLU in
+G with tanh at the output (images in [-1, 1]); LeakyReLU (0.2) in D. Weights are drawn from N(0, 0.02) and
+batch-norm scales from N(1, 0.02), biases zero, as in DCGAN.
+
+Conditional: G(z, y) joins a learned label embedding to z; D(x, y) either projects (Miyato and Koyama 2018: the
+logit gains <embed(y), sum-pooled features>, ``conditioning="projection"``) or reads one-hot label maps
+concatenated to the image (``"concat"``). Labels follow fastgen.nn.conditioning's one rule.
+
+Packing (PacGAN, Lin et al. 2018): ``DCGANDiscriminator(..., pack=m)`` judges m samples at once, stacked along
+the channels, and returns one logit per pack of m consecutive images (the batch must divide by m).
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastgen._seed import check_seed
+from fastgen.nn.conditioning import check_label
+
+CONDITIONINGS = ("projection", "concat")
+
+
+def _stages(who, image_shape):
+    """(C, S, base, n): images [C, S, S] with S = base * 2^n, base in (4, 7), n >= 1."""
+    if len(image_shape) != 3 or image_shape[1] != image_shape[2] or image_shape[0] < 1:
+        raise ValueError(f"{who}: image_shape must be (channels, size, size) of square images, got "
+                         f"{tuple(image_shape)}")
+    c, size = int(image_shape[0]), int(image_shape[1])
+    n, s = 0, size
+    while s % 2 == 0 and s > 7:
+        s, n = s // 2, n + 1
+    if s not in (4, 7) or n < 1:
+        raise ValueError(f"{who}: DCGAN makes sizes 4 * 2^n and 7 * 2^n (n >= 1: 8, 14, 16, 28, 32, 56, 64, ...), "
+                         f"got {size}")
+    return c, size, s, n
+
+
+def dcgan_init(module):
+    """DCGAN's initialisation: conv weights N(0, 0.02), batch-norm scales N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """G(z) or G(z, y): z [B, z_dim] (or [B, z_dim, 1, 1]) -> images [B, C, S, S] in [-1, 1].
+
+    Channels: ``width * 2^(n-1)`` at the first s x s map, halving at each doubling of the size to ``width``
+    before the output layer."""
+
+    def __init__(self, z_dim: int = 100, image_shape: Sequence[int] = (1, 28, 28), num_classes: Optional[int] = None,
+                 width: int = 64, embed_dim: Optional[int] = None):
+        super().__init__()
+        who = "DCGANGenerator"
+        c, size, s, n = _stages(who, image_shape)
+        if z_dim < 1 or width < 1:
+            raise ValueError(f"{who}: z_dim and width must be positive, got {z_dim} and {width}")
+        self.z_dim, self.image_shape, self.num_classes = z_dim, (c, size, size), num_classes
+        self.embed = None
+        z_in = z_dim
+        if num_classes is not None:
+            if num_classes < 2:
+                raise ValueError(f"{who}: num_classes must be >= 2 (or None), got {num_classes}")
+            self.embed = nn.Embedding(num_classes, embed_dim or min(z_dim, 50))
+            z_in += self.embed.embedding_dim
+        chans = [width * 2 ** (n - 1 - i) for i in range(n)]  # at sizes s, 2s, ..., s * 2^(n-1)
+        layers = [nn.ConvTranspose2d(z_in, chans[0], s, 1, 0, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU(True)]
+        for a, b in zip(chans, chans[1:]):
+            layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(chans[-1], c, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        dcgan_init(self)
+
+    def forward(self, z: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
+        who = "DCGANGenerator"
+        if not isinstance(z, torch.Tensor) or z.dim() not in (2, 4) or z.shape[1] != self.z_dim \
+                or (z.dim() == 4 and z.shape[2:] != (1, 1)):
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"{who}: z must be [B, {self.z_dim}] or [B, {self.z_dim}, 1, 1], got {got}")
+        check_label(who, label, z.shape[0], self.num_classes)
+        z = z.reshape(z.shape[0], self.z_dim)
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(label).to(z.dtype)], 1)
+        return self.net(z[:, :, None, None])
+
+    @torch.no_grad()
+    def sample(self, n: int, label: Optional[torch.Tensor] = None, *, seed: Optional[int] = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """``n`` images, uint8 [n, C, S, S] on 0..255, from z ~ N(0, temperature^2 I) (float64 draws from a CPU
+        generator: the same seed gives the same z on every device; None: torch's default generator), in the
+        module's current mode (eval: batch norm's running statistics)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"DCGANGenerator.sample: n must be an int >= 1, got {n!r}")
+        if not temperature > 0:
+            raise ValueError(f"DCGANGenerator.sample: temperature must be > 0, got {temperature}")
+        param = next(self.parameters())
+        gen = torch.Generator().manual_seed(check_seed(seed, "DCGANGenerator.sample")) if seed is not None else None
+        z = torch.randn(n, self.z_dim, generator=gen, dtype=torch.float64) * temperature
+        x = self(z.to(param.device, param.dtype), label)
+        return torch.round((x.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
+
+
+class DCGANDiscriminator(nn.Module):
+    """D(x) or D(x, y): images [B, C, S, S] (in [-1, 1]) -> logits [B // pack]."""
+
+    def __init__(self, image_shape: Sequence[int] = (1, 28, 28), num_classes: Optional[int] = None,
+                 width: int = 64, conditioning: str = "projection", pack: int = 1):
+        super().__init__()
+        who = "DCGANDiscriminator"
+        c, size, s, n = _stages(who, image_shape)
+        if width < 1:
+            raise ValueError(f"{who}: width must be positive, got {width}")
+        if not isinstance(pack, int) or pack < 1:
+            raise ValueError(f"{who}: pack must be a positive int, got {pack!r}")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"{who}: conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"{who}: num_classes must be >= 2 (or None), got {num_classes}")
+        if num_classes is not None and conditioning == "projection" and pack > 1:
+            raise ValueError(f"{who}: a projection head judges one label per logit; with pack={pack} use "
+                             f"conditioning='concat'")
+        self.image_shape, self.num_classes, self.pack = (c, size, size), num_classes, pack
+        self.conditioning = conditioning if num_classes is not None else None
+        c_in = (c + (num_classes if self.conditioning == "concat" else 0)) * pack
+        chans = [width * 2 ** i for i in range(n)]  # at sizes S/2, S/4, ..., s
+        layers = [nn.Conv2d(c_in, chans[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        for a, b in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv2d(chans[-1], 1, s, 1, 0, bias=False)
+        self.embed = nn.Embedding(num_classes, chans[-1]) if self.conditioning == "projection" else None
+        dcgan_init(self)
+
+    def forward(self, x: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
+        who = "DCGANDiscriminator"
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{who}: images must be [B, {', '.join(map(str, self.image_shape))}], got {got}")
+        b = x.shape[0]
+        if b % self.pack:
+            raise ValueError(f"{who}: with pack={self.pack} the batch must divide by {self.pack}, got {b}")
+        check_label(who, label, b, self.num_classes)
+        if self.conditioning == "concat":
+            maps = F.one_hot(label, self.num_classes).to(x.dtype)[:, :, None, None]
+            x = torch.cat([x, maps.expand(-1, -1, *x.shape[2:])], 1)
+        x = x.reshape(b // self.pack, -1, *x.shape[2:])  # pack consecutive images along the channels
+        h = self.features(x)
+        logit = self.head(h).flatten()
+        if self.embed is not None:
+            logit = logit + (self.embed(label).to(h.dtype) * h.sum((2, 3))).sum(1)
+        return logit

@@ -1,0 +1,264 @@
+"""GAN losses (fastgen.gan) and DCGAN's models (fastgen.models.dcgan)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from fastgen.gan import discriminator_loss, generator_loss
+from fastgen.models import DCGANDiscriminator, DCGANGenerator
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------
+
+def _textbook(real, fake):
+    """The BCE formulas on D = sigmoid(logit), in float64."""
+    d_real, d_fake = torch.sigmoid(real), torch.sigmoid(fake)
+    return (-(torch.log(d_real).mean() + torch.log(1 - d_fake).mean()), -torch.log(d_fake).mean(),
+            torch.log(1 - d_fake).mean())
+
+
+def test_losses_equal_the_textbook_formulas():
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(37, generator=gen, dtype=torch.float64) * 3, torch.randn(37, 1, generator=gen,
+                                                                                     dtype=torch.float64) * 3
+    d, g_ns, g_mm = _textbook(real, fake[:, 0])
+    torch.testing.assert_close(discriminator_loss(real, fake), d)
+    torch.testing.assert_close(generator_loss(fake), g_ns)
+    torch.testing.assert_close(generator_loss(fake, kind="minimax"), g_mm)
+    # and torch's own BCE on the logits
+    bce = nn.BCEWithLogitsLoss()
+    torch.testing.assert_close(discriminator_loss(real, fake), bce(real, torch.ones_like(real))
+                               + bce(fake[:, 0], torch.zeros_like(real)))
+
+
+@pytest.mark.parametrize("big", [100.0, 1e4])
+def test_losses_are_finite_with_gradients_where_bce_on_sigmoid_fails(big):
+    def grads(loss_fn, *logits):
+        leaves = [torch.tensor(v, requires_grad=True) for v in logits]
+        loss = loss_fn(*leaves)
+        return loss, torch.autograd.grad(loss, leaves)
+
+    # a real image D is sure is fake, a fake image D is sure is real: the errors that must be corrected
+    loss, (g_real, g_fake) = grads(discriminator_loss, [-big], [big])
+    assert loss.item() == pytest.approx(2 * big) and g_real.item() == pytest.approx(-1) and g_fake.item() == 1
+    # the non-saturating G loss keeps its gradient where D rejects the samples
+    loss, (g,) = grads(generator_loss, [-big])
+    assert loss.item() == pytest.approx(big) and g.item() == pytest.approx(-1)
+    # minimax: finite, and flat there (the saturation the non-saturating loss exists to avoid)
+    loss, (g,) = grads(lambda f: generator_loss(f, "minimax"), [-big])
+    assert torch.isfinite(loss) and abs(g.item()) < 1e-30
+    # BCELoss on sigmoid: the same real image gets no gradient at all
+    logit = torch.tensor([-big], requires_grad=True)
+    naive = nn.BCELoss()(torch.sigmoid(logit), torch.ones(1))
+    naive.backward()
+    assert abs(logit.grad.item()) < 1e-20
+
+
+def test_losses_gradcheck():
+    real = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    fake = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(discriminator_loss, (real, fake))
+    for kind in ("non_saturating", "minimax"):
+        assert torch.autograd.gradcheck(lambda f: generator_loss(f, kind), (fake,))
+
+
+def test_half_logits_give_a_float32_loss():
+    assert generator_loss(torch.randn(4, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: discriminator_loss(torch.zeros(0), torch.zeros(3)), "empty batch"),
+    (lambda: generator_loss(torch.zeros(3, 2)), "one logit per image"),
+    (lambda: generator_loss(torch.zeros(3, dtype=torch.long)), "floating tensor"),
+    (lambda: generator_loss(torch.zeros(3), kind="wgan"), "kind must be one of"),
+])
+def test_bad_loss_calls(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 14, 14)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_shapes_and_ranges(shape, num_classes):
+    g = DCGANGenerator(z_dim=16, image_shape=shape, num_classes=num_classes, width=8)
+    label = torch.arange(5) % 10 if num_classes else None
+    x = g(torch.randn(5, 16), label)
+    assert x.shape == (5, *shape) and x.abs().max() <= 1
+    for cond in ("projection", "concat"):
+        d = DCGANDiscriminator(shape, num_classes=num_classes, width=8, conditioning=cond)
+        assert d(x, label).shape == (5,)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_dcgan_rules(shape):
+    g, d = DCGANGenerator(16, shape, width=8), DCGANDiscriminator(shape, width=8)
+    for m in (g, d):
+        kinds = {type(x) for x in m.modules()}
+        assert not kinds & {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.Upsample}
+    # G: transposed convs, BN + ReLU after each but the last, tanh at the output
+    gl = list(g.net)
+    assert all(isinstance(x, nn.ConvTranspose2d) for x in gl[::3])
+    assert all(isinstance(x, nn.BatchNorm2d) for x in gl[1:-2:3]) and all(isinstance(x, nn.ReLU) for x in gl[2:-2:3])
+    assert isinstance(gl[-1], nn.Tanh) and isinstance(gl[-2], nn.ConvTranspose2d)
+    # D: strided convs, LeakyReLU(0.2), no BN on the input layer, BN on every later one
+    dl = list(d.features)
+    assert isinstance(dl[0], nn.Conv2d) and dl[0].stride == (2, 2) and isinstance(dl[1], nn.LeakyReLU)
+    convs = [x for x in dl if isinstance(x, nn.Conv2d)]
+    assert all(c.stride == (2, 2) for c in convs)
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in dl) == len(convs) - 1
+    assert all(x.negative_slope == 0.2 for x in dl if isinstance(x, nn.LeakyReLU))
+
+
+def test_dcgan_initialisation():
+    g = DCGANGenerator(100, (3, 64, 64))
+    w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, nn.ConvTranspose2d)])
+    bn = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert abs(w.mean()) < 1e-3 and abs(w.std() - 0.02) < 1e-3
+    assert abs(bn.mean() - 1) < 5e-3 and abs(bn.std() - 0.02) < 5e-3
+
+
+def test_packing_judges_m_images_per_logit():
+    d = DCGANDiscriminator((1, 28, 28), width=8, pack=2)
+    x = torch.randn(6, 1, 28, 28)
+    assert d(x).shape == (3,)
+    assert d.features[0].in_channels == 2
+    # a pack is its consecutive images: changing image 5 changes logit 2 only
+    y = x.clone()
+    y[5] += 1
+    d.eval()
+    diff = (d(x) - d(y)).abs()
+    assert diff[2] > 0 and (diff[:2] == 0).all()
+    with pytest.raises(ValueError, match="divide by 2"):
+        d(x[:5])
+    assert DCGANDiscriminator((1, 28, 28), num_classes=10, width=8, conditioning="concat", pack=2)(
+        x, torch.arange(6)).shape == (3,)
+
+
+def test_the_projection_head_uses_the_label():
+    d = DCGANDiscriminator((1, 28, 28), num_classes=10, width=8).eval()
+    x = torch.randn(4, 1, 28, 28)
+    assert not torch.allclose(d(x, torch.zeros(4, dtype=torch.long)), d(x, torch.ones(4, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: DCGANGenerator(image_shape=(1, 30, 30)), "sizes 4 \\* 2\\^n and 7 \\* 2\\^n"),
+    (lambda: DCGANGenerator(image_shape=(1, 28, 32)), "square"),
+    (lambda: DCGANDiscriminator(image_shape=(1, 7, 7)), "n >= 1"),
+    (lambda: DCGANDiscriminator(num_classes=10, pack=2), "conditioning='concat'"),
+    (lambda: DCGANDiscriminator(conditioning="film"), "conditioning must be one of"),
+    (lambda: DCGANGenerator(8, num_classes=10)(torch.randn(2, 8)), "class-conditional"),
+    (lambda: DCGANGenerator(8, num_classes=10)(torch.randn(2, 8), torch.tensor([0, 10])), "labels must be in"),
+    (lambda: DCGANGenerator(8)(torch.randn(2, 8), torch.tensor([0, 1])), "not class-conditional"),
+    (lambda: DCGANGenerator(8)(torch.randn(2, 9)), "z must be"),
+    (lambda: DCGANDiscriminator()(torch.randn(2, 1, 32, 32)), "images must be"),
+])
+def test_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# ---- training: python -m fastgen train dcgan | cgan ------------------------------------------------------------
+
+import json  # noqa: E402
+import types  # noqa: E402
+
+from fastgen.train import load_model, read_checkpoint  # noqa: E402
+from fastgen.train.gan import GANFamily, GANOptions  # noqa: E402
+from fastgen.train.family import Run  # noqa: E402
+
+from conftest import assert_cli_error, run_cli as run  # noqa: E402
+
+GAN_TINY = ["--data", "digits", "--batch", "16", "--channels", "8", "--z-dim", "8", "--quiet"]
+
+
+@pytest.mark.parametrize("model, extra", [("dcgan", []), ("cgan", ["--conditioning", "concat", "--pack", "2",
+                                                                     "--ema", "0.9", "--d-steps", "2"])])
+def test_trains_and_writes_its_png_and_samples(model, extra, tmp_path, capsys, digits):
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", model, "--steps", "4", "--samples", "10", "--out", str(out)] + GAN_TINY + extra,
+                            capsys)
+    assert code == 0, err
+    assert "D(x)" in stdout and "D(G(z))" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 4 and 0 < summary["test_d_real"] < 1 and 0 < summary["test_d_fake"] < 1
+    ckpt = read_checkpoint(str(out))
+    assert {"generator", "discriminator", "g_optimizer", "d_optimizer"} <= set(ckpt)
+    assert ("generator_ema" in ckpt) == ("--ema" in extra)
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    g = load_model(str(out))
+    assert isinstance(g, DCGANGenerator) and (g.num_classes == 10) == (model == "cgan")
+    code, stdout, err = run(["sample", str(out), "--n", "6", "--out", str(tmp_path / "s.png")]
+                            + (["--label", "3"] if model == "cgan" else []), capsys)
+    assert code == 0 and "generator" in stdout, err
+    assert_cli_error(["sample", str(out), "--n", "6", "--method", "naive", "--out", str(tmp_path / "t.png")],
+                     "a GAN draws its images in one pass", capsys)
+
+
+def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, capsys, digits):
+    common = ["train", "dcgan", "--steps", "6", "--log-every", "1", "--samples", "0", "--eval-batches", "1",
+              "--ema", "0.5"] + GAN_TINY
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    assert run(common + ["--out", str(straight)], capsys)[0] == 0
+    assert run(common + ["--out", str(paused), "--stop-at", "3"], capsys)[0] == 0
+    code, stdout, err = run(["train", "dcgan", "--resume", "--out", str(paused), "--quiet"], capsys)
+    assert code == 0 and "resuming at step 3 of 6" in stdout, err
+    def curve(out):
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["d_loss"], r["g_loss"], r["d_real"]) for r in lines if r["kind"] == "train"]
+
+    assert curve(paused) == curve(straight) and [s for s, *_ in curve(paused)] == [1, 2, 3, 4, 5, 6]
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (straight, paused))
+    assert a["weights_sha256"] == b["weights_sha256"]
+
+
+def test_bad_gan_options_are_clear_errors(tmp_path, capsys, digits):
+    base = ["train", "dcgan", "--steps", "1", "--out", str(tmp_path / "r")] + GAN_TINY
+    assert_cli_error(base + ["--pack", "3"], "--batch 16 must divide by --pack 3", capsys)
+    assert_cli_error(base + ["--ema", "1.5"], "--ema must be in [0, 1)", capsys)
+    assert_cli_error(base + ["--d-steps", "0"], "d_steps must be >= 1", capsys)
+
+
+def _family(**options):
+    opts = dict(z_dim=8, g_loss="non_saturating", d_steps=1, pack=1, ema=0.0, conditioning="projection")
+    opts.update(options)
+    cfg = types.SimpleNamespace(model="dcgan", batch=8, lr=2e-4, channels=8, data="digits", options=GANOptions(**opts))
+    dist = types.SimpleNamespace(device=torch.device("cpu"), group=None)
+    family = GANFamily(Run(cfg, dist, False, 10, print, lambda record: None))
+    family.build(types.SimpleNamespace(levels=256, num_classes=10, shape=(1, 8, 8)), None)
+    return family
+
+
+def test_the_generator_step_computes_no_weight_gradient_of_d():
+    family = _family()
+    calls = {"d": 0, "g": 0}
+    family.d.requires_grad_(True)  # D is frozen between its steps; a hook needs a tensor that takes gradients
+    for name, module in (("d", family.d), ("g", family.g)):
+        for p in module.parameters():
+            p.register_hook(lambda grad, name=name: calls.__setitem__(name, calls[name] + 1))
+    family.d.requires_grad_(False)
+    n_d, n_g = len(list(family.d.parameters())), len(list(family.g.parameters()))
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    family.step(images, torch.zeros(8, dtype=torch.long), seed=1)
+    # D's weights: one gradient each (its own step); G's: one each (the G step; the D step runs G under no_grad)
+    assert calls == {"d": n_d, "g": n_g}
+    d_before = [p.detach().clone() for p in family.d.parameters()]
+    family.opt_d.step = lambda: None  # only the G step may move anything now: D must not
+    family.step(images, torch.zeros(8, dtype=torch.long), seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(d_before, family.d.parameters()))
+
+
+def test_d_steps_updates_g_every_kth_step():
+    family = _family(d_steps=3)
+    g0 = [p.detach().clone() for p in family.g.parameters()]
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    moved = []
+    for s in range(6):
+        before = [p.detach().clone() for p in family.g.parameters()]
+        scalars = family.step(images, torch.zeros(8, dtype=torch.long), seed=s)
+        moved.append(not all(torch.equal(a, b) for a, b in zip(before, family.g.parameters())))
+        assert torch.isfinite(scalars["g_loss"])
+    assert moved == [False, False, True, False, False, True] and g0

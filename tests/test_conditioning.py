@@ -11,7 +11,7 @@ from torch import nn
 import fastgen
 import fastgen.models
 from fastgen import GatedMaskedConv2d, MaskedConv2d
-from fastgen.models import GatedPixelCNN, PixelCNN, PixelCNNpp
+from fastgen.models import DCGANDiscriminator, DCGANGenerator, GatedPixelCNN, PixelCNN, PixelCNNpp
 
 CONDITIONAL = {
     PixelCNN: lambda k: PixelCNN((1, 4, 4), channels=4, blocks=1, num_classes=k),
@@ -21,11 +21,35 @@ CONDITIONAL = {
 }
 
 
+# the GAN models (no likelihood): (build(num_classes), its calls given a label or None)
+GAN_CONDITIONAL = {
+    DCGANGenerator: (lambda k: DCGANGenerator(8, (1, 8, 8), num_classes=k, width=4),
+                     [lambda m, label: m(torch.randn(2, 8), label), lambda m, label: m.sample(2, label)]),
+    DCGANDiscriminator: (lambda k: DCGANDiscriminator((1, 8, 8), num_classes=k, width=4),
+                         [lambda m, label: m(torch.randn(2, 1, 8, 8), label)]),
+}
+
+
 def test_every_conditional_model_is_covered():
     takes_classes = {cls for name in fastgen.models.__all__ for cls in [getattr(fastgen.models, name)]
                      if isinstance(cls, type) and "num_classes" in inspect.signature(cls).parameters
                      and not inspect.isabstract(cls) and cls is not fastgen.models.AutoregressiveImageModel}
-    assert takes_classes <= set(CONDITIONAL), f"add {takes_classes - set(CONDITIONAL)} to CONDITIONAL"
+    covered = set(CONDITIONAL) | set(GAN_CONDITIONAL)
+    assert takes_classes <= covered, f"add {takes_classes - covered} to CONDITIONAL or GAN_CONDITIONAL"
+
+
+@pytest.mark.parametrize("cls", list(GAN_CONDITIONAL), ids=lambda c: c.__name__)
+def test_a_gan_model_needs_its_labels_or_refuses_them(cls):
+    build, calls = GAN_CONDITIONAL[cls]
+    conditional, plain = build(3), build(None)
+    for call in calls:
+        with pytest.raises(ValueError, match=r"class-conditional \(num_classes=3\): pass label"):
+            call(conditional, None)
+        with pytest.raises(ValueError, match=r"labels must be in 0..2"):
+            call(conditional, torch.tensor([0, 3]))
+        assert torch.isfinite(call(conditional, torch.tensor([0, 2])).float()).all()
+        with pytest.raises(ValueError, match="a label was given but it is not class-conditional"):
+            call(plain, torch.tensor([0, 1]))
 
 
 def images_of(model, n=2):

@@ -174,8 +174,8 @@ def plan_jobs(scope="full"):
     ``full``: every plan in every dtype for both archs; an autotuned kernel in every config in the first plan
     that starts it in that dtype, and in its first config in the later plans (other constexprs: a config's
     resources barely move with the shape). ``ci`` (what `make test` runs in CI's time): the first plan of each op
-    in every dtype for both archs, the later plans in one dtype (bf16) for sm_90, an autotuned kernel in its
-    first config only."""
+    in every dtype for sm_90 and in bf16 for sm_80 too, the later plans in bf16 for sm_90, an autotuned kernel
+    in its first config only."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     jobs, every_config, first_plan = [], set(), {}
@@ -207,7 +207,7 @@ def plan_jobs(scope="full"):
                     configs = [({}, 4, 3)]
                 for tiles, nw, ns in configs:
                     kwargs = dict(ln.consts, **tiles, num_warps=nw, num_stages=ns)
-                    for arch in ARCHS if scope == "full" or main else ARCHS[:1]:
+                    for arch in ARCHS if scope == "full" or (main and dtype == "bf16") else ARCHS[:1]:
                         jobs.append(Job(plan.name, plan.op, dtype, name, _config_text(tiles, nw, ns), arch, fn,
                                         ln.args, kwargs, autotuned))
     return jobs

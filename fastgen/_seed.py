@@ -27,3 +27,16 @@ def generator(seed, who="seed"):
     """A CPU torch.Generator seeded by ``seed`` (checked); a fresh seed when None."""
     seed = check_seed(seed, who)
     return torch.Generator().manual_seed(draw_seed() if seed is None else seed)
+
+
+def prior_draws(who, n, dim, seed, temperature, like):
+    """(z [n, dim] ~ N(0, temperature^2 I) on ``like``'s device and dtype, the generator) of a model's
+    ``sample``: float64 draws from a CPU generator seeded by ``seed`` (checked), so a seed gives the same z on
+    every device; None: torch's default generator (and None). ``n`` and ``temperature`` are checked too."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{who}: n must be an int >= 1, got {n!r}")
+    if not temperature > 0:
+        raise ValueError(f"{who}: temperature must be > 0, got {temperature}")
+    gen = torch.Generator().manual_seed(check_seed(seed, who)) if seed is not None else None
+    z = torch.randn(n, dim, generator=gen, dtype=torch.float64) * temperature
+    return z.to(like.device, like.dtype), gen

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgen._seed import check_seed
+from fastgen._seed import prior_draws
 from fastgen.nn.conditioning import check_label
 
 CONDITIONINGS = ("projection", "concat")
@@ -100,14 +100,8 @@ class DCGANGenerator(nn.Module):
         """``n`` images, uint8 [n, C, S, S] on 0..255, from z ~ N(0, temperature^2 I) (float64 draws from a CPU
         generator: the same seed gives the same z on every device; None: torch's default generator), in the
         module's current mode (eval: batch norm's running statistics)."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"DCGANGenerator.sample: n must be an int >= 1, got {n!r}")
-        if not temperature > 0:
-            raise ValueError(f"DCGANGenerator.sample: temperature must be > 0, got {temperature}")
-        param = next(self.parameters())
-        gen = torch.Generator().manual_seed(check_seed(seed, "DCGANGenerator.sample")) if seed is not None else None
-        z = torch.randn(n, self.z_dim, generator=gen, dtype=torch.float64) * temperature
-        x = self(z.to(param.device, param.dtype), label)
+        z, _ = prior_draws("DCGANGenerator.sample", n, self.z_dim, seed, temperature, next(self.parameters()))
+        x = self(z, label)
         return torch.round((x.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
 
 

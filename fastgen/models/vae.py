@@ -38,7 +38,7 @@ from torch import nn
 
 from fastgen.nn import GaussianLatent
 from fastgen.ops.reparameterize_kl import OP as REPARAMETERIZE_KL
-from fastgen._seed import check_seed, generator
+from fastgen._seed import generator, prior_draws
 from fastgen.nn.conditioning import check_label
 from fastgen.ops.reparameterize_kl import reparameterize_kl
 
@@ -264,14 +264,8 @@ class VAE(nn.Module):
         """``n`` images from the prior, uint8 [n, C, H, W] on 0..255: z ~ N(0,
         temperature^2 I), decoded for display (``to_display``'s ``mode``).
         ``seed``: same seed, same images (None: torch's default generator)."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"VAE.sample: n must be an int >= 1, got {n!r}")
-        if not temperature > 0:
-            raise ValueError(f"VAE.sample: temperature must be > 0, got {temperature}")
-        param = next(self.parameters())
-        gen = torch.Generator().manual_seed(check_seed(seed, "VAE.sample")) if seed is not None else None
-        z = torch.randn(n, self.latent_features, generator=gen, dtype=torch.float64) * temperature
-        return self.to_display(self.decode(z.to(param.device, param.dtype)), mode, gen)
+        z, gen = prior_draws("VAE.sample", n, self.latent_features, seed, temperature, next(self.parameters()))
+        return self.to_display(self.decode(z), mode, gen)
 
     @torch.no_grad()
     def reconstruct(self, images, mode="mean"):

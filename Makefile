@@ -15,7 +15,7 @@ $(DEPS): pyproject.toml Makefile
 	@# CPU torch pin where no torch is present; an existing torch (e.g. CUDA) is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	@# setuptools>=77: pyproject.toml's build-system pin (the first to read its SPDX `license` string)
-	$(PY) -m pip install triton numpy pillow tqdm pytest pytest-benchmark ninja pybind11 "setuptools>=77" wheel scikit-learn
+	$(PY) -m pip install triton numpy pillow tqdm matplotlib pytest pytest-benchmark ninja pybind11 "setuptools>=77" wheel scikit-learn
 	@# Fashion-MNIST comes from Debian's dataset-fashion-mnist: best effort (root + apt-get), never fails make.
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

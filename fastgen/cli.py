@@ -67,6 +67,9 @@ def add_train_parser(sub):
                        help="replace the run already in OUT (its checkpoint, metrics, summary and images are "
                             "deleted); without it such a folder is refused")
     p.add_argument("--eval-every", type=int, help="evaluate on the test split every N steps (default: at the end)")
+    p.add_argument("--patience", type=int,
+                   help="stop when the run's score (test nats; a GAN's judge's Frechet distance) has not improved "
+                        "for this many evaluations (needs --eval-every); the best is kept in OUT/best.pt")
     p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps, and at the end "
                                                   f"(default {COMMON_DEFAULTS['ckpt_every']}; 0: at the end only)")
     p.add_argument("--eval-batches", type=int, help="evaluate on this many test batches (default: the whole split)")

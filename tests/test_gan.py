@@ -164,9 +164,13 @@ def test_clear_errors(make, message):
 # ---- training: python -m fastgen train dcgan | cgan ------------------------------------------------------------
 
 import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import types  # noqa: E402
 
 from fastgen.train import load_model, read_checkpoint  # noqa: E402
+from fastgen.train.common import weights_digest  # noqa: E402
 from fastgen.train.gan import GANFamily, GANOptions  # noqa: E402
 from fastgen.train.family import Run  # noqa: E402
 
@@ -213,6 +217,31 @@ def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, capsys, digits
     assert curve(paused) == curve(straight) and [s for s, *_ in curve(paused)] == [1, 2, 3, 4, 5, 6]
     a, b = (json.loads((p / "summary.json").read_text()) for p in (straight, paused))
     assert a["weights_sha256"] == b["weights_sha256"]
+
+
+@pytest.mark.parametrize("model", ["dcgan", "cgan"])
+def test_ddp_two_processes_gloo(model, tmp_path, digits):
+    """Both replicas end with rank 0's weights and buffers: DDP reduces the gradients of D's step and of G's
+    (through a frozen D), and the loop brings every rank's BatchNorm statistics to rank 0's."""
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastgen", "train", model, "--steps", "3", "--ema", "0.9", "--samples", "0",
+                           "--eval-batches", "1", "--device", "cpu", "--out", str(out)] + GAN_TINY,
+                          capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "differ" not in proc.stdout and proc.stdout.count("data: digits") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["machine"]["world_size"] == 2 and summary["step"] == 3
+    digests = summary["weights_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    ckpt, mc = read_checkpoint(str(out)), json.loads((out / "summary.json").read_text())["model_config"]
+    saved = [DCGANGenerator(**mc["generator"]), DCGANDiscriminator(**mc["discriminator"]),
+             DCGANGenerator(**mc["generator"])]
+    for module, key in zip(saved, ("generator", "discriminator", "generator_ema")):
+        module.load_state_dict(ckpt[key])
+    assert weights_digest(*saved) == digests[0]  # and rank 0 wrote them
 
 
 def test_bad_gan_options_are_clear_errors(tmp_path, capsys, digits):

@@ -195,6 +195,45 @@ def test_resuming_a_finished_run_evaluates_again_without_duplicates(tmp_path, ca
     assert json.loads(after[1])["test_nats"] == json.loads(before[1])["test_nats"]
 
 
+# ---- best.pt, --patience and curves.png ------------------------------------------------------------------------
+
+def test_best_checkpoint_patience_and_curves(tmp_path, capsys, digits):
+    """--lr 1e-12 leaves the weights as they are (the update is below float32's resolution): the test NLL never
+    improves after the first evaluation, so --patience 2 stops at the third, and best.pt holds the first."""
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", "pixelcnn", "--data", "digits", "--steps", "20", "--eval-every", "2",
+                             "--patience", "2", "--lr", "1e-12", "--eval-batches", "2", "--samples", "0",
+                             "--out", str(out)] + TINY, capsys)
+    assert code == 0, err
+    assert "has not improved for 2 evaluations" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "patience" and summary["step"] == 6 and not summary["finished"]
+    assert summary["best"]["step"] == 2 and summary["best"]["key"] == "test_nats"
+    best = read_checkpoint(str(out / "best.pt"))
+    assert best["step"] == 2 and best["best"]["value"] == summary["best"]["value"]
+    assert weights_digest(load_model(str(out / "best.pt"))) == weights_digest(load_model(str(out)))
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_checkpoint_follows_an_improving_run_and_patience_needs_evaluations(tmp_path, capsys, digits):
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", "pixelcnn", "--data", "digits", "--steps", "6", "--eval-every", "3",
+                             "--eval-batches", "2", "--samples", "0", "--lr", "3e-3", "--out", str(out)] + TINY,
+                            capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    nats = {r["step"]: r["test_nats"] for r in evals if r["kind"] == "eval"}
+    assert summary["best"]["value"] == pytest.approx(min(nats.values()), abs=1e-3)
+    assert summary["best"]["step"] == min(nats, key=nats.get)
+    assert read_checkpoint(str(out / "best.pt"))["step"] == summary["best"]["step"]
+    assert_cli_error(["train", "pixelcnn", "--data", "digits", "--steps", "2", "--patience", "2", "--out",
+                      str(tmp_path / "p")] + TINY, "--patience 2 counts evaluations: give --eval-every N too", capsys)
+    assert_cli_error(["train", "dcgan", "--data", "digits", "--steps", "2", "--eval-every", "1", "--patience", "2",
+                      "--out", str(tmp_path / "g")] + TINY[:4] + ["--quiet"], "--patience: dcgan on digits has no score",
+                     capsys)
+
+
 # ---- data parallel -------------------------------------------------------------------------------------------
 
 def test_ddp_two_processes_gloo(tmp_path, digits):
@@ -227,15 +266,16 @@ def test_an_existing_run_folder_is_refused_unless_force(tmp_path, capsys, digits
     before = (out / "checkpoint.pt").read_bytes()
     pixel = ["train", "pixelcnn", "--data", "digits", "--steps", "1", "--samples", "4", "--eval-batches", "1",
              "--out", str(out)] + TINY
-    assert_cli_error(pixel, f"--out {out} holds another run (checkpoint.pt, metrics.jsonl, summary.json, "
-                            f"samples.png, reconstructions.png, interpolation.png): continue it with --resume, "
+    assert_cli_error(pixel, f"--out {out} holds another run (checkpoint.pt, metrics.jsonl, curves.png, "
+                            f"summary.json, samples.png, reconstructions.png, interpolation.png): continue it with --resume, "
                             f"replace it with --force", capsys)
     assert (out / "checkpoint.pt").read_bytes() == before  # untouched
     assert_cli_error(pixel + ["--resume", "--force"], "not allowed with argument", capsys)
     code, _, err = run(pixel + ["--force"], capsys)
     assert code == 0, err
     assert read_checkpoint(str(out))["model_config"]["name"] == "pixelcnn"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "samples.png", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl", "samples.png",
+                                                     "summary.json"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]
     # a folder of other files is no run: it is used as it is
     other = tmp_path / "notes"

@@ -12,6 +12,7 @@ from fastgen.train.common import TrainError
 from fastgen.train.registry import FAMILIES
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # the checkpoint of the best evaluation so far (Family.best_key), written beside it
 CHECKPOINT_FORMAT = 1
 # what every checkpoint of CHECKPOINT_FORMAT holds besides its family's state (Family.state_keys)
 LOOP_KEYS = ("model_config", "step", "rng", "args")

@@ -61,6 +61,16 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_buffers(self, models):
+        """Every model's buffers (BatchNorm's running statistics) from rank 0, in place. DDP broadcasts them at
+        the start of a wrapped forward, so they drift apart in that forward and in unwrapped ones (a GAN's
+        no-grad generator pass): the loop calls this before an evaluation and at the end, so that every rank
+        evaluates, and ends with, rank 0's model."""
+        if self.group:
+            for model in models:
+                for b in model.buffers():
+                    dist.broadcast(b, 0)
+
     def barrier(self):
         if self.group:
             dist.barrier()

@@ -72,6 +72,10 @@ class Family:
     train_scalars: Tuple[str, ...] = ()  # the keys of step()'s dict, in the checkpoint's loss-window order
     unevaluated: Dict[str, Any] = {}  # the summary's evaluation entries of a run that ends without one
     state_keys: Tuple[str, ...] = ()  # the checkpoint entries of its models, optimizers and schedulers
+    best_key: Optional[str] = None  # the entry of evaluate()'s result that best.pt and --patience go by (lower is
+    # better); None: the run has none (then ``no_score`` says why)
+    no_score = ""
+    curves: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()  # curves.png: (panel title, metrics.jsonl fields) per panel
 
     def __init__(self, run: Run):
         self.run, self.cfg, self.opts = run, run.cfg, run.cfg.options
@@ -183,6 +187,8 @@ class LikelihoodFamily(Family):
     ``evaluate`` and ``write_images``."""
     MODELS: Dict[str, type] = {}  # registry name -> model class
     train_scalars = ("loss_nats",)
+    best_key = "test_nats"
+    curves = (("nats per image", ("loss_nats", "test_nats")), ("learning rate", ("lr",)))
     unevaluated = {"test_nats": None, "test_bits_per_dim": None, "test_images": None}
     state_keys = ("model", "optimizer", "scheduler")
 

@@ -3,14 +3,17 @@ generator and discriminator (fastgen.models.dcgan), the losses of fastgen.gan, A
 2e-4, betas 0.5 and 0.999, DCGAN's).
 
 A training step is one discriminator update on the step's real batch and a fresh generated one; every
-``--d-steps`` k-th step the generator is updated too (k discriminator steps, each on its own minibatch, per
-generator step). In the generator's update D's parameters are frozen: it gives only the input gradient, and
+``--d-steps`` k-th step the generator is updated too, on the same generated batch (k discriminator steps, each
+on its own minibatch, per generator step). In the generator's update D's parameters are frozen: it gives only the input gradient, and
 no weight gradient of D is computed. Noise is drawn from the step's seed, so a resumed run repeats it.
 ``--ema``: an exponential moving average of G's weights (what samples.png and ``sample`` draw from).
-Evaluation: mean D(x) on test images and D(G(z)) on as many generated ones. Images: samples.png, a grid from
-fixed noise (one class per column for cgan)."""
+Evaluation: mean D(x) on test images and D(G(z)) on as many generated ones, and the oscillation: the spread of
+D(x) - D(G(z)) over the last OSCILLATION_WINDOW training log lines. Images: samples.png, a grid from fixed noise
+(one class per column for cgan). A GAN has no likelihood: best.pt and --patience wait for the judge's score
+(fastgen.metrics, to come)"""
 import copy
 import dataclasses
+import math
 import os
 import time
 from typing import Optional
@@ -26,6 +29,7 @@ DEFAULTS = {"batch": 64, "lr": 2e-4, "channels": 64, "z_dim": 100, "g_loss": "no
             "pack": 1, "ema": 0.0, "conditioning": "projection"}
 BETAS = (0.5, 0.999)
 FIXED_NOISE_SEED = 1234  # samples.png: the same z at every evaluation of a run
+OSCILLATION_WINDOW = 20  # training log lines the oscillation measure spans
 
 
 @dataclasses.dataclass
@@ -55,17 +59,6 @@ class _DLoss(torch.nn.Module):
         return discriminator_loss(real_logits, fake_logits), real_logits.detach(), fake_logits.detach()
 
 
-class _GLoss(torch.nn.Module):
-    """G's loss through a frozen D (DDP wraps it while D is frozen: it reduces G's gradients only)."""
-
-    def __init__(self, g, d, kind):
-        super().__init__()
-        self.g, self.d, self.kind = g, d, kind
-
-    def forward(self, z, labels):
-        return generator_loss(self.d(self.g(z, labels), labels), self.kind)
-
-
 class GANFamily(Family):
     """DCGAN and the conditional DCGAN (see the module docstring)."""
     Options = GANOptions
@@ -86,8 +79,10 @@ class GANFamily(Family):
     fixed_on_resume = ("z_dim", "pack", "ema", "conditioning", "g_loss", "d_steps")
     images = ("samples.png",)
     train_scalars = ("d_loss", "g_loss", "d_real", "d_fake")
-    unevaluated = {"test_d_real": None, "test_d_fake": None}
-    state_keys = ("generator", "discriminator", "g_optimizer", "d_optimizer")
+    unevaluated = {"test_d_real": None, "test_d_fake": None, "oscillation": None}
+    no_score = "a GAN has no likelihood; its score, the judge's Frechet distance, is not in this version"
+    curves = (("losses", ("d_loss", "g_loss")), ("D(x) and D(G(z))", ("d_real", "d_fake", "test_d_real", "test_d_fake")),
+              ("oscillation: spread of D(x) - D(G(z))", ("oscillation",)))
 
     @classmethod
     def check_options(cls, opts):
@@ -127,21 +122,31 @@ class GANFamily(Family):
         except ValueError as e:  # an image size or option the architecture refuses (its message says why)
             raise TrainError(str(e)) from None
         self.conditional = conditional
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=BETAS)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=BETAS)
+        # fused: one kernel for the whole update (measured ~13% of a 28x28 CPU step faster than foreach)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=BETAS, fused=True)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=BETAS, fused=True)
         self.models = {"generator": self.g, "discriminator": self.d}
         self.optimizers = {"g_optimizer": self.opt_g, "d_optimizer": self.opt_d}
         self.ema = None
         if opts.ema:
             self.ema = copy.deepcopy(self.g).requires_grad_(False)
             self.models["generator_ema"] = self.ema
+        # what the oscillation measure remembers between evaluations (in the checkpoint)
+        self.watch = {"gaps": []}
         if ckpt:
             self.load_state_dict(ckpt)
         self.d_loss = run.wrap(_DLoss(self.d))
-        self.d.requires_grad_(False)  # frozen but in D's own step, so the G loss's DDP reduces G's gradients only
-        self.g_loss = run.wrap(_GLoss(self.g, self.d, opts.g_loss))
+        self.d.requires_grad_(False)  # frozen but in D's own step: G's step computes D's input gradient only
+        self.g_net = run.wrap(self.g)  # G's forward in the steps that update it (DDP reduces its gradients)
         self.d_updates = ckpt["step"] if ckpt else 0
         self.last_g_loss = None  # reported on the steps that do not update G (--d-steps > 1)
+
+    def state_dict(self):
+        return {**super().state_dict(), "gan_watch": self.watch}
+
+    def load_state_dict(self, ckpt):
+        super().load_state_dict(ckpt)
+        self.watch = ckpt.get("gan_watch", self.watch)
 
     def describe(self):
         mc, opts = self.model_config, self.opts
@@ -159,20 +164,23 @@ class GANFamily(Family):
         run, opts = self.run, self.opts
         real = to_unit(images, self.levels)
         y = labels if self.conditional else None
-        z_d, z_g = self._noise(2 * len(real), seed).chunk(2)
-        with torch.no_grad(), run.autocast():
-            fake = self.g(z_d, y)
+        z = self._noise(len(real), seed)
+        update_g = (self.d_updates + 1) % opts.d_steps == 0
+        # one generated batch for both updates (as DCGAN trains): D's step takes it detached; G's graph is kept
+        # only in the steps that update G
+        with torch.set_grad_enabled(update_g), run.autocast():
+            fake = (self.g_net if update_g else self.g)(z, y)
         self.d.requires_grad_(True)
         with run.autocast():
-            d_loss, real_logits, fake_logits = self.d_loss(real, fake.to(real.dtype), y)
+            d_loss, real_logits, fake_logits = self.d_loss(real, fake.detach().to(real.dtype), y)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
         self.d.requires_grad_(False)
         self.d_updates += 1
-        if self.d_updates % opts.d_steps == 0:
+        if update_g:  # through the updated D, frozen: only D's input gradient is computed
             with run.autocast():
-                g_loss = self.g_loss(z_g, y)
+                g_loss = generator_loss(self.d(fake, y), opts.g_loss)
             self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             self.opt_g.step()
@@ -183,15 +191,17 @@ class GANFamily(Family):
                         e.lerp_(p, 1 - opts.ema)
                     for e, b in zip(self.ema.buffers(), self.g.buffers()):
                         e.copy_(b)
-        elif self.last_g_loss is None:  # no G step yet: G's loss as it stands
-            with torch.no_grad(), run.autocast():
-                self.last_g_loss = self.g_loss(z_g, y).detach()
+        elif self.last_g_loss is None:  # no G step yet: G's loss as D's step saw it (no extra pass through D)
+            self.last_g_loss = generator_loss(fake_logits, opts.g_loss)
         return {"d_loss": d_loss.detach(), "g_loss": self.last_g_loss,
                 "d_real": torch.sigmoid(real_logits.float()).mean(),
                 "d_fake": torch.sigmoid(fake_logits.float()).mean()}
 
     def train_record(self, means):
         record = {k: round(v, 5) for k, v in means.items()}
+        gaps = self.watch["gaps"]
+        gaps.append(means["d_real"] - means["d_fake"])
+        del gaps[:-OSCILLATION_WINDOW]
         return record, (f"D {means['d_loss']:.3f} G {means['g_loss']:.3f} D(x) {means['d_real']:.2f} "
                         f"D(G(z)) {means['d_fake']:.2f}")
 
@@ -226,11 +236,16 @@ class GANFamily(Family):
         self.g.train(was[0])
         self.d.train(was[1])
         d_real, d_fake = real_sum / max(n, 1), fake_sum / max(n, 1)
+        gaps = self.watch["gaps"]
+        oscillation = _spread(gaps) if len(gaps) >= 2 else None
         run.log({"step": step, "kind": "eval", "test_d_real": round(d_real, 5), "test_d_fake": round(d_fake, 5),
-                 "images": n, "eval_s": round(time.perf_counter() - t0, 2)})
-        run.say(f"step {step}: D(x) {d_real:.3f} on {n} test images, D(G(z)) {d_fake:.3f} "
+                 "images": n, "oscillation": oscillation,
+                 "eval_s": round(time.perf_counter() - t0, 2)})
+        run.say(f"step {step}: D(x) {d_real:.3f} on {n} test images, D(G(z)) {d_fake:.3f}"
+                f"{f', oscillation {oscillation:.3f}' if oscillation is not None else ''} "
                 f"({time.perf_counter() - t0:.0f} s)")
-        return {"test_d_real": round(d_real, 4), "test_d_fake": round(d_fake, 4)}
+        result = {"test_d_real": round(d_real, 4), "test_d_fake": round(d_fake, 4), "oscillation": oscillation}
+        return result
 
     def write_images(self, data):
         from fastgen.data import save_grid
@@ -243,3 +258,9 @@ class GANFamily(Family):
         g.train(was)
         save_grid(images.cpu(), path, nrow=nrow)
         return [path]
+
+
+def _spread(values):
+    """The standard deviation of ``values`` (the oscillation of D(x) - D(G(z)) between log lines)."""
+    mean = sum(values) / len(values)
+    return round(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), 5)

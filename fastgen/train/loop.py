@@ -17,10 +17,11 @@ import torch
 
 from fastgen._progress import Progress
 from fastgen._seed import check_seed
-from fastgen.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, atomic_save, read_checkpoint, rng_state,
+from fastgen.train.checkpoint import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, atomic_save, read_checkpoint, rng_state,
                                       set_rng_state)
 from fastgen.train.common import (OutputError, TrainError, check_at_least, check_out, command_backend, derived_seed,
                                   weights_digest)
+from fastgen.train.curves import CURVES, draw_curves
 from fastgen.train.dist import Dist
 from fastgen.train.family import Run, fit_channels
 from fastgen.train.registry import FAMILIES
@@ -44,6 +45,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False  # replace another run's files in out (they are deleted first)
     eval_every: Optional[int] = None  # 0: evaluate at the end only
+    patience: Optional[int] = None  # stop after this many evaluations without a better score (None: never)
     ckpt_every: Optional[int] = None  # 0: checkpoint at the end only
     eval_batches: Optional[int] = None  # None: the whole test split
     samples: Optional[int] = None
@@ -71,10 +73,11 @@ COMMON_DEFAULTS = {"batch": 32, "lr": 1e-3, "seed": 0, "eval_every": 0, "ckpt_ev
 FIXED_ON_RESUME = ("model", "data", "batch", "lr", "channels", "seed")
 # options a resumed run takes from the checkpoint unless given again (not: device, backend, workers, stops); a
 # family's options are all inherited
-INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "ckpt_every", "eval_batches", "samples", "log_every")
+INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "patience", "ckpt_every", "eval_batches", "samples", "log_every")
 PAUSES = ("stop-at", "SIGINT", "SIGTERM")  # the stops that end a run to be resumed (checkpoint only)
 # the files a run writes in its folder (another run's are refused, or deleted by --force)
-RUN_FILES = tuple(dict.fromkeys((CHECKPOINT, CHECKPOINT + ".tmp", "metrics.jsonl", "summary.json")
+RUN_FILES = tuple(dict.fromkeys((CHECKPOINT, CHECKPOINT + ".tmp", BEST, BEST + ".tmp", "metrics.jsonl", CURVES,
+                                  "summary.json")
                                 + tuple(name for family in FAMILIES.values() for name in family.images)))
 
 
@@ -119,7 +122,7 @@ def _check(cfg):
         raise TrainError(str(e)) from None
     if cfg.resume and cfg.force:
         raise TrainError("give --resume (continue the run in --out) or --force (replace it), not both")
-    check_at_least(cfg, ("batch", "channels", "log_every", "steps", "eval_batches", "stop_at"), 1)
+    check_at_least(cfg, ("batch", "channels", "log_every", "steps", "eval_batches", "stop_at", "patience"), 1)
     check_at_least(cfg, ("eval_every", "ckpt_every", "samples", "num_workers"), 0)
     FAMILIES[cfg.model].check_options(cfg.options)
     if cfg.steps is not None and cfg.epochs is not None:
@@ -130,6 +133,8 @@ def _check(cfg):
         raise TrainError(f"lr must be > 0, got {cfg.lr}")
     if cfg.max_minutes is not None and not cfg.max_minutes > 0:
         raise TrainError(f"max_minutes must be > 0, got {cfg.max_minutes}")
+    if cfg.patience is not None and not cfg.eval_every:
+        raise TrainError(f"--patience {cfg.patience} counts evaluations: give --eval-every N too")
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -273,6 +278,8 @@ def _train(cfg, dist_, out):
     random.seed(cfg.seed)
     family = family_class(Run(cfg, dist_, amp, total, say, log))
     family.build(train_data, ckpt)
+    if cfg.patience and not family.best_key:
+        raise TrainError(f"--patience: {cfg.model} on {cfg.data} has no score to wait on ({family.no_score})")
     step = 0
     if ckpt:
         step = ckpt["step"]
@@ -302,15 +309,15 @@ def _train(cfg, dist_, out):
         f"{steps_per_epoch} steps), batch {cfg.batch}{f' x {dist_.world}' if dist_.world > 1 else ''}, "
         f"{about_optimization}")
 
-    def save_checkpoint():
+    def save_checkpoint(path=ckpt_path):
         rngs = dist_.gather(rng_state(device))  # every rank's generators, for an exact resume
         windows = dist_.gather(window.tolist())  # and its scalars not yet logged, for the same curves
         if main:
             atomic_save({"format": CHECKPOINT_FORMAT, **family.state_dict(), "step": step,
                          "train_s": before_s + train_s, "loss_window": windows, "eval_due": eval_due,
-                         "rng": rngs, "args": cfg.flat(),
+                         "rng": rngs, "args": cfg.flat(), "best": best,
                          "data": {"name": cfg.data, "shape": list(train_data.shape), "levels": train_data.levels,
-                                  "num_classes": train_data.num_classes}}, ckpt_path)
+                                  "num_classes": train_data.num_classes}}, path)
 
     sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=dist_.world, rank=dist_.rank,
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
@@ -324,11 +331,33 @@ def _train(cfg, dist_, out):
     before_s = ckpt.get("train_s", 0.0) if ckpt else 0.0  # training seconds of the runs before a resume
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
     eval_due = bool(ckpt and ckpt.get("eval_due"))  # an evaluation an interrupt abandoned: done first
+    # the best evaluation so far by the family's score (lower is better): {key, value, step, evals_since}
+    best = ckpt.get("best") if ckpt else None
+    best_path, curves_path = os.path.join(cfg.out, BEST), os.path.join(cfg.out, CURVES)
+
+    def judged(result):
+        """After an evaluation: keep best.pt when the score improved; "patience" when it has not for
+        --patience evaluations. Rank 0's score decides for every rank (they save together)."""
+        nonlocal best
+        value = dist_.gather(result.get(family.best_key) if family.best_key else None)[0]
+        if main:
+            draw_curves(metrics_path, curves_path, family.curves)
+        if value is None:
+            return None
+        if best is None or value < best["value"]:
+            best = {"key": family.best_key, "value": value, "step": step, "evals_since": 0}
+            if cfg.eval_every:  # else the one evaluation is the end's: checkpoint.pt is the best
+                save_checkpoint(best_path)
+            return None
+        best["evals_since"] += 1
+        return "patience" if cfg.patience and best["evals_since"] >= cfg.patience else None
+
     for m in models:
         m.train()
     with signals, Progress(total - start_step, "train", enabled=main and not cfg.quiet) as bar:
         if eval_due and step < total:
-            family.evaluate(test_data, step=step, final=False)
+            dist_.broadcast_buffers(models)
+            stop = judged(family.evaluate(test_data, step=step, final=False))
         eval_due = False
         while step < total and stop is None:
             epoch, first = divmod(step, steps_per_epoch)
@@ -365,11 +394,14 @@ def _train(cfg, dist_, out):
                 bar.update(1)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                     if stop is None:
+                        dist_.broadcast_buffers(models)
                         try:
                             with signals.abandoning(not dist_.group):
-                                family.evaluate(test_data, step=step, final=False)
+                                result = family.evaluate(test_data, step=step, final=False)
                         except _Interrupted:  # nothing of it was logged
                             stop = signals.received
+                        else:
+                            stop = judged(result)
                     eval_due = stop in PAUSES  # skipped or abandoned by a pause: the resumed run's first work
                 if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop is not None:
                     save_checkpoint()
@@ -381,6 +413,7 @@ def _train(cfg, dist_, out):
             save_checkpoint()
             saved_step = step
 
+    dist_.broadcast_buffers(models)  # the replicas end as rank 0's model, which the checkpoint holds
     steps_run = step - start_step
     paused = stop in PAUSES  # checkpoint only: no evaluation, no images
     resume = f"python -m fastgen train {cfg.model} --resume --out {shlex.quote(cfg.out)}"
@@ -388,6 +421,9 @@ def _train(cfg, dist_, out):
         say(f"paused at step {step} of {total}: checkpoint in {ckpt_path}; continue with --resume")
     elif stop == "max-minutes":
         say(f"stopped at step {step} of {total} after --max-minutes {cfg.max_minutes:g}")
+    elif stop == "patience":
+        say(f"stopped at step {step} of {total}: {best['key']} has not improved for {cfg.patience} evaluations "
+            f"(best {best['value']:.4g} at step {best['step']}, kept in {best_path})")
     elif paused:
         say(f"interrupted by {stop} at step {step} of {total}: checkpoint saved in {ckpt_path}; continue with: "
             f"{resume}")
@@ -398,11 +434,13 @@ def _train(cfg, dist_, out):
             + (f"; last train {about_train}" if about_train else ""))
 
     result = dict(family.unevaluated) if paused else family.evaluate(test_data, step=step, final=True)
+    if not paused:
+        judged(result)
     digests = dist_.gather(weights_digest(*models))
     if main and len(set(digests)) > 1:
         say(f"warning: the {dist_.world} replicas' weights differ at the end")
 
-    written = [ckpt_path, metrics_path]
+    written = [ckpt_path, metrics_path] + [p for p in (best_path, curves_path) if os.path.exists(p)]
     if main and cfg.samples and not paused:
         t0 = time.perf_counter()
         written += family.write_images(test_data)
@@ -414,7 +452,7 @@ def _train(cfg, dist_, out):
         "machine": _machine(dist_),
         "data": {"name": cfg.data, "train_images": len(train_data), "test_images": len(test_data),
                  "shape": list(train_data.shape), "levels": train_data.levels},
-        "step": step, "total_steps": total, "finished": step >= total, "stopped_by": stop,
+        "step": step, "total_steps": total, "finished": step >= total, "stopped_by": stop, "best": best,
         "steps_this_run": steps_run, "train_s": round(train_s, 2), "train_s_all_runs": round(before_s + train_s, 2),
         "steps_per_s": round(steps_run / train_s, 3) if train_s > 0 else None,
         "images_per_s": round(steps_run * cfg.batch * dist_.world / train_s, 1) if train_s > 0 else None,

@@ -1,0 +1,178 @@
+"""A whole DCGAN training step (one D update and one G update) beside the way pytorch/examples' dcgan trains.
+
+Contenders, the same networks from the same weights, one batch of real images and of noise:
+
+* ``common``           pytorch/examples/dcgan's step: sigmoid outputs and ``nn.BCELoss``, D's real and fake
+                       losses backpropagated one after the other, then G's loss through D with D's weight
+                       gradients computed (and thrown away), ``nn.BatchNorm2d`` + ReLU / LeakyReLU, Adam;
+* ``compile(common)``  the same step with G and D under ``torch.compile`` (compile time excluded, reported apart);
+* ``fastgen``          ``python -m fastgen train dcgan``'s step itself (fastgen.train.gan.GANFamily.step):
+                       softplus losses on logits, D frozen in G's update (its input gradient only), fastgen's
+                       DCGAN models as they are built for training.
+
+Each contender's losses over two steps (the second shows the first's updates) are checked against the common
+step run in float64 before it is timed. Memory: a fresh subprocess's peak RSS on the CPU (the measured steps
+above the RSS before them), peak allocated on a GPU.
+"""
+import copy
+import os
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastgen.train.family import Run
+from fastgen.train.gan import GANFamily, GANOptions, to_unit
+from harness import check_outcome, first_call, peak_rss, relative_error, start_record, sync, time_step
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (batch, channels, size, width): MNIST-sized and DCGAN's own 64x64 RGB
+CASES = [(64, 1, 28, 64), (64, 3, 64, 64)]
+SMOKE_CASES = [(4, 1, 28, 8)]
+CONTENDERS = ["common", "compile(common)", "fastgen"]
+Z_DIM, SEED = 100, 7
+
+
+def make_family(case, device=DEVICE):
+    batch, c, size, width = case
+    opts = GANOptions(z_dim=Z_DIM, g_loss="non_saturating", d_steps=1, pack=1, ema=0.0, conditioning="projection")
+    cfg = types.SimpleNamespace(model="dcgan", batch=batch, lr=2e-4, channels=width, data="bench", quiet=True,
+                                options=opts)
+    dist = types.SimpleNamespace(device=torch.device(device), group=None, main=True, barrier=lambda: None)
+    torch.manual_seed(0)
+    family = GANFamily(Run(cfg, dist, False, 10, lambda msg: None, lambda record: None))
+    family.build(types.SimpleNamespace(levels=256, num_classes=None, shape=(c, size, size)), None)
+    return family
+
+
+def unfused(module):
+    """A copy of a fastgen DCGAN network built as pytorch/examples builds it: every fused batch norm +
+    activation as ``nn.BatchNorm2d`` followed by the activation module (the same values)."""
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if hasattr(child, "as_modules"):  # fastgen.nn.BatchNormAct2d
+                setattr(parent, name, nn.Sequential(*child.as_modules()))
+    return module
+
+
+def batch(case, device=DEVICE):
+    n, c, size, _ = case
+    images = torch.randint(0, 256, (n, c, size, size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    return images.to(device)
+
+
+class CommonStep:
+    """pytorch/examples' dcgan step on copies of the family's networks (examples' order of calls)."""
+
+    def __init__(self, family, dtype=torch.float32, compiled=False):
+        # D as examples keeps it: always taking gradients (the family's D is frozen between its steps)
+        self.g, self.d = unfused(family.g).to(dtype), unfused(family.d).to(dtype).requires_grad_(True)
+        self.G = torch.compile(self.g) if compiled else self.g
+        self.D = torch.compile(self.d) if compiled else self.d
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.bce, self.dtype, self.family = nn.BCELoss(), dtype, family
+
+    def __call__(self, images, seed):
+        real = to_unit(images, 256).to(self.dtype)
+        z = self.family._noise(len(real), seed).to(self.dtype)
+        ones, zeros = torch.ones(len(real), device=real.device, dtype=self.dtype), \
+            torch.zeros(len(real), device=real.device, dtype=self.dtype)
+        self.opt_d.zero_grad()
+        err_real = self.bce(torch.sigmoid(self.D(real)), ones)
+        err_real.backward()
+        fake = self.G(z)
+        err_fake = self.bce(torch.sigmoid(self.D(fake.detach())), zeros)
+        err_fake.backward()
+        self.opt_d.step()
+        self.opt_g.zero_grad()
+        err_g = self.bce(torch.sigmoid(self.D(fake)), ones)
+        err_g.backward()
+        self.opt_g.step()
+        return (err_real + err_fake).detach(), err_g.detach()
+
+
+def make_step(contender, case, device=DEVICE):
+    """(step(images, seed) -> (d_loss, g_loss), reset) of one contender on a fresh family."""
+    family = make_family(case, device)
+    if contender == "fastgen":
+        def step(images, seed):
+            scalars = family.step(images, None, seed)
+            return scalars["d_loss"], scalars["g_loss"]
+        return step
+    return CommonStep(family, compiled=contender == "compile(common)")
+
+
+def losses(step, images, steps=2):
+    out = {}
+    for s in range(steps):
+        d_loss, g_loss = step(images, SEED + s)
+        out[f"D loss {s + 1}"], out[f"G loss {s + 1}"] = d_loss.double().cpu(), g_loss.double().cpu()
+    return out
+
+
+def reference(case):
+    """The common step's losses in float64 and float32 (float32's error: the tolerance's scale)."""
+    images = batch(case, "cpu")
+    runs = {dtype: losses(CommonStep(make_family(case, "cpu"), dtype=dtype), images)
+            for dtype in (torch.float64, torch.float32)}
+    want = runs[torch.float64]
+    return want, {n: relative_error(runs[torch.float32][n], want[n]) for n in want}
+
+
+def rss_step(spec):
+    """(step, reset) for harness.peak_rss: one contender's whole training step."""
+    case = tuple(spec["shape"])
+    step = make_step(spec["contender"], case, "cpu")
+    images = batch(case, "cpu")
+    return (lambda: step(images, SEED)), (lambda: None)
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    smoke = bool(metafunc.config.getoption("benchmark_disable", False))
+    cases = [(shape, c) for shape in (SMOKE_CASES if smoke else CASES) for c in CONTENDERS]
+    metafunc.parametrize("case", cases, ids=[f"{DEVICE}-b{s[0]}-{s[1]}x{s[2]}x{s[2]}-w{s[3]}-{c}" for s, c in cases])
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_gan_step(benchmark, smoke, bench_results, monkeypatch, case):
+    shape, contender = case
+    n, c, size, width = shape
+    group = f"{DEVICE} float32 DCGAN step batch {n} {c}x{size}x{size} width {width} (D + G update)"
+    record = start_record(benchmark, group, contender, dtype="float32", shape=list(shape), mode="train step")
+    if contender == "compile(common)":
+        torch._dynamo.reset()
+    images = batch(shape)
+
+    def first():
+        got = losses(make_step(contender, shape), images)
+        sync()
+        return got
+
+    got, first_call_s = first_call(first, record, bench_results, contender, contender == "fastgen")
+    want, ref_err = reference(shape)
+    check_outcome(got, want, ref_err, torch.float32, record, bench_results, contender, contender == "fastgen")
+
+    step = make_step(contender, shape)
+    seeds = iter(range(SEED, SEED + 10 ** 6))
+    step(images, next(seeds))  # warm-up (the compiled contender compiles here)
+
+    def timed():
+        step(images, next(seeds))
+        sync()
+
+    if time_step(benchmark, record, bench_results, timed,
+                 first_call_s if contender == "compile(common)" else None) is None:
+        return
+    if DEVICE == "cpu" and not smoke:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+        rss = peak_rss(contender, shape, "train step", threads=torch.get_num_threads(), builder="bench_gan:rss_step")
+        benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
+        benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+    bench_results.append(record)

@@ -230,8 +230,8 @@ def test_best_checkpoint_follows_an_improving_run_and_patience_needs_evaluations
     assert_cli_error(["train", "pixelcnn", "--data", "digits", "--steps", "2", "--patience", "2", "--out",
                       str(tmp_path / "p")] + TINY, "--patience 2 counts evaluations: give --eval-every N too", capsys)
     assert_cli_error(["train", "dcgan", "--data", "digits", "--steps", "2", "--eval-every", "1", "--patience", "2",
-                      "--out", str(tmp_path / "g")] + TINY[:4] + ["--quiet"], "--patience: dcgan on digits has no score",
-                     capsys)
+                      "--out", str(tmp_path / "g")] + TINY[:4] + ["--quiet"],
+                     "--patience: dcgan on digits has no score", capsys)
 
 
 # ---- data parallel -------------------------------------------------------------------------------------------
@@ -267,8 +267,8 @@ def test_an_existing_run_folder_is_refused_unless_force(tmp_path, capsys, digits
     pixel = ["train", "pixelcnn", "--data", "digits", "--steps", "1", "--samples", "4", "--eval-batches", "1",
              "--out", str(out)] + TINY
     assert_cli_error(pixel, f"--out {out} holds another run (checkpoint.pt, metrics.jsonl, curves.png, "
-                            f"summary.json, samples.png, reconstructions.png, interpolation.png): continue it with --resume, "
-                            f"replace it with --force", capsys)
+                            f"summary.json, samples.png, reconstructions.png, interpolation.png): continue it with "
+                            f"--resume, replace it with --force", capsys)
     assert (out / "checkpoint.pt").read_bytes() == before  # untouched
     assert_cli_error(pixel + ["--resume", "--force"], "not allowed with argument", capsys)
     code, _, err = run(pixel + ["--force"], capsys)

@@ -4,8 +4,8 @@ generator and discriminator (fastgen.models.dcgan), the losses of fastgen.gan, A
 
 A training step is one discriminator update on the step's real batch and a fresh generated one; every
 ``--d-steps`` k-th step the generator is updated too, on the same generated batch (k discriminator steps, each
-on its own minibatch, per generator step). In the generator's update D's parameters are frozen: it gives only the input gradient, and
-no weight gradient of D is computed. Noise is drawn from the step's seed, so a resumed run repeats it.
+on its own minibatch, per generator step). In the generator's update D's parameters are frozen: it gives only
+the input gradient, and no weight gradient of D is computed. Noise is drawn from the step's seed, so a resumed run repeats it.
 ``--ema``: an exponential moving average of G's weights (what samples.png and ``sample`` draw from).
 Evaluation: mean D(x) on test images and D(G(z)) on as many generated ones, and the oscillation: the spread of
 D(x) - D(G(z)) over the last OSCILLATION_WINDOW training log lines. Images: samples.png, a grid from fixed noise
@@ -81,7 +81,8 @@ class GANFamily(Family):
     train_scalars = ("d_loss", "g_loss", "d_real", "d_fake")
     unevaluated = {"test_d_real": None, "test_d_fake": None, "oscillation": None}
     no_score = "a GAN has no likelihood; its score, the judge's Frechet distance, is not in this version"
-    curves = (("losses", ("d_loss", "g_loss")), ("D(x) and D(G(z))", ("d_real", "d_fake", "test_d_real", "test_d_fake")),
+    curves = (("losses", ("d_loss", "g_loss")),
+              ("D(x) and D(G(z))", ("d_real", "d_fake", "test_d_real", "test_d_fake")),
               ("oscillation: spread of D(x) - D(G(z))", ("oscillation",)))
 
     @classmethod

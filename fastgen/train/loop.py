@@ -73,7 +73,8 @@ COMMON_DEFAULTS = {"batch": 32, "lr": 1e-3, "seed": 0, "eval_every": 0, "ckpt_ev
 FIXED_ON_RESUME = ("model", "data", "batch", "lr", "channels", "seed")
 # options a resumed run takes from the checkpoint unless given again (not: device, backend, workers, stops); a
 # family's options are all inherited
-INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "patience", "ckpt_every", "eval_batches", "samples", "log_every")
+INHERITED = FIXED_ON_RESUME + ("root", "amp", "eval_every", "patience", "ckpt_every", "eval_batches", "samples",
+                               "log_every")
 PAUSES = ("stop-at", "SIGINT", "SIGTERM")  # the stops that end a run to be resumed (checkpoint only)
 # the files a run writes in its folder (another run's are refused, or deleted by --force)
 RUN_FILES = tuple(dict.fromkeys((CHECKPOINT, CHECKPOINT + ".tmp", BEST, BEST + ".tmp", "metrics.jsonl", CURVES,

@@ -123,7 +123,7 @@ class GANFamily(Family):
         except ValueError as e:  # an image size or option the architecture refuses (its message says why)
             raise TrainError(str(e)) from None
         self.conditional = conditional
-        # fused: one kernel for the whole update (measured ~13% of a 28x28 CPU step faster than foreach)
+        # fused: one kernel for the whole update instead of a loop of kernels over the tensors
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr, betas=BETAS, fused=True)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr, betas=BETAS, fused=True)
         self.models = {"generator": self.g, "discriminator": self.d}

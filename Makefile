@@ -73,7 +73,7 @@ CUDA_TESTS := tests/test_masked_conv.py tests/test_gated.py tests/test_dmol.py t
 
 $(CUDA_DEPS): Makefile
 	@command -v $(VENV_CUDA)/bin/python >/dev/null || $(PYTHON) -m venv $(VENV_CUDA)
-	$(VENV_CUDA)/bin/python -m pip install -q $(CUDA_TORCH) numpy pillow tqdm pytest pytest-benchmark ninja pybind11 \
+	$(VENV_CUDA)/bin/python -m pip install -q $(CUDA_TORCH) numpy pillow tqdm matplotlib pytest pytest-benchmark ninja pybind11 \
 	  "setuptools>=77" wheel scikit-learn
 	@touch $@
 

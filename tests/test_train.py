@@ -234,6 +234,16 @@ def test_best_checkpoint_follows_an_improving_run_and_patience_needs_evaluations
                      "--patience: dcgan on digits has no score", capsys)
 
 
+def test_a_run_without_matplotlib_goes_on_without_curves(tmp_path, capsys, digits, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", "pixelcnn", "--data", "digits", "--steps", "2", "--eval-batches", "1",
+                             "--samples", "0", "--out", str(out)] + TINY, capsys)
+    assert code == 0, err
+    assert "note: no curves.png in this run" in stdout and "pip install matplotlib" in stdout
+    assert not (out / "curves.png").exists() and (out / "summary.json").exists()
+
+
 # ---- data parallel -------------------------------------------------------------------------------------------
 
 def test_ddp_two_processes_gloo(tmp_path, digits):

@@ -14,7 +14,6 @@ Every contender's loss and gradient are checked against the float64 reference
 (DESIGN.md: inductor's CPU code has been seen to get this loss wrong). Memory:
 a fresh subprocess's peak RSS on the CPU, peak allocated on a GPU.
 """
-import os
 
 import pytest
 import torch
@@ -22,11 +21,10 @@ import torch
 import fastgen
 from fastgen.ops.dmol import OP, make_call
 from fastgen.ref import dmol as ref
-from harness import (check_outcome, dmol_loss_common, first_call, peak_rss, relative_error, start_record, sync,
-                             time_step)
+from harness import (check_outcome, dmol_loss_common, first_call, record_peak_rss, relative_error, start_record,
+                     sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = os.path.dirname(os.path.abspath(__file__))
 NR_MIX = 10
 SHAPES = {"cpu": [(8, 3, 32, 32)], "cuda": [(64, 3, 32, 32)]}
 SMOKE_SHAPES = [(2, 3, 4, 5)]
@@ -96,7 +94,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_dmol(benchmark, smoke, bench_results, monkeypatch, case):
+def test_dmol(benchmark, smoke, bench_results, case):
     shape, dtype, contender = case
     group = f"{DEVICE} {str(dtype)[6:]} dmol {'x'.join(map(str, shape))} nr_mix {NR_MIX} fwd+bwd"
     record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=list(shape), mode="fwd+bwd")
@@ -124,9 +122,6 @@ def test_dmol(benchmark, smoke, bench_results, monkeypatch, case):
                  first_call_s if contender == "compile(common)" else None) is None:
         return
     if DEVICE == "cpu" and not smoke:
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
-        rss = peak_rss(contender, shape, "fwd+bwd", dtype=str(dtype)[6:], threads=torch.get_num_threads(),
-                       builder="bench_dmol:rss_step")
-        benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
-        benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+        record_peak_rss(benchmark.extra_info, contender, shape, "fwd+bwd", dtype=str(dtype)[6:],
+                        builder="bench_dmol:rss_step")
     bench_results.append(record)

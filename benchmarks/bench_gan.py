@@ -15,7 +15,6 @@ step run in float64 before it is timed. Memory: a fresh subprocess's peak RSS on
 above the RSS before them), peak allocated on a GPU.
 """
 import copy
-import os
 import types
 
 import pytest
@@ -24,10 +23,9 @@ import torch.nn as nn
 
 from fastgen.train.family import Run
 from fastgen.train.gan import GANFamily, GANOptions, to_unit
-from harness import check_outcome, first_call, peak_rss, relative_error, start_record, sync, time_step
+from harness import check_outcome, first_call, record_peak_rss, relative_error, start_record, sync, time_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (batch, channels, size, width): MNIST-sized and DCGAN's own 64x64 RGB
 CASES = [(64, 1, 28, 64), (64, 3, 64, 64)]
 SMOKE_CASES = [(4, 1, 28, 8)]
@@ -38,24 +36,12 @@ Z_DIM, SEED = 100, 7
 def make_family(case, device=DEVICE):
     batch, c, size, width = case
     opts = GANOptions(z_dim=Z_DIM, g_loss="non_saturating", d_steps=1, pack=1, ema=0.0, conditioning="projection")
-    cfg = types.SimpleNamespace(model="dcgan", batch=batch, lr=2e-4, channels=width, data="bench", quiet=True,
-                                options=opts)
-    dist = types.SimpleNamespace(device=torch.device(device), group=None, main=True, barrier=lambda: None)
+    cfg = types.SimpleNamespace(model="dcgan", batch=batch, lr=2e-4, channels=width, data="bench", options=opts)
+    dist = types.SimpleNamespace(device=torch.device(device), group=None)
     torch.manual_seed(0)
     family = GANFamily(Run(cfg, dist, False, 10, lambda msg: None, lambda record: None))
     family.build(types.SimpleNamespace(levels=256, num_classes=None, shape=(c, size, size)), None)
     return family
-
-
-def unfused(module):
-    """A copy of a fastgen DCGAN network built as pytorch/examples builds it: every fused batch norm +
-    activation as ``nn.BatchNorm2d`` followed by the activation module (the same values)."""
-    module = copy.deepcopy(module)
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if hasattr(child, "as_modules"):  # fastgen.nn.BatchNormAct2d
-                setattr(parent, name, nn.Sequential(*child.as_modules()))
-    return module
 
 
 def batch(case, device=DEVICE):
@@ -65,11 +51,13 @@ def batch(case, device=DEVICE):
 
 
 class CommonStep:
-    """pytorch/examples' dcgan step on copies of the family's networks (examples' order of calls)."""
+    """pytorch/examples' dcgan step on copies of the family's networks (nn.BatchNorm2d + activation modules, as
+    examples builds them) in examples' order of calls."""
 
     def __init__(self, family, dtype=torch.float32, compiled=False):
         # D as examples keeps it: always taking gradients (the family's D is frozen between its steps)
-        self.g, self.d = unfused(family.g).to(dtype), unfused(family.d).to(dtype).requires_grad_(True)
+        self.g = copy.deepcopy(family.g).to(dtype)
+        self.d = copy.deepcopy(family.d).to(dtype).requires_grad_(True)
         self.G = torch.compile(self.g) if compiled else self.g
         self.D = torch.compile(self.d) if compiled else self.d
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -141,7 +129,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_gan_step(benchmark, smoke, bench_results, monkeypatch, case):
+def test_gan_step(benchmark, smoke, bench_results, case):
     shape, contender = case
     n, c, size, width = shape
     group = f"{DEVICE} float32 DCGAN step batch {n} {c}x{size}x{size} width {width} (D + G update)"
@@ -171,8 +159,5 @@ def test_gan_step(benchmark, smoke, bench_results, monkeypatch, case):
                  first_call_s if contender == "compile(common)" else None) is None:
         return
     if DEVICE == "cpu" and not smoke:
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
-        rss = peak_rss(contender, shape, "train step", threads=torch.get_num_threads(), builder="bench_gan:rss_step")
-        benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
-        benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+        record_peak_rss(benchmark.extra_info, contender, shape, "train step", builder="bench_gan:rss_step")
     bench_results.append(record)

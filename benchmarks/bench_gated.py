@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from fastgen.ops.gated import CONV, VERTICAL, make_conv_call, make_vertical_call
-from harness import (check_outcome, first_call, gated_inputs, gated_step, make_gated, peak_rss, relative_error,
-                             start_record, sync, time_step)
+from harness import (check_outcome, first_call, gated_inputs, gated_step, make_gated, record_peak_rss,
+                     relative_error, start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -161,10 +161,8 @@ def test_gated(benchmark, smoke, bench_results, case):
     if kind == "model":
         benchmark.extra_info["steps_per_s"] = round(1 / median, 2)
     if DEVICE == "cpu" and mode != "fwd" and not smoke:
-        rss = peak_rss(contender, shape, "fwd+bwd" if mode == "fwd+bwd" else "train", dtype=str(dtype)[6:],
-                       threads=torch.get_num_threads(), builder="harness:gated_rss_step", kind=kind)
-        benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
-        benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+        record_peak_rss(benchmark.extra_info, contender, shape, "fwd+bwd" if mode == "fwd+bwd" else "train",
+                        dtype=str(dtype)[6:], builder="harness:gated_rss_step", kind=kind)
     bench_results.append(record)
 
 

@@ -35,7 +35,7 @@ from fastgen.ops.masked_conv import OP, make_call
 from fastgen.ref.masked_conv import causal_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
 from harness import (COMMON, COMPILED, check_outcome, contender_names, first_call, make_masked_conv, peak_rss,
-                             relative_error, start_record, sync, time_step)
+                     record_peak_rss, relative_error, start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -191,9 +191,7 @@ def test_masked_conv(benchmark, smoke, bench_results, case):
                  common=COMMON) is None:
         return
     if DEVICE == "cpu" and mode == "fwd+bwd" and not smoke:
-        rss = peak_rss(contender, shape, mode, dtype=str(dtype)[6:], threads=torch.get_num_threads())
-        benchmark.extra_info["peak_rss_mb"] = rss["peak_mb"]
-        benchmark.extra_info["peak_rss_extra_mb"] = rss["extra_mb"]
+        record_peak_rss(benchmark.extra_info, contender, shape, mode, dtype=str(dtype)[6:])
     bench_results.append(record)
 
 

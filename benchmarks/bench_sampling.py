@@ -58,7 +58,6 @@ Real run: ``pytest benchmarks/bench_sampling.py --benchmark-only``.
 """
 import copy
 import functools
-import os
 import time
 
 import pytest
@@ -70,10 +69,9 @@ from fastgen.sampling import cached_logits, sample
 from fastgen.sampling.api import OP, SCHEDULE_OP, _draw_shape
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
-from harness import OtherLoad, peak_rss, record_timing, relative_error, start_record, sync, tolerance
+from harness import OtherLoad, record_peak_rss, record_timing, relative_error, start_record, sync, tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 0          # the sampling seed (uniforms), the same for every contender
 MODEL_SEED = 0    # torch seed of the models' random init
 NEAR_TIE = 1e-5   # least reach of a near tie (see near_tie)
@@ -279,7 +277,7 @@ def _fail_or_xfail(record, bench_results, contender, status, msg):
 
 # a skipped or wrong contender is never timed: that is the point, not a forgotten fixture
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
-def test_sampling(benchmark, smoke, bench_results, case, monkeypatch):
+def test_sampling(benchmark, smoke, bench_results, case):
     spec, batch, contender = case
     _, shape, _, _, likelihood, levels = spec
     c, h, w = shape
@@ -381,11 +379,8 @@ def test_sampling(benchmark, smoke, bench_results, case, monkeypatch):
             info["target_vs_naive"] = target
             info["meets_target"] = info["speedup_vs_naive"] >= target
     if DEVICE == "cpu" and not smoke and batch == max(BATCHES) and contender in ("common", "cached[cpp]"):
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
         kind, _, channels, depth, _, _ = spec
-        rss = peak_rss(contender, (batch,), "sample", steps=1, threads=torch.get_num_threads(),
-                       builder="bench_sampling:rss_step", kind=kind, image_shape=list(shape), channels=channels,
-                       depth=depth, likelihood=likelihood, levels=levels, naive_steps=1)
-        info["peak_rss_mb"] = rss["peak_mb"]
-        info["peak_rss_extra_mb"] = rss["extra_mb"]
+        record_peak_rss(info, contender, (batch,), "sample", steps=1, builder="bench_sampling:rss_step", kind=kind,
+                        image_shape=list(shape), channels=channels, depth=depth, likelihood=likelihood,
+                        levels=levels, naive_steps=1)
     bench_results.append(record)

@@ -18,7 +18,6 @@ on a GPU. GPU: ``GB/s`` is the bytes that must move (forward reads mu, logvar
 and writes z; backward reads grad_z, mu, logvar and writes both gradients;
 the per-row KL is negligible) over the median time.
 """
-import os
 
 import pytest
 import torch
@@ -26,10 +25,9 @@ import torch
 import fastgen
 from fastgen.ops.reparameterize_kl import OP, make_call
 from fastgen.ref import reparameterize_kl as ref
-from harness import check_outcome, first_call, peak_rss, relative_error, start_record, sync, time_step
+from harness import check_outcome, first_call, record_peak_rss, relative_error, start_record, sync, time_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(256, 128), (4096, 512), (65536, 1024)]
 SMOKE_SHAPES = [(4, 37)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -113,7 +111,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_vae(benchmark, smoke, bench_results, monkeypatch, case):
+def test_vae(benchmark, smoke, bench_results, case):
     shape, dtype, contender = case
     group = f"{DEVICE} {str(dtype)[6:]} reparameterize_kl {shape[0]}x{shape[1]} fwd+bwd"
     record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=list(shape), mode="fwd+bwd")
@@ -153,9 +151,5 @@ def test_vae(benchmark, smoke, bench_results, monkeypatch, case):
     bytes_moved = 8 * mu.numel() * mu.element_size()
     info["bandwidth_gbs"] = round(bytes_moved / median / 1e9, 1)
     if DEVICE == "cpu" and not smoke:
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
-        rss = peak_rss(contender, shape, "fwd+bwd", dtype=str(dtype)[6:], threads=torch.get_num_threads(),
-                       builder="bench_vae:rss_step")
-        info["peak_rss_mb"] = rss["peak_mb"]
-        info["peak_rss_extra_mb"] = rss["extra_mb"]
+        record_peak_rss(info, contender, shape, "fwd+bwd", dtype=str(dtype)[6:], builder="bench_vae:rss_step")
     bench_results.append(record)

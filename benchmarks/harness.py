@@ -400,7 +400,8 @@ def peak_rss(contender, shape, mode="fwd+bwd", *, dtype="float32", steps=2, thre
     the warm-up are not silently reused below the peak counter."""
     spec = {"contender": contender, "shape": list(shape), "mode": mode, "dtype": dtype, "steps": steps,
             "threads": threads, "builder": builder, **spec_extra}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(spec), HERE], capture_output=True, text=True,
                           env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -410,6 +411,15 @@ def peak_rss(contender, shape, mode="fwd+bwd", *, dtype="float32", steps=2, thre
     peak_kb = info["peak_kb"]
     return {"peak_mb": round(peak_kb / 1024, 1), "base_mb": round(info["base_kb"] / 1024, 1),
             "extra_mb": round(max(peak_kb - info["base_kb"], 0) / 1024, 1), "peak_reset": info["peak_reset"]}
+
+
+def record_peak_rss(info, contender, shape, mode, **spec):
+    """peak_rss of one contender (this process's thread count unless ``spec`` says) into a benchmark's
+    extra_info: ``peak_rss_mb`` and ``peak_rss_extra_mb`` (what the measured steps needed above the base)."""
+    spec.setdefault("threads", torch.get_num_threads())
+    rss = peak_rss(contender, shape, mode, **spec)
+    info["peak_rss_mb"], info["peak_rss_extra_mb"] = rss["peak_mb"], rss["extra_mb"]
+    return rss
 
 
 # ---- how much of the machine others used while we measured ----------------------------------------------

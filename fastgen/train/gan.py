@@ -13,8 +13,8 @@ D(x) - D(G(z)) over the last OSCILLATION_WINDOW training log lines. Images: samp
 (fastgen.metrics, to come)"""
 import copy
 import dataclasses
-import math
 import os
+import statistics
 import time
 from typing import Optional
 
@@ -132,8 +132,7 @@ class GANFamily(Family):
         if opts.ema:
             self.ema = copy.deepcopy(self.g).requires_grad_(False)
             self.models["generator_ema"] = self.ema
-        # what the oscillation measure remembers between evaluations (in the checkpoint)
-        self.watch = {"gaps": []}
+        self.gaps = []  # D(x) - D(G(z)) of the last log lines: the oscillation measure's window (checkpointed)
         if ckpt:
             self.load_state_dict(ckpt)
         self.d_loss = run.wrap(_DLoss(self.d))
@@ -143,11 +142,11 @@ class GANFamily(Family):
         self.last_g_loss = None  # reported on the steps that do not update G (--d-steps > 1)
 
     def state_dict(self):
-        return {**super().state_dict(), "gan_watch": self.watch}
+        return {**super().state_dict(), "d_gaps": self.gaps}
 
     def load_state_dict(self, ckpt):
         super().load_state_dict(ckpt)
-        self.watch = ckpt.get("gan_watch", self.watch)
+        self.gaps = list(ckpt.get("d_gaps", self.gaps))
 
     def describe(self):
         mc, opts = self.model_config, self.opts
@@ -200,9 +199,8 @@ class GANFamily(Family):
 
     def train_record(self, means):
         record = {k: round(v, 5) for k, v in means.items()}
-        gaps = self.watch["gaps"]
-        gaps.append(means["d_real"] - means["d_fake"])
-        del gaps[:-OSCILLATION_WINDOW]
+        self.gaps.append(means["d_real"] - means["d_fake"])
+        del self.gaps[:-OSCILLATION_WINDOW]
         return record, (f"D {means['d_loss']:.3f} G {means['g_loss']:.3f} D(x) {means['d_real']:.2f} "
                         f"D(G(z)) {means['d_fake']:.2f}")
 
@@ -237,16 +235,14 @@ class GANFamily(Family):
         self.g.train(was[0])
         self.d.train(was[1])
         d_real, d_fake = real_sum / max(n, 1), fake_sum / max(n, 1)
-        gaps = self.watch["gaps"]
-        oscillation = _spread(gaps) if len(gaps) >= 2 else None
+        oscillation = round(statistics.pstdev(self.gaps), 5) if len(self.gaps) >= 2 else None
         run.log({"step": step, "kind": "eval", "test_d_real": round(d_real, 5), "test_d_fake": round(d_fake, 5),
                  "images": n, "oscillation": oscillation,
                  "eval_s": round(time.perf_counter() - t0, 2)})
         run.say(f"step {step}: D(x) {d_real:.3f} on {n} test images, D(G(z)) {d_fake:.3f}"
                 f"{f', oscillation {oscillation:.3f}' if oscillation is not None else ''} "
                 f"({time.perf_counter() - t0:.0f} s)")
-        result = {"test_d_real": round(d_real, 4), "test_d_fake": round(d_fake, 4), "oscillation": oscillation}
-        return result
+        return {"test_d_real": round(d_real, 4), "test_d_fake": round(d_fake, 4), "oscillation": oscillation}
 
     def write_images(self, data):
         from fastgen.data import save_grid
@@ -260,8 +256,3 @@ class GANFamily(Family):
         save_grid(images.cpu(), path, nrow=nrow)
         return [path]
 
-
-def _spread(values):
-    """The standard deviation of ``values`` (the oscillation of D(x) - D(G(z)) between log lines)."""
-    mean = sum(values) / len(values)
-    return round(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), 5)

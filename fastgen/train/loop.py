@@ -335,18 +335,18 @@ def _train(cfg, dist_, out):
     # the best evaluation so far by the family's score (lower is better): {key, value, step, evals_since}
     best = ckpt.get("best") if ckpt else None
     best_path, curves_path = os.path.join(cfg.out, BEST), os.path.join(cfg.out, CURVES)
-    no_curves = []  # why curves.png cannot be drawn, once known
+    curves_error = None  # why curves.png cannot be drawn, once known
 
     def judged(result):
         """After an evaluation: keep best.pt when the score improved; "patience" when it has not for
         --patience evaluations. Rank 0's score decides for every rank (they save together)."""
-        nonlocal best
+        nonlocal best, curves_error
         value = dist_.gather(result.get(family.best_key) if family.best_key else None)[0]
-        if main and not no_curves:
+        if main and curves_error is None:
             try:
                 draw_curves(metrics_path, curves_path, family.curves)
             except ImportError as e:  # matplotlib missing (an install with --no-deps): the run goes on without
-                no_curves.append(str(e))
+                curves_error = e
                 say(f"note: no {CURVES} in this run: {e} (pip install matplotlib)")
         if value is None:
             return None

@@ -69,7 +69,8 @@ CUDA_BUILD ?= build-cuda
 CUDA_TORCH ?= torch==2.14.1
 CUDA_DEPS := $(VENV_CUDA)/.fastgen-deps
 CUDA_TESTS := tests/test_masked_conv.py tests/test_gated.py tests/test_dmol.py tests/test_reparameterize_kl.py \
-  tests/test_op_contract.py tests/test_determinism.py tests/test_sampling.py tests/test_causality.py tests/test_package.py
+  tests/test_batch_norm_act.py tests/test_op_contract.py tests/test_determinism.py tests/test_sampling.py \
+  tests/test_causality.py tests/test_package.py
 
 $(CUDA_DEPS): Makefile
 	@command -v $(VENV_CUDA)/bin/python >/dev/null || $(PYTHON) -m venv $(VENV_CUDA)

@@ -29,6 +29,16 @@ TORCH_LIBRARY(fastgen, m) {
   // double params), and the gradient of params for a per-pixel upstream gradient.
   m.def("dmol_nll_forward(Tensor x, Tensor params, int nr_mix) -> Tensor");
   m.def("dmol_nll_backward(Tensor grad_nll, Tensor x, Tensor params, int nr_mix) -> Tensor");
+  // batch_norm_act (fastgen/ref/batch_norm_act.py): y = act(batch norm of x); mean / var given (evaluation) or
+  // None (the batch's, returned: mean and biased variance, float32 or float64 for double x).
+  // The fourth output: a 0-d bool, whether leaky_relu's output may stand for the input in the backward
+  // (fastgen.ops.batch_norm_act.invertible).
+  m.def("batch_norm_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, float eps, "
+        "str activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad_x, grad_weight, grad_bias) from the one saved tensor: x, or y (saved_is_output, leaky_relu).
+  m.def("batch_norm_act_backward(Tensor grad_y, Tensor saved, bool saved_is_output, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor var, float eps, bool training, str activation, float negative_slope, "
+        "bool[] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 // The kernels are not differentiable on their own: the registered ops and autograd Functions of
@@ -38,7 +48,8 @@ TORCH_LIBRARY(fastgen, m) {
 TORCH_LIBRARY_IMPL(fastgen, Autograd, m) {
   for (const char* kernel : {"masked_conv2d_forward", "masked_conv2d_backward", "gated_activation_forward",
                              "gated_activation_backward", "reparameterize_kl_forward", "reparameterize_kl_backward",
-                             "dmol_nll_forward", "dmol_nll_backward"})
+                             "dmol_nll_forward", "dmol_nll_backward", "batch_norm_act_forward",
+                             "batch_norm_act_backward"})
     m.impl(kernel, torch::autograd::autogradNotImplementedFallback());
 }
 

@@ -2,7 +2,8 @@
 
 Built: PixelCNN, Gated PixelCNN and PixelCNN++ (masked and gated convolutions,
 the discretized logistic mixture loss, exact cached sampling) and the VAE (fused
-reparameterization + KL). Planned: PixelRNN and GANs (DCGAN, conditional GAN).
+reparameterization + KL), the fused BatchNorm + activation of GANs (BatchNormAct2d). Planned: PixelRNN and
+GANs (DCGAN, conditional GAN).
 """
 __version__ = "0.1.0"
 
@@ -10,7 +11,8 @@ from typing import Dict, Optional  # noqa: E402
 
 from fastgen import functional  # noqa: E402
 from fastgen._dispatch import OPS, BackendError  # noqa: E402
-from fastgen.nn import GatedMaskedConv2d, GaussianLatent, MaskedConv2d  # noqa: E402
+from fastgen.nn import BatchNormAct2d, GatedMaskedConv2d, GaussianLatent, MaskedConv2d  # noqa: E402
+from fastgen.ops.batch_norm_act import batch_norm_act  # noqa: E402
 from fastgen.ops.dmol import discretized_mix_logistic_nll, sample_discretized_mix_logistic  # noqa: E402
 from fastgen.ops.reparameterize_kl import reparameterize_kl  # noqa: E402
 from fastgen.sampling import sample  # noqa: E402
@@ -36,5 +38,6 @@ def backends() -> Dict[str, Dict[str, object]]:
     return {"extension": machine, "ops": ops}
 
 
-__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent", "reparameterize_kl", "discretized_mix_logistic_nll",
-           "sample_discretized_mix_logistic", "functional", "sample", "backends", "BackendError"]
+__all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent", "BatchNormAct2d", "reparameterize_kl",
+           "discretized_mix_logistic_nll", "sample_discretized_mix_logistic", "batch_norm_act", "functional", "sample",
+           "backends", "BackendError"]

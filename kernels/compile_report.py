@@ -37,7 +37,7 @@ from typing import Callable, List, NamedTuple
 import torch
 import triton
 
-from . import _launch, dmol, gated, masked_conv, reparameterize_kl
+from . import _launch, batch_norm_act, dmol, gated, masked_conv, reparameterize_kl
 
 ARCHS = (90, 80)
 # the most shared memory one block may use: 227 KB on sm_90 (H100/H200), 163 KB on sm_80 (A100)
@@ -112,6 +112,21 @@ def _rkl(b, d, prior, elementwise):
     return run
 
 
+def _bna(b, c, hw, activation, channels_last=False, training=True):
+    """Forward and backward of batch_norm_act; leaky_relu's backward from the output (the saved tensor), relu's
+    from the input; evaluation: the given statistics, no statistics kernel."""
+    def run(dtype, launch):
+        x = _t(b, c, hw, hw, dtype=dtype, channels_last=channels_last)
+        w, bias = _t(c, dtype=dtype), _t(c, dtype=dtype)
+        math = torch.float64 if dtype == torch.float64 else torch.float32
+        stats = (None, None) if training else (_t(c, dtype=math), _t(c, dtype=math))
+        y, mean, var = batch_norm_act.batch_norm_act_forward(x, w, bias, *stats, 1e-5, activation, 0.2, launch=launch)
+        from_y = activation == "leaky_relu"
+        batch_norm_act.batch_norm_act_backward(torch.empty_like(y), y if from_y else x, from_y, w, bias, mean, var,
+                                               1e-5, training, activation, 0.2, [True, True, True], launch=launch)
+    return run
+
+
 CONV_DTYPES = ("fp32", "fp16", "bf16")
 # The GPU benchmark shapes (benchmarks/RESULTS.md) and the variants that change a kernel's constexprs: mask A/B,
 # RGB centre rule, bias, channels_last, the stacks, the conditioning modes, grey/RGB mixtures, priors.
@@ -139,6 +154,11 @@ PLANS = [
          _rkl(65536, 1024, False, False)),
     Plan("reparameterize_kl", "100x37, learned prior, elementwise", CONV_DTYPES + ("fp64",),
          _rkl(100, 37, True, True)),
+    Plan("batch_norm_act", "128x256 16x16 leaky_relu", CONV_DTYPES + ("fp64",), _bna(128, 256, 16, "leaky_relu")),
+    Plan("batch_norm_act", "128x256 16x16 relu", CONV_DTYPES + ("fp64",), _bna(128, 256, 16, "relu")),
+    Plan("batch_norm_act", "64x64 32x32 leaky_relu channels_last", CONV_DTYPES,
+         _bna(64, 64, 32, "leaky_relu", channels_last=True)),
+    Plan("batch_norm_act", "16x7 5x5 relu, evaluation", CONV_DTYPES, _bna(16, 7, 5, "relu", training=False)),
 ]
 # fp32 convolutions again with torch's float32 matmul precision at "high": tl.dot in TF32 on the tensor cores
 TF32_OPS = ("masked_conv2d", "gated_conv2d")

@@ -22,6 +22,7 @@ LAUNCHERS = {
     "gated_conv2d": ("gated", "gated_conv2d_forward", "gated_conv2d_backward"),
     "discretized_mix_logistic_nll": ("dmol", "dmol_nll_forward", "dmol_nll_backward"),
     "reparameterize_kl": ("reparameterize_kl", "reparameterize_kl_forward", "reparameterize_kl_backward"),
+    "batch_norm_act": ("batch_norm_act", "batch_norm_act_forward", "batch_norm_act_backward"),
 }
 TRITON_OPS = sorted(name for name, op in OPS.items() if "triton" in op.backends)
 

@@ -22,9 +22,9 @@ def _jit_kernels():
     """'<module>.<name>' of every top-level @triton.jit kernel (a name ending in _kernel) in fastgen.kernels."""
     import triton
 
-    from fastgen.kernels import dmol, gated, masked_conv, reparameterize_kl
+    from fastgen.kernels import batch_norm_act, dmol, gated, masked_conv, reparameterize_kl
     names = set()
-    for mod in (dmol, gated, masked_conv, reparameterize_kl):
+    for mod in (dmol, gated, masked_conv, reparameterize_kl, batch_norm_act):
         for name, obj in inspect.getmembers(mod):
             if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"):
                 names.add(f"{mod.__name__.rsplit('.', 1)[-1]}.{name}")

@@ -65,6 +65,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
+#include "cpu/vec_math.h"      // fastgen::vec512::Lanes: the AVX-512 lane operations
 
 // The per-vector math must inline into the row loops (GCC keeps the gate out of line otherwise).
 #define FASTGEN_INLINE inline __attribute__((always_inline))
@@ -118,78 +119,9 @@ FASTGEN_AVX512_BEGIN
 
 namespace avx512 {
 
+// The lane operations (csrc/cpu/vec_math.h, shared with batch_norm_act.cpp)
 template <class T>
-struct V;
-template <>
-struct V<float> {
-  using R = __m512;
-  using M = __mmask16;
-  static constexpr int L = 16;
-  static R set1(float a) { return _mm512_set1_ps(a); }
-  static R zero() { return _mm512_setzero_ps(); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static R load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static void store(float* p, R v, M m) { _mm512_mask_storeu_ps(p, m, v); }
-  static R keep(R v, M m) { return _mm512_maskz_mov_ps(m, v); }
-  static R add(R a, R b) { return _mm512_add_ps(a, b); }
-  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
-  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
-  static R div(R a, R b) { return _mm512_div_ps(a, b); }
-  static R rcp14(R a) { return _mm512_rcp14_ps(a); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }   // a b + c
-  static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
-  static R abs(R a) { return _mm512_abs_ps(a); }
-  static R neg_abs(R a) {  // -|a|: set the sign bit (integer ops: AVX-512F has no float or)
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
-  }
-  static R select_sign(R mag, R s) {  // |mag| with s's sign: one ternary-logic op (sign bit ? s : mag)
-    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(mag), _mm512_castps_si512(s),
-                                                         _mm512_set1_epi32(INT32_MIN), 0xD8));
-  }
-  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
-  static M ge(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
-  static R blend(M m, R a, R b) { return _mm512_mask_blend_ps(m, a, b); }  // b where m
-  static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static R scalef(R a, R n) { return _mm512_scalef_ps(a, n); }  // a 2^n, gradual underflow included
-  static float hsum(R a) { return _mm512_reduce_add_ps(a); }
-  static M tail(int64_t n) { return static_cast<M>((1u << n) - 1); }
-};
-template <>
-struct V<double> {
-  using R = __m512d;
-  using M = __mmask8;
-  static constexpr int L = 8;
-  static R set1(double a) { return _mm512_set1_pd(a); }
-  static R zero() { return _mm512_setzero_pd(); }
-  static R load(const double* p) { return _mm512_loadu_pd(p); }
-  static R load(const double* p, M m) { return _mm512_maskz_loadu_pd(m, p); }
-  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  static void store(double* p, R v, M m) { _mm512_mask_storeu_pd(p, m, v); }
-  static R keep(R v, M m) { return _mm512_maskz_mov_pd(m, v); }
-  static R add(R a, R b) { return _mm512_add_pd(a, b); }
-  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
-  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
-  static R div(R a, R b) { return _mm512_div_pd(a, b); }
-  static R rcp14(R a) { return _mm512_rcp14_pd(a); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
-  static R fnma(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
-  static R abs(R a) { return _mm512_abs_pd(a); }
-  static R neg_abs(R a) {
-    return _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(a), _mm512_set1_epi64(INT64_MIN)));
-  }
-  static R select_sign(R mag, R s) {
-    return _mm512_castsi512_pd(_mm512_ternarylogic_epi64(_mm512_castpd_si512(mag), _mm512_castpd_si512(s),
-                                                         _mm512_set1_epi64(INT64_MIN), 0xD8));
-  }
-  static R max(R a, R b) { return _mm512_max_pd(a, b); }
-  static M ge(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_GE_OQ); }
-  static R blend(M m, R a, R b) { return _mm512_mask_blend_pd(m, a, b); }
-  static R round(R a) { return _mm512_roundscale_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static R scalef(R a, R n) { return _mm512_scalef_pd(a, n); }
-  static double hsum(R a) { return _mm512_reduce_add_pd(a); }
-  static M tail(int64_t n) { return static_cast<M>((1u << n) - 1); }
-};
+using V = fastgen::vec512::Lanes<T>;
 
 // exp of x <= 0 (or NaN) in two parts: x = n ln2 + r, |r| <= ln2/2, pm = e^r - 1 (no cancellation), so
 // exp(x) = 2^n (1 + pm) and exp(x) - 1 = 2^n pm + (2^n - 1), both one rounding from exact.

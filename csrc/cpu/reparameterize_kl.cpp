@@ -373,39 +373,11 @@ void normal_groups(uint64_t seed, uint64_t q0, int64_t n_groups, float* out) {
   }
 }
 
-// Loads and stores of 16 elements in float; m is always a prefix (a tile's tail). 16-bit types move
-// through a small buffer at the tail (masked 16-bit moves need AVX-512BW).
-inline int count(M m) { return __builtin_popcount(unsigned(m)); }
-inline __m256i load16(const void* p, M m) {
-  if (m == M(0xFFFF)) return _mm256_loadu_si256(static_cast<const __m256i*>(p));
-  alignas(32) uint16_t tmp[kLanes] = {};
-  std::memcpy(tmp, p, 2 * count(m));
-  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
-}
-inline void store16(void* p, __m256i v, M m) {
-  if (m == M(0xFFFF)) return _mm256_storeu_si256(static_cast<__m256i*>(p), v);
-  alignas(32) uint16_t tmp[kLanes];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
-  std::memcpy(p, tmp, 2 * count(m));
-}
-inline V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
-inline V load(const at::BFloat16* p, M m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16(p, m)), 16));
-}
-inline V load(const at::Half* p, M m) { return _mm512_cvtph_ps(load16(p, m)); }
-inline void store(float* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store(at::BFloat16* p, V v, M m) {  // round to nearest even, NaN stays NaN (as the scalar store)
-  const I u = _mm512_castps_si512(v);
-  const I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const M nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                        _mm512_set1_epi32(0x7F800000));
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-  store16(p, _mm512_cvtepi32_epi16(r), m);
-}
-inline void store(at::Half* p, V v, M m) { store16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT), m); }
+// loads and stores of 16 elements in float, 16-bit types converted (csrc/cpu/vec_math.h)
+using fastgen::vec512::load;
+using fastgen::vec512::store;
 
-inline M tail(int64_t n) { return n >= kLanes ? M(0xFFFF) : M((1u << n) - 1); }
+inline M tail(int64_t n) { return fastgen::vec512::tail16(n); }
 
 template <class T>
 void forward_tile(const Args<T>& a, int64_t row, int64_t j0, int64_t n, float* sum) {

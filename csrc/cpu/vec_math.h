@@ -1,17 +1,25 @@
-// AVX-512 float32 math shared by the CPU kernels (csrc/cpu/*.cpp): branch-free exp
+// AVX-512 math shared by the CPU kernels (csrc/cpu/*.cpp): branch-free float32 exp
 // and log on 16 lanes (Cephes' coefficients, ~1 ulp) and short names for the
-// lane operations. Compiled for AVX-512F only (the callers check
-// fastgen::use_avx512() first). Plain mul/add (no FMA in the source): a file
-// that compiles with fp-contract=off gets the scalar code's exact roundings
-// (csrc/cpu/reparameterize_kl.cpp relies on it). Internal linkage (static): each
-// file keeps its own copy, compiled with its own flags; as plain inline
-// functions the linker would keep one copy for all, perhaps one with FMA.
+// float32 lane operations; Lanes<float> / Lanes<double>, the lane operations of
+// one type for kernels templated on it (gated.cpp, batch_norm_act.cpp); loads and
+// stores of 16 float32, bfloat16 or float16 elements as float32 lanes. Compiled
+// for AVX-512F only (the callers check fastgen::use_avx512() first). exp and log
+// use plain mul/add (no FMA): a file that compiles with fp-contract=off gets the
+// scalar code's exact roundings (csrc/cpu/reparameterize_kl.cpp relies on it);
+// Lanes' fma / fnma are FMA instructions, for the files that ask for them.
+// Internal linkage (static, or an unnamed namespace): each file keeps its own
+// copy, compiled with its own flags; as plain inline functions the linker would
+// keep one copy for all, perhaps one with FMA.
 #pragma once
 #include "cpu/cpu_features.h"
 
 #ifdef FASTGEN_AVX512
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 FASTGEN_AVX512_BEGIN
 
@@ -69,6 +77,121 @@ static inline V log_pos(V x) {
   const V y = sub(sub(mul(mul(f, z), p), mul(set(2.12194440e-4f), fe)), mul(set(0.5f), z));
   return add(add(f, y), mul(set(0.693359375f), fe));
 }
+
+
+// Loads and stores of 16 elements in float; m is always a prefix (a tile's tail). 16-bit types move
+// through a small buffer at the tail (masked 16-bit moves need AVX-512BW).
+static inline int count(M m) { return __builtin_popcount(unsigned(m)); }
+static inline __m256i load16(const void* p, M m) {
+  if (m == M(0xFFFF)) return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  alignas(32) uint16_t tmp[16] = {};
+  std::memcpy(tmp, p, 2 * count(m));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+}
+static inline void store16(void* p, __m256i v, M m) {
+  if (m == M(0xFFFF)) return _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+  alignas(32) uint16_t tmp[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
+  std::memcpy(p, tmp, 2 * count(m));
+}
+static inline V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline V load(const at::BFloat16* p, M m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16(p, m)), 16));
+}
+static inline V load(const at::Half* p, M m) { return _mm512_cvtph_ps(load16(p, m)); }
+static inline void store(float* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+static inline void store(at::BFloat16* p, V v, M m) {  // round to nearest even, NaN stays NaN (as the scalar store)
+  const I u = _mm512_castps_si512(v);
+  const I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const M nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                        _mm512_set1_epi32(0x7F800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  store16(p, _mm512_cvtepi32_epi16(r), m);
+}
+static inline void store(at::Half* p, V v, M m) { store16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT), m); }
+
+// The lanes of a tile's tail: the first n (n < 16), or all 16.
+static inline M tail16(int64_t n) { return n >= 16 ? M(0xFFFF) : M((1u << n) - 1); }
+
+namespace {  // internal linkage, as the static functions above
+
+template <class T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using R = __m512;
+  using M = __mmask16;
+  static constexpr int L = 16;
+  static R set1(float a) { return _mm512_set1_ps(a); }
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static void store(float* p, R v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  static R keep(R v, M m) { return _mm512_maskz_mov_ps(m, v); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static R rcp14(R a) { return _mm512_rcp14_ps(a); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }   // a b + c
+  static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static R abs(R a) { return _mm512_abs_ps(a); }
+  static R neg_abs(R a) {  // -|a|: set the sign bit (integer ops: AVX-512F has no float or)
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+  }
+  static R select_sign(R mag, R s) {  // |mag| with s's sign: one ternary-logic op (sign bit ? s : mag)
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(mag), _mm512_castps_si512(s),
+                                                         _mm512_set1_epi32(INT32_MIN), 0xD8));
+  }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  static M ge(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  static M not_le(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLE_UQ); }  // a > b, or either NaN
+  static R blend(M m, R a, R b) { return _mm512_mask_blend_ps(m, a, b); }  // b where m
+  static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scalef(R a, R n) { return _mm512_scalef_ps(a, n); }  // a 2^n, gradual underflow included
+  static float hsum(R a) { return _mm512_reduce_add_ps(a); }
+  static M tail(int64_t n) { return static_cast<M>((1u << n) - 1); }
+};
+template <>
+struct Lanes<double> {
+  using R = __m512d;
+  using M = __mmask8;
+  static constexpr int L = 8;
+  static R set1(double a) { return _mm512_set1_pd(a); }
+  static R zero() { return _mm512_setzero_pd(); }
+  static R load(const double* p) { return _mm512_loadu_pd(p); }
+  static R load(const double* p, M m) { return _mm512_maskz_loadu_pd(m, p); }
+  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+  static void store(double* p, R v, M m) { _mm512_mask_storeu_pd(p, m, v); }
+  static R keep(R v, M m) { return _mm512_maskz_mov_pd(m, v); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R div(R a, R b) { return _mm512_div_pd(a, b); }
+  static R rcp14(R a) { return _mm512_rcp14_pd(a); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R fnma(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
+  static R abs(R a) { return _mm512_abs_pd(a); }
+  static R neg_abs(R a) {
+    return _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(a), _mm512_set1_epi64(INT64_MIN)));
+  }
+  static R select_sign(R mag, R s) {
+    return _mm512_castsi512_pd(_mm512_ternarylogic_epi64(_mm512_castpd_si512(mag), _mm512_castpd_si512(s),
+                                                         _mm512_set1_epi64(INT64_MIN), 0xD8));
+  }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static M ge(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_GE_OQ); }
+  static M not_le(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_NLE_UQ); }
+  static R blend(M m, R a, R b) { return _mm512_mask_blend_pd(m, a, b); }
+  static R round(R a) { return _mm512_roundscale_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scalef(R a, R n) { return _mm512_scalef_pd(a, n); }
+  static double hsum(R a) { return _mm512_reduce_add_pd(a); }
+  static M tail(int64_t n) { return static_cast<M>((1u << n) - 1); }
+};
+
+}  // namespace
 
 }  // namespace fastgen::vec512
 

@@ -37,6 +37,35 @@ def require_backend(op, name, call=None):
     pytest.skip(f"backend {name}: {why}")
 
 
+def require_mnist():
+    """Skip a test that needs MNIST where it is not installed."""
+    from fastgen.data import mnist
+    try:
+        mnist.mnist_path()
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def judge_cache(tmp_path_factory):
+    """A fresh $FASTGEN_CACHE for the session's GAN judges (fastgen.metrics; none in memory before or after):
+    the MNIST judge trains once (about a minute) for tests/test_metrics.py and tests/test_gan.py together."""
+    from fastgen.metrics import clear_memory
+    folder = tmp_path_factory.mktemp("fastgen-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTGEN_CACHE", str(folder))
+        clear_memory()
+        yield folder
+        clear_memory()
+
+
+@pytest.fixture(scope="session")
+def mnist_judge(judge_cache):
+    from fastgen.metrics import judge
+    require_mnist()
+    return judge("mnist")
+
+
 @pytest.fixture
 def masked_conv_op():
     return MASKED_CONV

@@ -7,8 +7,8 @@ Contenders, the same networks from the same weights, one batch of real images an
                        gradients computed (and thrown away), ``nn.BatchNorm2d`` + ReLU / LeakyReLU, Adam;
 * ``compile(common)``  the same step with G and D under ``torch.compile`` (compile time excluded, reported apart);
 * ``fastgen``          ``python -m fastgen train dcgan``'s step itself (fastgen.train.gan.GANFamily.step):
-                       softplus losses on logits, D frozen in G's update (its input gradient only), fastgen's
-                       DCGAN models as they are built for training.
+                       softplus losses on logits, D frozen in G's update (its input gradient only), fused Adam,
+                       fastgen's DCGAN models as they are built for training (fastgen.BatchNormAct2d).
 
 Each contender's losses over two steps (the second shows the first's updates) are checked against the common
 step run in float64 before it is timed. Memory: a fresh subprocess's peak RSS on the CPU (the measured steps
@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fastgen.nn import BatchNormAct2d
 from fastgen.train.family import Run
 from fastgen.train.gan import GANFamily, GANOptions, to_unit
 from harness import check_outcome, first_call, record_peak_rss, relative_error, start_record, sync, time_step
@@ -50,14 +51,25 @@ def batch(case, device=DEVICE):
     return images.to(device)
 
 
+def unfused(net):
+    """``net`` with every fastgen.BatchNormAct2d replaced by nn.BatchNorm2d + its activation module on the same
+    tensors (pytorch/examples' layers), in place."""
+    for name, m in list(net.named_children()):
+        if isinstance(m, BatchNormAct2d):
+            setattr(net, name, m.to_modules())
+        else:
+            unfused(m)
+    return net
+
+
 class CommonStep:
     """pytorch/examples' dcgan step on copies of the family's networks (nn.BatchNorm2d + activation modules, as
     examples builds them) in examples' order of calls."""
 
     def __init__(self, family, dtype=torch.float32, compiled=False):
         # D as examples keeps it: always taking gradients (the family's D is frozen between its steps)
-        self.g = copy.deepcopy(family.g).to(dtype)
-        self.d = copy.deepcopy(family.d).to(dtype).requires_grad_(True)
+        self.g = unfused(copy.deepcopy(family.g).to(dtype))
+        self.d = unfused(copy.deepcopy(family.d).to(dtype)).requires_grad_(True)
         self.G = torch.compile(self.g) if compiled else self.g
         self.D = torch.compile(self.d) if compiled else self.d
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))

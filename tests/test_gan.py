@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fastgen import BatchNormAct2d
 from fastgen.gan import discriminator_loss, generator_loss
 from fastgen.models import DCGANDiscriminator, DCGANGenerator
 
@@ -100,23 +101,25 @@ def test_the_dcgan_rules(shape):
         kinds = {type(x) for x in m.modules()}
         assert not kinds & {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.Upsample}
     # G: transposed convs, BN + ReLU after each but the last, tanh at the output
-    gl = list(g.net)
-    assert all(isinstance(x, nn.ConvTranspose2d) for x in gl[::3])
-    assert all(isinstance(x, nn.BatchNorm2d) for x in gl[1:-2:3]) and all(isinstance(x, nn.ReLU) for x in gl[2:-2:3])
+    gl = list(g.net)  # batch norm + its activation: one fastgen.BatchNormAct2d
+    assert all(isinstance(x, nn.ConvTranspose2d) for x in gl[:-1:2])
+    assert all(isinstance(x, BatchNormAct2d) and x.activation == "relu" for x in gl[1:-2:2])
     assert isinstance(gl[-1], nn.Tanh) and isinstance(gl[-2], nn.ConvTranspose2d)
     # D: strided convs, LeakyReLU(0.2), no BN on the input layer, BN on every later one
     dl = list(d.features)
     assert isinstance(dl[0], nn.Conv2d) and dl[0].stride == (2, 2) and isinstance(dl[1], nn.LeakyReLU)
     convs = [x for x in dl if isinstance(x, nn.Conv2d)]
     assert all(c.stride == (2, 2) for c in convs)
-    assert sum(isinstance(x, nn.BatchNorm2d) for x in dl) == len(convs) - 1
-    assert all(x.negative_slope == 0.2 for x in dl if isinstance(x, nn.LeakyReLU))
+    bns = [x for x in dl if isinstance(x, BatchNormAct2d)]
+    assert len(bns) == len(convs) - 1 and all(isinstance(x, (nn.Conv2d, BatchNormAct2d)) for x in dl[2:])
+    assert all(x.activation == "leaky_relu" and x.negative_slope == 0.2 for x in bns)
+    assert dl[1].negative_slope == 0.2
 
 
 def test_dcgan_initialisation():
     g = DCGANGenerator(100, (3, 64, 64))
     w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, nn.ConvTranspose2d)])
-    bn = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, nn.BatchNorm2d)])
+    bn = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, BatchNormAct2d)])
     assert abs(w.mean()) < 1e-3 and abs(w.std() - 0.02) < 1e-3
     assert abs(bn.mean() - 1) < 5e-3 and abs(bn.std() - 0.02) < 5e-3
 
@@ -171,7 +174,7 @@ import types  # noqa: E402
 
 from fastgen.train import load_model, read_checkpoint  # noqa: E402
 from fastgen.train.common import weights_digest  # noqa: E402
-from fastgen.train.gan import GANFamily, GANOptions  # noqa: E402
+from fastgen.train.gan import GANFamily, GANOptions, collapse_reasons  # noqa: E402
 from fastgen.train.family import Run  # noqa: E402
 
 from conftest import assert_cli_error, run_cli as run  # noqa: E402
@@ -291,3 +294,72 @@ def test_d_steps_updates_g_every_kth_step():
         moved.append(not all(torch.equal(a, b) for a, b in zip(before, family.g.parameters())))
         assert torch.isfinite(scalars["g_loss"])
     assert moved == [False, False, True, False, False, True] and g0
+
+
+# ---- the judge in training (fastgen.metrics) -------------------------------------------------------------------
+
+MNIST_TINY = ["--data", "mnist", "--batch", "16", "--channels", "8", "--z-dim", "8", "--samples", "0",
+              "--eval-batches", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("model", ["dcgan", "cgan"])
+def test_the_judge_scores_every_evaluation_and_keeps_the_best(model, tmp_path, capsys, mnist_judge):
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", model, "--steps", "6", "--eval-every", "2", "--judge-images", "48",
+                             "--patience", "9", "--out", str(out)] + MNIST_TINY, capsys)
+    assert code == 0, err
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    for r in evals:
+        assert r["images"] == 48 and r["modes"] == 10 and 1 <= r["coverage"] <= 10
+        assert r["fd"] > r["fd_floor"] == round(mnist_judge.floor, 5) and r["kl"] >= 0 and 0 < r["confidence"] <= 1
+        assert ("label_accuracy" in r) == (model == "cgan") and isinstance(r["collapse"], list)
+    assert "judge on 48 samples: FD" in stdout and (model != "cgan" or "label accuracy" in stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    fds = {r["step"]: r["fd"] for r in evals}
+    assert summary["best"]["key"] == "fd" and summary["best"]["step"] == min(fds, key=fds.get)
+    assert summary["best"]["value"] == pytest.approx(min(fds.values()), rel=1e-6)
+    assert read_checkpoint(str(out / "best.pt"))["step"] == summary["best"]["step"]
+    watch = read_checkpoint(str(out))["gan_watch"]  # the collapse warning's memory resumes with the run
+    assert watch == {"best_coverage": max(r["coverage"] for r in evals), "min_kl": min(r["kl"] for r in evals)}
+
+
+def test_the_judge_images_are_the_same_for_the_same_generator(tmp_path, capsys, mnist_judge):
+    """Fixed noise: two runs of one seed score the same; the scores follow G alone."""
+    scores = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert run(["train", "dcgan", "--steps", "2", "--judge-images", "32", "--out", str(out)] + MNIST_TINY,
+                   capsys)[0] == 0
+        scores.append(json.loads((out / "summary.json").read_text())["fd"])
+    assert scores[0] == scores[1] and scores[0] is not None
+
+
+def test_collapse_warnings():
+    watch = {"best_coverage": None, "min_kl": None}
+    first = {"coverage": 10, "modes": 10, "kl": 0.05}
+    assert collapse_reasons(watch, first) == [] and watch == {"best_coverage": 10, "min_kl": 0.05}
+    assert collapse_reasons(watch, {"coverage": 10, "modes": 10, "kl": 0.45}) == []  # below the KL line
+    reasons = collapse_reasons(watch, {"coverage": 6, "modes": 10, "kl": 0.9})
+    assert reasons == ["the samples cover 6 of 10 modes, down from 10",
+                       "the KL of the samples' modes to the data's rose to 0.900 nats, past 0.5 (it was 0.050)"]
+    assert watch == {"best_coverage": 10, "min_kl": 0.05}
+    # a run that starts collapsed (KL never below the line) is not warned about a rise it never had
+    late = {"best_coverage": None, "min_kl": None}
+    assert collapse_reasons(late, {"coverage": 2, "modes": 10, "kl": 2.0}) == []
+    assert collapse_reasons(late, {"coverage": 2, "modes": 10, "kl": 2.5}) == []
+    # stacked MNIST: a few modes of 1000 lost is within the 5% drop
+    big = {"best_coverage": 900, "min_kl": 0.2}
+    assert collapse_reasons(big, {"coverage": 860, "modes": 1000, "kl": 0.3}) == []
+    assert collapse_reasons(big, {"coverage": 850, "modes": 1000, "kl": 0.3}) == [
+        "the samples cover 850 of 1000 modes, down from 900"]
+
+
+def test_judge_options(tmp_path, capsys, digits):
+    base = ["train", "dcgan", "--steps", "2", "--out", str(tmp_path / "r")] + GAN_TINY
+    assert_cli_error(base + ["--judge-images", "1"], "--judge-images must be 0 (no judge) or at least 2", capsys)
+    assert_cli_error(base + ["--eval-every", "1", "--patience", "1"],
+                     "fastgen's judge scores mnist, fashion-mnist, stacked-mnist, not digits", capsys)
+    mnist = ["train", "dcgan", "--steps", "2", "--eval-every", "1", "--patience", "1", "--judge-images", "0",
+             "--out", str(tmp_path / "m")] + MNIST_TINY
+    assert_cli_error(mnist, "--patience: dcgan on mnist has no score to wait on (the judge is off", capsys)

@@ -5,7 +5,9 @@ The five rules: strided convolutions in D and fractionally-strided (transposed) 
 batch norm in both (not on G's output nor D's input layer); no fully connected hidden layers (G's projection of
 z is a transposed convolution from 1x1 to s x s, D's last layer a convolution from s x s to one logit); ReLU in
 G with tanh at the output (images in [-1, 1]); LeakyReLU (0.2) in D. Weights are drawn from N(0, 0.02) and
-batch-norm scales from N(1, 0.02), biases zero, as in DCGAN.
+batch-norm scales from N(1, 0.02), biases zero, as in DCGAN. Batch norm and its activation are one layer,
+``fastgen.BatchNormAct2d`` (one fused op forward and backward; ``BatchNormAct2d.to_modules`` gives the plain
+``nn.BatchNorm2d`` + activation pair on the same tensors, e.g. for a gradient penalty's double backward).
 
 Conditional: G(z, y) joins a learned label embedding to z; D(x, y) either projects (Miyato and Koyama 2018: the
 logit gains <embed(y), sum-pooled features>, ``conditioning="projection"``) or reads one-hot label maps
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastgen._seed import prior_draws
+from fastgen.nn.batch_norm_act import BatchNormAct2d
 from fastgen.nn.conditioning import check_label
 
 CONDITIONINGS = ("projection", "concat")
@@ -48,7 +51,7 @@ def dcgan_init(module):
             nn.init.normal_(m.weight, 0.0, 0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, BatchNormAct2d)):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
@@ -75,9 +78,9 @@ class DCGANGenerator(nn.Module):
             self.embed = nn.Embedding(num_classes, embed_dim or min(z_dim, 50))
             z_in += self.embed.embedding_dim
         chans = [width * 2 ** (n - 1 - i) for i in range(n)]  # at sizes s, 2s, ..., s * 2^(n-1)
-        layers = [nn.ConvTranspose2d(z_in, chans[0], s, 1, 0, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU(True)]
+        layers = [nn.ConvTranspose2d(z_in, chans[0], s, 1, 0, bias=False), BatchNormAct2d(chans[0], "relu")]
         for a, b in zip(chans, chans[1:]):
-            layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), BatchNormAct2d(b, "relu")]
         layers += [nn.ConvTranspose2d(chans[-1], c, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         dcgan_init(self)
@@ -130,7 +133,7 @@ class DCGANDiscriminator(nn.Module):
         chans = [width * 2 ** i for i in range(n)]  # at sizes S/2, S/4, ..., s
         layers = [nn.Conv2d(c_in, chans[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         for a, b in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), BatchNormAct2d(b, "leaky_relu", 0.2)]
         self.features = nn.Sequential(*layers)
         self.head = nn.Conv2d(chans[-1], 1, s, 1, 0, bias=False)
         self.embed = nn.Embedding(num_classes, chans[-1]) if self.conditioning == "projection" else None

@@ -5,14 +5,19 @@ generator and discriminator (fastgen.models.dcgan), the losses of fastgen.gan, A
 A training step is one discriminator update on the step's real batch and a fresh generated one; every
 ``--d-steps`` k-th step the generator is updated too, on the same generated batch (k discriminator steps, each
 on its own minibatch, per generator step). In the generator's update D's parameters are frozen: it gives only
-the input gradient, and no weight gradient of D is computed. Noise is drawn from the step's seed, so a resumed run repeats it.
+the input gradient, and no weight gradient of D is computed. Noise is drawn from the step's seed, so a resumed
+run repeats it.
 ``--ema``: an exponential moving average of G's weights (what samples.png and ``sample`` draw from).
-Evaluation: mean D(x) on test images and D(G(z)) on as many generated ones, and the oscillation: the spread of
-D(x) - D(G(z)) over the last OSCILLATION_WINDOW training log lines. Images: samples.png, a grid from fixed noise
-(one class per column for cgan). A GAN has no likelihood: best.pt and --patience wait for the judge's score
-(fastgen.metrics, to come)"""
+Evaluation: mean D(x) on test images and D(G(z)) on as many generated ones; on a dataset fastgen can judge
+(fastgen.metrics.JUDGED), ``--judge-images`` generated images scored by its classifier: the Frechet distance in
+its feature space (best.pt and ``--patience`` go by it), the classes covered, the KL of their histogram to the
+data's, the confidence and (cgan) the label accuracy. A collapse warning when the coverage falls below
+(1 - COVERAGE_DROP) of the run's best or the KL rises past KL_COLLAPSE after having been below it; the
+oscillation: the spread of D(x) - D(G(z)) over the last OSCILLATION_WINDOW training log lines. Images:
+samples.png, a grid from fixed noise (one class per column for cgan)."""
 import copy
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -26,9 +31,12 @@ from fastgen.train.common import TrainError, check_at_least, grid_labels
 from fastgen.train.family import Family
 
 DEFAULTS = {"batch": 64, "lr": 2e-4, "channels": 64, "z_dim": 100, "g_loss": "non_saturating", "d_steps": 1,
-            "pack": 1, "ema": 0.0, "conditioning": "projection"}
+            "pack": 1, "ema": 0.0, "conditioning": "projection", "judge_images": 1000}
 BETAS = (0.5, 0.999)
 FIXED_NOISE_SEED = 1234  # samples.png: the same z at every evaluation of a run
+JUDGE_SEED = 4321  # the judge's images: the same z at every evaluation, so that the scores follow G alone
+COVERAGE_DROP = 0.05  # a collapse: the classes covered fall below (1 - this) x the run's best coverage
+KL_COLLAPSE = 0.5  # or the KL to the data's class histogram rises past this (nats; one class of ten lost ~0.1)
 OSCILLATION_WINDOW = 20  # training log lines the oscillation measure spans
 
 
@@ -40,11 +48,28 @@ class GANOptions:
     pack: Optional[int] = None  # PacGAN: images the discriminator judges at once
     ema: Optional[float] = None  # decay of the EMA of G's weights; 0: none
     conditioning: Optional[str] = None  # cgan's discriminator: 'projection' or 'concat'
+    judge_images: Optional[int] = None  # generated images the judge scores per evaluation; 0: no judge
 
 
 def to_unit(images, levels):
     """uint8 images on 0..levels-1 -> float in [-1, 1] (G's range)."""
     return images.float() * (2.0 / (levels - 1)) - 1.0
+
+
+def collapse_reasons(watch, scores):
+    """Why the judge's ``scores`` of an evaluation look like a collapse (a list of sentences; [] when they do
+    not): the modes covered fell below (1 - COVERAGE_DROP) of the run's best, or the KL rose past KL_COLLAPSE
+    after having been below it. Then ``watch`` (the run's best coverage and least KL) takes these scores in."""
+    reasons = []
+    cov, kl, modes = scores["coverage"], scores["kl"], scores["modes"]
+    if watch["best_coverage"] is not None and cov < (1 - COVERAGE_DROP) * watch["best_coverage"]:
+        reasons.append(f"the samples cover {cov} of {modes} modes, down from {watch['best_coverage']}")
+    if watch["min_kl"] is not None and kl > KL_COLLAPSE >= watch["min_kl"]:
+        reasons.append(f"the KL of the samples' modes to the data's rose to {kl:.3f} nats, past {KL_COLLAPSE} "
+                       f"(it was {watch['min_kl']:.3f})")
+    watch["best_coverage"] = max(cov, watch["best_coverage"] or 0)
+    watch["min_kl"] = kl if watch["min_kl"] is None else min(kl, watch["min_kl"])
+    return reasons
 
 
 class _DLoss(torch.nn.Module):
@@ -73,21 +98,32 @@ class GANFamily(Family):
         (("--ema",), dict(type=float, help="decay of an exponential moving average of G's weights, e.g. 0.999 "
                                            "(default 0: none)")),
         (("--conditioning",), dict(choices=CONDITIONINGS, help="cgan's discriminator head (default projection)")),
+        (("--judge-images",), dict(type=int, help=f"generated images fastgen's judge scores at every evaluation "
+                                                  f"on mnist, fashion-mnist and stacked-mnist (default "
+                                                  f"{DEFAULTS['judge_images']}; 0: no judge)")),
     )
     description = ("--channels: the base width of G and D (DCGAN's 64); --lr: Adam's for both (betas 0.5, "
                    "0.999)")
     fixed_on_resume = ("z_dim", "pack", "ema", "conditioning", "g_loss", "d_steps")
     images = ("samples.png",)
     train_scalars = ("d_loss", "g_loss", "d_real", "d_fake")
-    unevaluated = {"test_d_real": None, "test_d_fake": None, "oscillation": None}
-    no_score = "a GAN has no likelihood; its score, the judge's Frechet distance, is not in this version"
+    unevaluated = {"test_d_real": None, "test_d_fake": None, "fd": None, "coverage": None, "kl": None,
+                   "confidence": None, "label_accuracy": None, "oscillation": None}
+    best_key = "fd"  # None (with no_score saying why) where the run has no judge
     curves = (("losses", ("d_loss", "g_loss")),
               ("D(x) and D(G(z))", ("d_real", "d_fake", "test_d_real", "test_d_fake")),
+              ("Frechet distance (judge; floor: real vs real)", ("fd", "fd_floor")),
+              ("modes covered", ("coverage",)),
+              ("KL to the data's modes (nats)", ("kl",)),
+              ("confidence, label accuracy", ("confidence", "label_accuracy")),
               ("oscillation: spread of D(x) - D(G(z))", ("oscillation",)))
 
     @classmethod
     def check_options(cls, opts):
         check_at_least(opts, ("z_dim", "d_steps", "pack"), 1)
+        if opts.judge_images is not None and (opts.judge_images < 0 or opts.judge_images == 1):
+            raise TrainError(f"--judge-images must be 0 (no judge) or at least 2 (a covariance), got "
+                             f"{opts.judge_images}")
         if opts.ema is not None and not 0 <= opts.ema < 1:
             raise TrainError(f"--ema must be in [0, 1), got {opts.ema}")
 
@@ -133,6 +169,10 @@ class GANFamily(Family):
             self.ema = copy.deepcopy(self.g).requires_grad_(False)
             self.models["generator_ema"] = self.ema
         self.gaps = []  # D(x) - D(G(z)) of the last log lines: the oscillation measure's window (checkpointed)
+        # what the collapse warning remembers between evaluations (checkpointed): the best coverage, the least KL
+        self.watch = {"best_coverage": None, "min_kl": None}
+        self.last_scores = None  # the latest judge scores, for the progress line
+        self._build_judge()
         if ckpt:
             self.load_state_dict(ckpt)
         self.d_loss = run.wrap(_DLoss(self.d))
@@ -141,12 +181,28 @@ class GANFamily(Family):
         self.d_updates = ckpt["step"] if ckpt else 0
         self.last_g_loss = None  # reported on the steps that do not update G (--d-steps > 1)
 
+    def _build_judge(self):
+        from fastgen.metrics import JUDGED, judge
+        cfg, opts, dist_ = self.cfg, self.opts, self.run.dist
+        self.judge = None
+        if not opts.judge_images or cfg.data not in JUDGED:
+            self.best_key = None
+            self.no_score = ("the judge is off (--judge-images 0)" if not opts.judge_images else
+                             f"a GAN has no likelihood, and fastgen's judge scores {', '.join(JUDGED)}, not "
+                             f"{cfg.data}")
+            return
+        for turn in ("first", "others"):  # rank 0 trains a classifier missing from the cache; the others load it
+            if (turn == "first") == dist_.main:
+                self.judge = judge(cfg.data, device=self.run.device, progress=not cfg.quiet)
+            dist_.barrier()
+
     def state_dict(self):
-        return {**super().state_dict(), "d_gaps": self.gaps}
+        return {**super().state_dict(), "d_gaps": self.gaps, "gan_watch": dict(self.watch)}
 
     def load_state_dict(self, ckpt):
         super().load_state_dict(ckpt)
         self.gaps = list(ckpt.get("d_gaps", self.gaps))
+        self.watch.update(ckpt.get("gan_watch", {}))
 
     def describe(self):
         mc, opts = self.model_config, self.opts
@@ -201,8 +257,10 @@ class GANFamily(Family):
         record = {k: round(v, 5) for k, v in means.items()}
         self.gaps.append(means["d_real"] - means["d_fake"])
         del self.gaps[:-OSCILLATION_WINDOW]
+        s = self.last_scores
+        judged = f" | FD {s['fd']:.2f} {s['coverage']}/{s['modes']} modes KL {s['kl']:.2f}" if s else ""
         return record, (f"D {means['d_loss']:.3f} G {means['g_loss']:.3f} D(x) {means['d_real']:.2f} "
-                        f"D(G(z)) {means['d_fake']:.2f}")
+                        f"D(G(z)) {means['d_fake']:.2f}{judged}")
 
     def final_train(self, means):
         if means is None:
@@ -232,17 +290,45 @@ class GANFamily(Family):
             fake = g(self._noise(hi - lo, FIXED_NOISE_SEED + lo), y)
             real_sum += torch.sigmoid(self.d(real, y).float()).sum().item() * self.opts.pack
             fake_sum += torch.sigmoid(self.d(fake, y).float()).sum().item() * self.opts.pack
+        scores = self._judged(data, g) if self.judge is not None else {}
         self.g.train(was[0])
         self.d.train(was[1])
         d_real, d_fake = real_sum / max(n, 1), fake_sum / max(n, 1)
         oscillation = round(statistics.pstdev(self.gaps), 5) if len(self.gaps) >= 2 else None
+        collapse = collapse_reasons(self.watch, scores) if scores else []
         run.log({"step": step, "kind": "eval", "test_d_real": round(d_real, 5), "test_d_fake": round(d_fake, 5),
-                 "images": n, "oscillation": oscillation,
+                 "images": n, **scores, "oscillation": oscillation, "collapse": collapse,
                  "eval_s": round(time.perf_counter() - t0, 2)})
-        run.say(f"step {step}: D(x) {d_real:.3f} on {n} test images, D(G(z)) {d_fake:.3f}"
+        judged = ""
+        if scores:
+            judged = (f"; judge on {scores['images']} samples: FD {scores['fd']:.2f} (floor {scores['fd_floor']:.2f}),"
+                      f" {scores['coverage']} of {scores['modes']} modes, KL {scores['kl']:.3f}, confidence "
+                      f"{scores['confidence']:.3f}")
+            if "label_accuracy" in scores:
+                judged += f", label accuracy {scores['label_accuracy']:.3f}"
+        run.say(f"step {step}: D(x) {d_real:.3f} on {n} test images, D(G(z)) {d_fake:.3f}{judged}"
                 f"{f', oscillation {oscillation:.3f}' if oscillation is not None else ''} "
                 f"({time.perf_counter() - t0:.0f} s)")
-        return {"test_d_real": round(d_real, 4), "test_d_fake": round(d_fake, 4), "oscillation": oscillation}
+        for reason in collapse:
+            run.say(f"warning: step {step}: mode collapse? {reason}")
+        result = {"test_d_real": round(d_real, 4), "test_d_fake": round(d_fake, 4), "oscillation": oscillation}
+        result.update((k, scores.get(k)) for k in ("fd", "coverage", "kl", "confidence", "label_accuracy"))
+        return result
+
+    def _judged(self, data, g):
+        """The judge's scores of ``judge_images`` images from fixed noise (cgan: the test split's labels, in
+        order and cycled), drawn batch by batch by ``g`` in eval mode."""
+        n, batch = self.opts.judge_images, self.cfg.batch
+        labels = data.labels.repeat(math.ceil(n / len(data)))[:n] if self.conditional else None
+        images = []
+        for lo in range(0, n, batch):
+            y = labels[lo:lo + batch].to(self.run.device) if labels is not None else None
+            images.append(g.sample(min(batch, n - lo), y, seed=JUDGE_SEED + lo).cpu())
+        scores = self.judge.score(torch.cat(images), labels)
+        scores = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in scores.items()}
+        scores["fd_floor"] = round(self.judge.floor, 5)
+        self.last_scores = scores
+        return scores
 
     def write_images(self, data):
         from fastgen.data import save_grid

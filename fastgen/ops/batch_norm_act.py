@@ -267,10 +267,10 @@ def _triton_why_not(c):
     return _ext.triton_why_not(c.x.device.type) or takes("triton", c.x.device.type, FLOAT_DTYPES)(c)
 
 
-# Preference. CPU (benchmarks/bench_batch_norm_act.py, AVX-512, float32 fwd+bwd, one thread per contender): cpp
-# 2.5-3.7x faster than BatchNorm2d + the activation at (64, 128, 16, 16), (64, 64, 32, 32), (64, 256, 8, 8)
-# (6.2 / 10.9 / 3.3 ms against 17.6 / 40.6 / 11.9 for leaky_relu) and 1.6-2.0x faster than torch.compile of the
-# pair. CUDA: the Triton kernels have run only under the interpreter; ref (cuDNN's batch norm + the activation)
+# Preference. CPU (benchmarks/bench_batch_norm_act.py, AVX-512, float32 fwd+bwd, 2 threads, RESULTS.md): cpp
+# 1.86-2.68x faster than BatchNorm2d + the activation at (64, 128, 16, 16), (64, 64, 32, 32), (64, 256, 8, 8),
+# and ahead of torch.compile of the pair but for (64, 64, 32, 32) leaky_relu (3% behind).
+# CUDA: the Triton kernels have run only under the interpreter; ref (cuDNN's batch norm + the activation)
 # stays first there until they are timed on a GPU (bench_batch_norm_act.py's (128, 256, 16, 16) bf16).
 PREFERENCE = {"cpu": ["cpp", "ref"], "cuda": ["ref"]}
 

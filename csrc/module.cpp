@@ -32,7 +32,7 @@ TORCH_LIBRARY(fastgen, m) {
   // batch_norm_act (fastgen/ref/batch_norm_act.py): y = act(batch norm of x); mean / var given (evaluation) or
   // None (the batch's, returned: mean and biased variance, float32 or float64 for double x).
   // The fourth output: a 0-d bool, whether leaky_relu's output may stand for the input in the backward
-  // (fastgen.ops.batch_norm_act.invertible).
+  // (fastgen.ops.batch_norm_act.invertible_tensor).
   m.def("batch_norm_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, float eps, "
         "str activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
   // -> (grad_x, grad_weight, grad_bias) from the one saved tensor: x, or y (saved_is_output, leaky_relu).

@@ -129,7 +129,7 @@ def test_a_zero_or_small_weight_saves_the_input(backend):
             fused.weight.copy_(torch.tensor(weight))
             fused.bias.copy_(torch.tensor([0.5, -0.3, 0.1]))
         pair.load_state_dict({"0." + k: v for k, v in fused.state_dict().items()})
-        assert not ops.invertible(fused.weight, fused.bias)
+        assert not bool(ops.invertible_tensor(fused.weight, fused.bias, fused.weight))
         probe = copy.deepcopy(fused)  # the running statistics of fused stay as pair's
         kept, y = saved_activations(probe, torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device))
         assert len(kept) == 1 and kept[0].data_ptr() != y.data_ptr()
@@ -138,7 +138,7 @@ def test_a_zero_or_small_weight_saves_the_input(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", TRITON])
 def test_the_kernels_verdict_is_the_rule(backend):
-    """The forward kernels' fourth output (whether y may be saved) is fastgen.ops.batch_norm_act.invertible."""
+    """The forward kernels' fourth output (whether y may be saved) is fastgen.ops.batch_norm_act.invertible_tensor."""
     device = need(backend, torch.float32)
     x = torch.randn(2, 3, 2, 2, device=device)
     cases = [([1.0, -2.0, 0.5], [8.0, -16.0, 0.0]), ([1.0, 0.0, 1.0], [0.0, 0.0, 0.0]),
@@ -147,7 +147,7 @@ def test_the_kernels_verdict_is_the_rule(backend):
         w, b = torch.tensor(w, device=device), torch.tensor(b, device=device)
         for weight, bias in ((w, b), (None, b), (w, None), (None, None)):
             got = ops._kernels(backend)[0](x, weight, bias, None, None, 1e-5, "leaky_relu", SLOPE)[3]
-            assert got.dtype == torch.bool and bool(got) == ops.invertible(weight, bias)
+            assert got.dtype == torch.bool and bool(got) == bool(ops.invertible_tensor(weight, bias, x))
 
 
 def test_negative_weights_are_inverted():
@@ -155,7 +155,7 @@ def test_negative_weights_are_inverted():
     with torch.no_grad():
         fused.weight.mul_(-1)
     pair.load_state_dict({"0." + k: v for k, v in fused.state_dict().items()})
-    assert ops.invertible(fused.weight, fused.bias)
+    assert bool(ops.invertible_tensor(fused.weight, fused.bias, fused.weight))
     compare_steps(fused, pair, (3, 4, 5, 5), "contiguous", dict(rtol=1e-10, atol=1e-10), "cpu", steps=1)
 
 

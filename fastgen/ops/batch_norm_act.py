@@ -187,13 +187,6 @@ def invertible_tensor(weight, bias, like):
     return ((w != 0) & (b.abs() <= INVERTIBLE_RATIO * w.abs())).all()
 
 
-def invertible(weight, bias):
-    """invertible_tensor as a bool (one read of C values: a device sync on a GPU)."""
-    if weight is None and bias is None:
-        return True
-    return bool(invertible_tensor(weight, bias, weight if weight is not None else bias))
-
-
 class BatchNormAct(torch.autograd.Function):
     """(y, mean, var) of a contiguous (NCHW or channels_last) x on a kernel backend. mean / var: the statistics
     used (the batch's, or the given ones), not differentiable. Saves one activation-sized tensor: y or x."""

@@ -12,7 +12,7 @@ Contenders, the same networks from the same weights, one batch of real images an
 
 Each contender's losses over two steps (the second shows the first's updates) are checked against the common
 step run in float64 before it is timed. Memory: a fresh subprocess's peak RSS on the CPU (the measured steps
-above the RSS before them), peak allocated on a GPU.
+above the RSS of the weights, Adam's state and the inputs: see rss_step), peak allocated on a GPU.
 """
 import copy
 import types
@@ -75,6 +75,7 @@ class CommonStep:
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.bce, self.dtype, self.family = nn.BCELoss(), dtype, family
+        self.nets = (self.g, self.d)
 
     def __call__(self, images, seed):
         real = to_unit(images, 256).to(self.dtype)
@@ -96,12 +97,13 @@ class CommonStep:
 
 
 def make_step(contender, case, device=DEVICE):
-    """(step(images, seed) -> (d_loss, g_loss), reset) of one contender on a fresh family."""
+    """step(images, seed) -> (d_loss, g_loss) of one contender on a fresh family; ``step.nets``: its G and D."""
     family = make_family(case, device)
     if contender == "fastgen":
         def step(images, seed):
             scalars = family.step(images, None, seed)
             return scalars["d_loss"], scalars["g_loss"]
+        step.nets = (family.g, family.d)
         return step
     return CommonStep(family, compiled=contender == "compile(common)")
 
@@ -124,11 +126,18 @@ def reference(case):
 
 
 def rss_step(spec):
-    """(step, reset) for harness.peak_rss: one contender's whole training step."""
+    """(step, reset) for harness.peak_rss: one contender's whole training step. The base it is measured above:
+    weights, Adam's state and the inputs, without gradients (reset drops them), the same for every contender;
+    gradients a contender keeps between its steps count as its step's memory."""
     case = tuple(spec["shape"])
     step = make_step(spec["contender"], case, "cpu")
     images = batch(case, "cpu")
-    return (lambda: step(images, SEED)), (lambda: None)
+
+    def reset():
+        for net in step.nets:
+            for p in net.parameters():
+                p.grad = None
+    return (lambda: step(images, SEED)), reset
 
 
 def pytest_generate_tests(metafunc):

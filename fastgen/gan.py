@@ -5,7 +5,9 @@ loss is finite with a useful gradient at any logit (``BCELoss(sigmoid(l))`` roun
 float32 and returns inf or a zero gradient). Each is a mean over the batch.
 
 * ``discriminator_loss(real_logits, fake_logits)`` = -E[log D(x)] - E[log(1 - D(G(z)))]: what D minimises
-  (the minimax objective max_D E[log D(x)] + E[log(1 - D(G(z)))], negated);
+  (the minimax objective max_D E[log D(x)] + E[log(1 - D(G(z)))], negated); either may be None for its term
+  alone (-E[log D(x)] or -E[log(1 - D(G(z)))]), so that a training step can backpropagate the real batch's
+  term before D sees the generated batch (one batch's graph of D alive at a time, as pytorch/examples does);
 * ``generator_loss(fake_logits, kind="non_saturating")`` = -E[log D(G(z))]: the generator objective whose
   gradient is strong where D rejects the samples, the usual choice;
 * ``generator_loss(fake_logits, kind="minimax")`` = E[log(1 - D(G(z)))]: the saturating objective of the
@@ -15,6 +17,8 @@ Training alternates k discriminator steps (on fresh real and generated batches) 
 Logits of float16/bfloat16 give a float32 loss (fastgen.ref.precision's reduction rule); an empty batch, a
 logit tensor that is not one value per image, or a non-floating tensor is a ValueError.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +41,17 @@ def _logits(who, name, t):
     return t.to(compute_dtype(t.dtype))
 
 
-def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """-E[log D(x)] - E[log(1 - D(G(z)))] = mean softplus(-real) + mean softplus(fake)."""
-    real = _logits("discriminator_loss", "real_logits", real_logits)
-    fake = _logits("discriminator_loss", "fake_logits", fake_logits)
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
+def discriminator_loss(real_logits: Optional[torch.Tensor], fake_logits: Optional[torch.Tensor]) -> torch.Tensor:
+    """-E[log D(x)] - E[log(1 - D(G(z)))] = mean softplus(-real) + mean softplus(fake); a term whose logits
+    are None is left out (not both)."""
+    if real_logits is None and fake_logits is None:
+        raise ValueError("discriminator_loss: give real_logits, fake_logits or both (None leaves a term out)")
+    terms = []
+    if real_logits is not None:
+        terms.append(F.softplus(-_logits("discriminator_loss", "real_logits", real_logits)).mean())
+    if fake_logits is not None:
+        terms.append(F.softplus(_logits("discriminator_loss", "fake_logits", fake_logits)).mean())
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:

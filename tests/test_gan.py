@@ -275,8 +275,9 @@ def test_the_generator_step_computes_no_weight_gradient_of_d():
     n_d, n_g = len(list(family.d.parameters())), len(list(family.g.parameters()))
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     family.step(images, torch.zeros(8, dtype=torch.long), seed=1)
-    # D's weights: one gradient each (its own step); G's: one each (the G step; D's step takes G's images detached)
-    assert calls == {"d": n_d, "g": n_g}
+    # D's weights: two gradients each (its own step: the real term's backward, then the generated term's); G's:
+    # one each (the G step; D's step takes G's images detached)
+    assert calls == {"d": 2 * n_d, "g": n_g}
     d_before = [p.detach().clone() for p in family.d.parameters()]
     family.opt_d.step = lambda: None  # only the G step may move anything now: D must not
     family.step(images, torch.zeros(8, dtype=torch.long), seed=2)

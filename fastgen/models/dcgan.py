@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastgen._seed import prior_draws
-from fastgen.nn.batch_norm_act import BatchNormAct2d
+from fastgen.nn.batch_norm_act import BatchNormAct2d, recomputed_outputs
 from fastgen.nn.conditioning import check_label
 
 CONDITIONINGS = ("projection", "concat")
@@ -95,7 +95,8 @@ class DCGANGenerator(nn.Module):
         z = z.reshape(z.shape[0], self.z_dim)
         if self.embed is not None:
             z = torch.cat([z, self.embed(label).to(z.dtype)], 1)
-        return self.net(z[:, :, None, None])
+        with recomputed_outputs():  # each ConvTranspose2d keeps its input as a recipe (relu's x), not a copy
+            return self.net(z[:, :, None, None])
 
     @torch.no_grad()
     def sample(self, n: int, label: Optional[torch.Tensor] = None, *, seed: Optional[int] = None,

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from fastgen.ops.batch_norm_act import batch_norm_act
+from fastgen.ops.batch_norm_act import batch_norm_act, recomputed_outputs  # noqa: F401 (fastgen.nn's)
 from fastgen.ref.batch_norm_act import ACTIVATIONS
 
 
@@ -9,7 +9,8 @@ class BatchNormAct2d(nn.Module):
     """``nn.BatchNorm2d`` followed by ``nn.ReLU`` or ``nn.LeakyReLU`` as one op (fastgen.ops.batch_norm_act),
     forward and backward, keeping one activation-sized tensor for the backward where the pair keeps two (the
     output for leaky_relu, which the next layer keeps anyway; the input for relu, whose output cannot be
-    inverted).
+    inverted: run the network under ``fastgen.nn.recomputed_outputs()`` and the next layer keeps no copy of
+    the output either, it is recomputed from the input in the backward).
 
     The arguments, defaults, parameters, buffers and state_dict are BatchNorm2d's (``weight``, ``bias``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``; ``affine``, ``track_running_stats``,

@@ -23,13 +23,17 @@ What the kernel backends save (the one activation-sized tensor, and it is exact)
   element, also where dz = 0). A 1-bit mask of y > 0 would not help: y itself says where y > 0; the missing
   part is xhat's value. So relu keeps x (with the per-channel statistics) and recomputes xhat and z > 0
   bit for bit as the forward made them: one activation-sized tensor where BatchNorm2d + ReLU keep two (x and
-  y). Followed by a convolution, which keeps y, both keep x and y: what relu saves against the pair is the
-  pre-activation tensor z at the forward's peak, not a saved tensor. Use leaky_relu for the full saving.
+  y). Followed by a convolution, which keeps y, both keep x and y, unless the forward runs under
+  ``recomputed_outputs()``: there the next layer keeps, in y's place, a recipe (x, the statistics and the
+  parameters, all kept already) from which the forward kernel recomputes y bit for bit when that layer's
+  backward asks for it (one elementwise pass): one activation-sized tensor per layer again.
 
 Double backward (gradient penalties through this op) is not supported: a backward run with create_graph=True
 raises an error saying so (use nn.BatchNorm2d + the activation there).
 """
+import contextlib
 import math
+import weakref
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -247,9 +251,70 @@ def _kernel_runner(backend):
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, c.weight, c.bias))
         # without a backward nothing is saved: the kernel's verdict is not read (no device sync)
         may_save_output = grads and c.activation == "leaky_relu"
-        return BatchNormAct.apply(x, c.weight, c.bias, c.mean, c.var, c.eps, c.activation, c.negative_slope,
-                                  backend, may_save_output)
+        y, m, v = BatchNormAct.apply(x, c.weight, c.bias, c.mean, c.var, c.eps, c.activation, c.negative_slope,
+                                     backend, may_save_output)
+        if grads and c.activation == "relu" and _RECIPES:  # x is saved: y can be recomputed from it
+            _RECIPES[-1][id(y)] = (weakref.ref(y), y._version, (x, c.weight, c.bias, m, v, c.eps, backend))
+        return y, m, v
     return run
+
+
+# ---- relu's output recomputed for the layer after it -------------------------------------------------------
+
+_RECIPES = []  # per active recomputed_outputs(): id(y) -> (weakref to y, y's version, what recomputes y)
+
+
+class _Recipe(NamedTuple):
+    x: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    backend: str
+    versions: Tuple[int, ...]  # of x, weight, bias when y was made: an in-place change since is an error
+
+
+def _versions(*tensors):
+    return tuple(-1 if t is None else t._version for t in tensors)
+
+
+@contextlib.contextmanager
+def recomputed_outputs():
+    """While active, a relu batch_norm_act output (a kernel backend's, under autograd) that a later op saves
+    for its backward (a convolution its input) is saved as a recipe instead: the op's own saved input and
+    statistics, from which the forward kernel remakes the output bit for bit when that backward runs (module
+    docstring). The output itself is freed once the forward is done with it: relu layers keep one
+    activation-sized tensor each, as leaky_relu ones do. Only the exact tensor object the op returned, unchanged
+    since, is replaced; under torch.compile nothing is."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    recipes = {}
+
+    def pack(t):
+        entry = recipes.get(id(t))
+        if entry is None or entry[0]() is not t or t._version != entry[1]:
+            return t
+        x, w, b, m, v, eps, backend = entry[2]
+        return _Recipe(x, w, b, m, v, eps, backend, _versions(x, w, b))
+
+    def unpack(saved):
+        if not isinstance(saved, _Recipe):
+            return saved
+        if _versions(saved.x, saved.weight, saved.bias) != saved.versions:
+            raise RuntimeError(f"{OP_NAME}: the input, weight or bias of a relu batch_norm_act was modified in place "
+                               f"after the forward; its output, saved by the next layer, cannot be recomputed")
+        with torch.no_grad():
+            return _kernels(saved.backend)[0](saved.x, saved.weight, saved.bias, saved.mean, saved.var, saved.eps,
+                                              "relu", 0.0)[0]
+
+    _RECIPES.append(recipes)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _RECIPES.pop()
 
 
 def _x(c):

@@ -15,6 +15,7 @@ data's, the confidence and (cgan) the label accuracy. A collapse warning when th
 (1 - COVERAGE_DROP) of the run's best or the KL rises past KL_COLLAPSE after having been below it; the
 oscillation: the spread of D(x) - D(G(z)) over the last OSCILLATION_WINDOW training log lines. Images:
 samples.png, a grid from fixed noise (one class per column for cgan)."""
+import contextlib
 import copy
 import dataclasses
 import math
@@ -70,18 +71,6 @@ def collapse_reasons(watch, scores):
     watch["best_coverage"] = max(cov, watch["best_coverage"] or 0)
     watch["min_kl"] = kl if watch["min_kl"] is None else min(kl, watch["min_kl"])
     return reasons
-
-
-class _DLoss(torch.nn.Module):
-    """D's loss as one module call (so DDP sees one forward for D's two passes)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.d = d
-
-    def forward(self, real, fake, labels):
-        real_logits, fake_logits = self.d(real, labels), self.d(fake, labels)
-        return discriminator_loss(real_logits, fake_logits), real_logits.detach(), fake_logits.detach()
 
 
 class GANFamily(Family):
@@ -175,7 +164,7 @@ class GANFamily(Family):
         self._build_judge()
         if ckpt:
             self.load_state_dict(ckpt)
-        self.d_loss = run.wrap(_DLoss(self.d))
+        self.d_net = run.wrap(self.d)  # D in its own step (DDP reduces its gradients)
         self.d.requires_grad_(False)  # frozen but in D's own step: G's step computes D's input gradient only
         self.g_net = run.wrap(self.g)  # G's forward in the steps that update it (DDP reduces its gradients)
         self.d_updates = ckpt["step"] if ckpt else 0
@@ -227,11 +216,17 @@ class GANFamily(Family):
         with torch.set_grad_enabled(update_g), run.autocast():
             fake = (self.g_net if update_g else self.g)(z, y)
         self.d.requires_grad_(True)
-        with run.autocast():
-            d_loss, real_logits, fake_logits = self.d_loss(real, fake.detach().to(real.dtype), y)
         self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
+        # D's loss is its real term plus its generated term, each backpropagated at once: D's graph of one batch
+        # is alive at a time, not two (under DDP the first accumulates without an all-reduce; the second reduces)
+        with self.d_net.no_sync() if self.d_net is not self.d else contextlib.nullcontext():
+            real_loss, real_logits = self._d_term(real, y, True)
+        fake_loss, fake_logits = self._d_term(fake.detach().to(real.dtype), y, False)
+        d_loss = real_loss + fake_loss
         self.opt_d.step()
+        # each model's gradients live through its own update only: D's are not held through G's step, G's not
+        # through D's next one
+        self.opt_d.zero_grad(set_to_none=True)
         self.d.requires_grad_(False)
         self.d_updates += 1
         if update_g:  # through the updated D, frozen: only D's input gradient is computed
@@ -240,6 +235,7 @@ class GANFamily(Family):
             self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
             self.last_g_loss = g_loss.detach()
             if self.ema is not None:
                 with torch.no_grad():
@@ -249,9 +245,17 @@ class GANFamily(Family):
                         e.copy_(b)
         elif self.last_g_loss is None:  # no G step yet: G's loss as D's step saw it (no extra pass through D)
             self.last_g_loss = generator_loss(fake_logits, opts.g_loss)
-        return {"d_loss": d_loss.detach(), "g_loss": self.last_g_loss,
+        return {"d_loss": d_loss, "g_loss": self.last_g_loss,
                 "d_real": torch.sigmoid(real_logits.float()).mean(),
                 "d_fake": torch.sigmoid(fake_logits.float()).mean()}
+
+    def _d_term(self, images, labels, real):
+        """D's loss term on a real (``real``) or generated batch, backpropagated; (term, logits), detached."""
+        with self.run.autocast():
+            logits = self.d_net(images, labels)
+            term = discriminator_loss(logits, None) if real else discriminator_loss(None, logits)
+        term.backward()
+        return term.detach(), logits.detach()
 
     def train_record(self, means):
         record = {k: round(v, 5) for k, v in means.items()}

@@ -25,7 +25,8 @@ from torch import nn
 
 from fastgen import BatchNormAct2d
 from fastgen.ops.batch_norm_act import OP, make_call
-from harness import check_outcome, first_call, peak_rss, relative_error, start_record, sync, time_step
+from harness import (check_outcome, first_call, peak_rss, prepare_contender, relative_error, start_record, sync,
+                     time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,16 +144,7 @@ def test_batch_norm_act(benchmark, smoke, bench_results, monkeypatch, case):
                           activation=activation)
     probe = make_call(torch.empty(2, shape[1], 1, 1, device=DEVICE, dtype=dtype), None, None, None, None, True, 1e-5,
                       activation, SLOPE)[0]
-    if contender == "fastgen[triton]":
-        if DEVICE == "cpu":
-            pytest.skip("triton on CPU runs only in the interpreter: not a speed contender")
-        why = OP.reason("triton", probe)
-        if why:
-            pytest.skip(f"backend triton: {why}")
-    if contender.startswith("fastgen"):
-        benchmark.extra_info["backend"] = contender[8:-1] if "[" in contender else OP.choose(probe, DEVICE)
-    if contender == "compile(common)":
-        torch._dynamo.reset()
+    prepare_contender(benchmark, contender, OP, probe)
 
     mod = make(contender, shape[1], activation, dtype)
 

@@ -21,8 +21,8 @@ import torch
 import fastgen
 from fastgen.ops.dmol import OP, make_call
 from fastgen.ref import dmol as ref
-from harness import (check_outcome, dmol_loss_common, first_call, record_peak_rss, relative_error, start_record,
-                     sync, time_step)
+from harness import (check_outcome, dmol_loss_common, first_call, prepare_contender, record_peak_rss, relative_error,
+                     start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NR_MIX = 10
@@ -99,10 +99,7 @@ def test_dmol(benchmark, smoke, bench_results, case):
     group = f"{DEVICE} {str(dtype)[6:]} dmol {'x'.join(map(str, shape))} nr_mix {NR_MIX} fwd+bwd"
     record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=list(shape), mode="fwd+bwd")
     x, params = inputs(shape, dtype, DEVICE)
-    if contender == "fastgen":
-        benchmark.extra_info["backend"] = OP.choose(make_call(x, params.detach(), NR_MIX, "sum"), DEVICE)
-    if contender == "compile(common)":
-        torch._dynamo.reset()
+    prepare_contender(benchmark, contender, OP, make_call(x, params.detach(), NR_MIX, "sum"))
     f = make_contender(contender)
     step = step_fn(f, x, params)
     def first():

@@ -24,7 +24,8 @@ import torch.nn as nn
 from fastgen.nn import BatchNormAct2d
 from fastgen.train.family import Run
 from fastgen.train.gan import GANFamily, GANOptions, to_unit
-from harness import check_outcome, first_call, record_peak_rss, relative_error, start_record, sync, time_step
+from harness import (check_outcome, first_call, prepare_contender, record_peak_rss, relative_error, start_record, sync,
+                     time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, channels, size, width): MNIST-sized and DCGAN's own 64x64 RGB
@@ -155,8 +156,7 @@ def test_gan_step(benchmark, smoke, bench_results, case):
     n, c, size, width = shape
     group = f"{DEVICE} float32 DCGAN step batch {n} {c}x{size}x{size} width {width} (D + G update)"
     record = start_record(benchmark, group, contender, dtype="float32", shape=list(shape), mode="train step")
-    if contender == "compile(common)":
-        torch._dynamo.reset()
+    prepare_contender(benchmark, contender)
     images = batch(shape)
 
     def first():

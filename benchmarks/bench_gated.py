@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from fastgen.ops.gated import CONV, VERTICAL, make_conv_call, make_vertical_call
-from harness import (check_outcome, first_call, gated_inputs, gated_step, make_gated, record_peak_rss,
-                     relative_error, start_record, sync, time_step)
+from harness import (check_outcome, first_call, gated_inputs, gated_step, make_gated, prepare_contender,
+                     record_peak_rss, relative_error, start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -125,16 +125,7 @@ def test_gated(benchmark, smoke, bench_results, case):
     # a small call of the horizontal stack's op: which backend takes this device and dtype
     probe = make_conv_call(torch.empty(1, 2, 4, 4, device=DEVICE, dtype=dtype),
                            torch.empty(4, 2, 1, 2, device=DEVICE, dtype=dtype), None, None, "horizontal", "B", 1)
-    if contender == "fastgen[triton]":
-        if DEVICE == "cpu":
-            pytest.skip("triton on CPU runs only in the interpreter: not a speed contender")
-        why = CONV.reason("triton", probe)
-        if why:
-            pytest.skip(f"backend triton: {why}")
-    if contender.startswith("fastgen"):
-        benchmark.extra_info["backend"] = contender[8:-1] if "[" in contender else CONV.choose(probe, DEVICE)
-    if contender == "compile(common)":
-        torch._dynamo.reset()
+    prepare_contender(benchmark, contender, CONV, probe)
 
     inputs = gated_inputs(kind, shape, DEVICE, dtype)
     mod = make_gated(kind, contender, shape, DEVICE, dtype)

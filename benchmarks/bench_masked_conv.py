@@ -35,7 +35,7 @@ from fastgen.ops.masked_conv import OP, make_call
 from fastgen.ref.masked_conv import causal_mask
 from fastgen.ref.masked_conv import masked_conv2d as ref_masked_conv2d
 from harness import (COMMON, COMPILED, check_outcome, contender_names, first_call, make_masked_conv, peak_rss,
-                     record_peak_rss, relative_error, start_record, sync, time_step)
+                     prepare_contender, record_peak_rss, relative_error, start_record, sync, time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -161,19 +161,7 @@ def test_masked_conv(benchmark, smoke, bench_results, case):
 
     fastgen_contender = contender.startswith("fastgen")
     call = make_call(x, w, bias, m, 1, "same", 1)
-    if contender.startswith("fastgen["):
-        backend = contender[len("fastgen["):-1]
-        if backend == "triton" and DEVICE == "cpu":
-            pytest.skip("triton on CPU runs only in the interpreter: not a speed contender")
-        why = OP.reason(backend, call)
-        if why:
-            pytest.skip(f"backend {backend}: {why}")
-        benchmark.extra_info["backend"] = backend
-    elif contender == "fastgen":
-        benchmark.extra_info["backend"] = OP.choose(call, DEVICE)
-
-    if contender == COMPILED:
-        torch._dynamo.reset()  # a fresh compile per case: compile time is measured, no dynamic-shape reuse
+    prepare_contender(benchmark, contender, OP, call)
     mod = make_masked_conv(contender, ci, co, k, m, weight=w, bias=bias, device=DEVICE, dtype=dtype)
     step, checked = make_step(mod, x, g, mode)
 

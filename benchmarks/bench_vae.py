@@ -25,7 +25,8 @@ import torch
 import fastgen
 from fastgen.ops.reparameterize_kl import OP, make_call
 from fastgen.ref import reparameterize_kl as ref
-from harness import check_outcome, first_call, record_peak_rss, relative_error, start_record, sync, time_step
+from harness import (check_outcome, first_call, prepare_contender, record_peak_rss, relative_error, start_record, sync,
+                     time_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(256, 128), (4096, 512), (65536, 1024)]
@@ -117,10 +118,7 @@ def test_vae(benchmark, smoke, bench_results, case):
     record = start_record(benchmark, group, contender, dtype=str(dtype)[6:], shape=list(shape), mode="fwd+bwd")
     probe = make_call(torch.empty(1, 1, device=DEVICE, dtype=dtype), torch.empty(1, 1, device=DEVICE, dtype=dtype),
                       None, None, 0, "sum")
-    if contender == "fastgen":
-        benchmark.extra_info["backend"] = OP.choose(probe, DEVICE)
-    if contender == "compile(common)":
-        torch._dynamo.reset()
+    prepare_contender(benchmark, contender, OP, probe)
 
     # fastgen's eps, read back through z = 0 + exp(0) eps, so every contender is checked with the same noise
     zeros = torch.zeros(shape, device=DEVICE, dtype=torch.float32)

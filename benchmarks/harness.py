@@ -265,6 +265,27 @@ def start_record(benchmark, group, contender, **info):
     return {"group": group, "contender": contender, "median_s": None, "extra_info": benchmark.extra_info}
 
 
+def prepare_contender(benchmark, contender, op=None, probe=None):
+    """Before a contender is built: a forced fastgen backend (``fastgen[NAME]``) is skipped where it cannot run
+    (Triton on a CPU runs only in the interpreter, no speed contender; ``op.reason`` for the ``probe`` call), the
+    backend fastgen runs goes into extra_info, and a compiled contender (``compile(...)``) starts from a fresh
+    dynamo cache (its compile time is measured, nothing reused from another case)."""
+    import pytest
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if contender.startswith("fastgen["):
+        backend = contender[len("fastgen["):-1]
+        if backend == "triton" and device == "cpu":
+            pytest.skip("triton on CPU runs only in the interpreter: not a speed contender")
+        why = op.reason(backend, probe)
+        if why:
+            pytest.skip(f"backend {backend}: {why}")
+        benchmark.extra_info["backend"] = backend
+    elif contender == "fastgen" and op is not None:
+        benchmark.extra_info["backend"] = op.choose(probe, device)
+    if contender.startswith("compile("):
+        torch._dynamo.reset()
+
+
 def first_call(run, record, bench_results, contender, ours):
     """(result, seconds) of a contender's first call. One that raises is recorded as
     'error', then re-raised if it is fastgen's (``ours``) or xfailed if it is a

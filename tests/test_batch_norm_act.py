@@ -3,8 +3,11 @@ input / weight / bias gradients, running statistics and num_batches_tracked over
 evaluation, odd shapes and layouts); gradcheck and opcheck; state_dict compatibility both ways and
 from_modules; what the backward keeps (one activation-sized tensor); double backward; determinism; the
 reduced-precision rule; errors. The op contract (tests/test_op_contract.py) covers empty batches and bad calls."""
+import contextlib
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -13,7 +16,6 @@ from torch import nn
 import fastgen
 from fastgen import BatchNormAct2d
 from fastgen.ops import batch_norm_act as ops
-from fastgen.ref import batch_norm_act as ref
 
 from conftest import require_backend
 
@@ -348,6 +350,74 @@ def test_the_backward_keeps_one_activation_sized_tensor(activation):
     # leaky_relu: the output itself (which the next layer keeps anyway); relu: the input
     assert ours[0].data_ptr() == (y.data_ptr() if activation == "leaky_relu" else x.data_ptr())
     assert sum(t.numel() * t.element_size() for t in ours) * 2 == sum(t.numel() * t.element_size() for t in theirs)
+
+
+def _bn_conv(backend, device, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    bn = BatchNormAct2d(6, "relu", backend=backend).to(device, dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn, nn.Conv2d(6, 4, 3, padding=1).to(device, dtype)
+
+
+def _bn_conv_step(bn, conv, x, recompute):
+    """(outputs, gradients of x and every parameter) of conv(bn(x)), and a weak reference to bn's output."""
+    x = x.detach().requires_grad_()
+    with fastgen.nn.recomputed_outputs() if recompute else contextlib.nullcontext():
+        y = bn(x)
+        out = conv(y)
+    made = weakref.ref(y)
+    del y
+    gc.collect()
+    alive = made() is not None  # with the recipe nothing but the caller held bn's output
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)).sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in (*bn.parameters(), *conv.parameters())]
+    for p in (*bn.parameters(), *conv.parameters()):
+        p.grad = None
+    return out.detach(), grads, alive
+
+
+@pytest.mark.parametrize("backend", ["cpp", TRITON])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_relu_output_is_recomputed_for_the_next_layer(backend, kind, dtype):
+    device = need(backend, dtype)
+    bn, conv = _bn_conv(backend, device, dtype)
+    x = layout(torch.randn(3, 6, 5, 7, dtype=dtype, device=device), kind)
+    out, grads, alive = _bn_conv_step(bn, conv, x, recompute=False)
+    assert alive  # the convolution keeps its own reference to bn's output
+    out_r, grads_r, alive_r = _bn_conv_step(bn, conv, x, recompute=True)
+    assert not alive_r  # the convolution keeps the recipe: the output is freed after the forward
+    # the recomputed output is the forward's bit for bit: the same outputs and gradients, exactly
+    assert torch.equal(out, out_r) and all(torch.equal(a, b) for a, b in zip(grads, grads_r))
+
+
+def test_a_recipe_refuses_inputs_changed_in_place():
+    need("cpp")
+    bn, conv = _bn_conv("cpp", "cpu")
+    with fastgen.nn.recomputed_outputs():
+        out = conv(bn(torch.randn(2, 6, 4, 4, dtype=torch.float64)))
+    with torch.no_grad():
+        bn.weight.add_(1.0)  # as an optimizer step between the forward and the backward would
+    with pytest.raises(RuntimeError, match="modified in place after the forward; its output, saved by the next"):
+        out.sum().backward()
+
+
+def test_an_output_changed_in_place_is_saved_as_it_is():
+    need("cpp")
+    bn, conv = _bn_conv("cpp", "cpu")
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    grads = []
+    for recompute in (False, True):
+        with fastgen.nn.recomputed_outputs() if recompute else contextlib.nullcontext():
+            y = bn(x)
+            y.mul_(2.0)  # no longer what the recipe would make: the convolution must keep y itself
+            out = conv(y)
+        out.square().sum().backward()
+        grads.append([p.grad.clone() for p in (*bn.parameters(), *conv.parameters())])
+        bn.zero_grad(set_to_none=True), conv.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_double_backward_is_a_clear_error():

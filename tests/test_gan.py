@@ -29,6 +29,10 @@ def test_losses_equal_the_textbook_formulas():
     bce = nn.BCEWithLogitsLoss()
     torch.testing.assert_close(discriminator_loss(real, fake), bce(real, torch.ones_like(real))
                                + bce(fake[:, 0], torch.zeros_like(real)))
+    # each term alone (a training step backpropagates them one after the other): the two add up to the loss
+    torch.testing.assert_close(discriminator_loss(real, None), -torch.log(torch.sigmoid(real)).mean())
+    torch.testing.assert_close(discriminator_loss(None, fake), -torch.log(1 - torch.sigmoid(fake)).mean())
+    torch.testing.assert_close(discriminator_loss(real, None) + discriminator_loss(None, fake), d)
 
 
 @pytest.mark.parametrize("big", [100.0, 1e4])
@@ -68,6 +72,7 @@ def test_half_logits_give_a_float32_loss():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: discriminator_loss(torch.zeros(0), torch.zeros(3)), "empty batch"),
+    (lambda: discriminator_loss(None, None), "give real_logits, fake_logits or both"),
     (lambda: generator_loss(torch.zeros(3, 2)), "one logit per image"),
     (lambda: generator_loss(torch.zeros(3, dtype=torch.long)), "floating tensor"),
     (lambda: generator_loss(torch.zeros(3), kind="wgan"), "kind must be one of"),
@@ -172,6 +177,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
+from fastgen.data.dataset import ImageData  # noqa: E402
 from fastgen.train import load_model, read_checkpoint  # noqa: E402
 from fastgen.train.common import weights_digest  # noqa: E402
 from fastgen.train.gan import GANFamily, GANOptions, collapse_reasons  # noqa: E402
@@ -222,18 +228,24 @@ def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, capsys, digits
     assert a["weights_sha256"] == b["weights_sha256"]
 
 
+def torchrun_train(args):
+    """``python -m fastgen train ARGS`` in 2 CPU processes under torchrun (gloo), checked to succeed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastgen", "train", "--device", "cpu"] + args,
+                          capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.parametrize("model", ["dcgan", "cgan"])
 def test_ddp_two_processes_gloo(model, tmp_path, digits):
     """Both replicas end with rank 0's weights and buffers: DDP reduces the gradients of D's step and of G's
     (through a frozen D), and the loop brings every rank's BatchNorm statistics to rank 0's."""
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fastgen", "train", model, "--steps", "3", "--ema", "0.9", "--samples", "0",
-                           "--eval-batches", "1", "--device", "cpu", "--out", str(out)] + GAN_TINY,
-                          capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun_train([model, "--steps", "3", "--ema", "0.9", "--samples", "0", "--eval-batches", "1", "--out",
+                           str(out)] + GAN_TINY)
     assert "differ" not in proc.stdout and proc.stdout.count("data: digits") == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["machine"]["world_size"] == 2 and summary["step"] == 3
@@ -323,6 +335,26 @@ def test_the_judge_scores_every_evaluation_and_keeps_the_best(model, tmp_path, c
     assert read_checkpoint(str(out / "best.pt"))["step"] == summary["best"]["step"]
     watch = read_checkpoint(str(out))["gan_watch"]  # the collapse warning's memory resumes with the run
     assert watch == {"best_coverage": max(r["coverage"] for r in evals), "min_kl": min(r["kl"] for r in evals)}
+
+
+def test_under_ddp_rank_0_alone_judges(tmp_path, mnist_judge):
+    """The other ranks build no judge and score nothing (rank 0's scores decide best.pt and --patience for all),
+    yet keep the score's name; a 2-process run judges every evaluation and keeps best.pt by it."""
+    cfg = types.SimpleNamespace(model="dcgan", batch=8, lr=2e-4, channels=8, data="mnist", quiet=True, eval_batches=1,
+                                options=GANOptions(z_dim=8, g_loss="non_saturating", d_steps=1, pack=1, ema=0.0,
+                                                   conditioning="projection", judge_images=16))
+    dist = types.SimpleNamespace(device=torch.device("cpu"), group=None, main=False, barrier=lambda: None)
+    family = GANFamily(Run(cfg, dist, False, 10, print, lambda record: None))
+    family.build(types.SimpleNamespace(levels=256, num_classes=10, shape=(1, 28, 28)), None)
+    assert family.judge is None and family.best_key == "fd"
+    data = ImageData("mnist", "test", torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.zeros(8).long(), 10, 256)
+    assert family.evaluate(data, step=1, final=False)["fd"] is None
+    out = tmp_path / "ddp"
+    torchrun_train(["dcgan", "--steps", "2", "--eval-every", "1", "--judge-images", "16", "--patience", "4", "--out",
+                    str(out)] + MNIST_TINY)
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["fd"] > r["fd_floor"] for r in evals)
+    assert json.loads((out / "summary.json").read_text())["best"]["key"] == "fd" and (out / "best.pt").exists()
 
 
 def test_the_judge_images_are_the_same_for_the_same_generator(tmp_path, capsys, mnist_judge):

@@ -180,10 +180,11 @@ class GANFamily(Family):
                              f"a GAN has no likelihood, and fastgen's judge scores {', '.join(JUDGED)}, not "
                              f"{cfg.data}")
             return
-        for turn in ("first", "others"):  # rank 0 trains a classifier missing from the cache; the others load it
-            if (turn == "first") == dist_.main:
-                self.judge = judge(cfg.data, device=self.run.device, progress=not cfg.quiet)
-            dist_.barrier()
+        # rank 0 alone judges (its scores decide best.pt and --patience for every rank, fastgen.train.loop): it
+        # trains a classifier missing from the cache while the others wait
+        if dist_.main:
+            self.judge = judge(cfg.data, device=self.run.device, progress=not cfg.quiet)
+        dist_.barrier()
 
     def state_dict(self):
         return {**super().state_dict(), "d_gaps": self.gaps, "gan_watch": dict(self.watch)}
@@ -215,8 +216,7 @@ class GANFamily(Family):
         # only in the steps that update G
         with torch.set_grad_enabled(update_g), run.autocast():
             fake = (self.g_net if update_g else self.g)(z, y)
-        self.d.requires_grad_(True)
-        self.opt_d.zero_grad(set_to_none=True)
+        self.d.requires_grad_(True)  # (no gradients are held here: each update frees its model's, below)
         # D's loss is its real term plus its generated term, each backpropagated at once: D's graph of one batch
         # is alive at a time, not two (under DDP the first accumulates without an all-reduce; the second reduces)
         with self.d_net.no_sync() if self.d_net is not self.d else contextlib.nullcontext():
@@ -232,7 +232,6 @@ class GANFamily(Family):
         if update_g:  # through the updated D, frozen: only D's input gradient is computed
             with run.autocast():
                 g_loss = generator_loss(self.d(fake, y), opts.g_loss)
-            self.opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
@@ -294,7 +293,7 @@ class GANFamily(Family):
             fake = g(self._noise(hi - lo, FIXED_NOISE_SEED + lo), y)
             real_sum += torch.sigmoid(self.d(real, y).float()).sum().item() * self.opts.pack
             fake_sum += torch.sigmoid(self.d(fake, y).float()).sum().item() * self.opts.pack
-        scores = self._judged(data, g) if self.judge is not None else {}
+        scores = self._judged(data, g) if self.judge is not None else {}  # rank 0's only (_build_judge)
         self.g.train(was[0])
         self.d.train(was[1])
         d_real, d_fake = real_sum / max(n, 1), fake_sum / max(n, 1)

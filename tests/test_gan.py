@@ -266,13 +266,13 @@ def test_bad_gan_options_are_clear_errors(tmp_path, capsys, digits):
     assert_cli_error(base + ["--d-steps", "0"], "d_steps must be >= 1", capsys)
 
 
-def _family(**options):
+def _family(shape=(1, 8, 8), **options):
     opts = dict(z_dim=8, g_loss="non_saturating", d_steps=1, pack=1, ema=0.0, conditioning="projection")
     opts.update(options)
     cfg = types.SimpleNamespace(model="dcgan", batch=8, lr=2e-4, channels=8, data="digits", options=GANOptions(**opts))
     dist = types.SimpleNamespace(device=torch.device("cpu"), group=None)
     family = GANFamily(Run(cfg, dist, False, 10, print, lambda record: None))
-    family.build(types.SimpleNamespace(levels=256, num_classes=10, shape=(1, 8, 8)), None)
+    family.build(types.SimpleNamespace(levels=256, num_classes=10, shape=shape), None)
     return family
 
 
@@ -294,6 +294,23 @@ def test_the_generator_step_computes_no_weight_gradient_of_d():
     family.opt_d.step = lambda: None  # only the G step may move anything now: D must not
     family.step(images, torch.zeros(8, dtype=torch.long), seed=2)
     assert all(torch.equal(a, b) for a, b in zip(d_before, family.d.parameters()))
+
+
+def test_evaluation_judges_with_batch_statistics_and_leaves_d_as_it_was():
+    family = _family((1, 16, 16))  # D with batch norm
+    images = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(16) % 10
+    family.step(images, labels, 0)
+    for m in family.d.modules():  # running statistics far from any one batch's (as a real/generated mixture is)
+        if isinstance(m, BatchNormAct2d):
+            m.running_mean.fill_(3.0), m.running_var.fill_(0.01)
+    family.cfg.eval_batches = 1
+    buffers = [b.clone() for b in family.d.buffers()]
+    result = family.evaluate(ImageData("digits", "test", images[:8], labels[:8], 10, 256), step=3, final=False)
+    assert buffers and all(torch.equal(a, b) for a, b in zip(buffers, family.d.buffers())) and family.d.training
+    with torch.no_grad():
+        d_real = torch.sigmoid(family.d(images[:8].float() * (2 / 255) - 1)).mean().item()
+    assert result["test_d_real"] == pytest.approx(d_real, abs=1e-4)  # D in training mode: the batch's statistics
 
 
 def test_d_steps_updates_g_every_kth_step():

@@ -8,7 +8,8 @@ on its own minibatch, per generator step). In the generator's update D's paramet
 the input gradient, and no weight gradient of D is computed. Noise is drawn from the step's seed, so a resumed
 run repeats it.
 ``--ema``: an exponential moving average of G's weights (what samples.png and ``sample`` draw from).
-Evaluation: mean D(x) on test images and D(G(z)) on as many generated ones; on a dataset fastgen can judge
+Evaluation: mean D(x) on test images and D(G(z)) on as many generated ones (G in eval mode, D with batch
+statistics as in training, its running statistics left as they were); on a dataset fastgen can judge
 (fastgen.metrics.JUDGED), ``--judge-images`` generated images scored by its classifier: the Frechet distance in
 its feature space (best.pt and ``--patience`` go by it), the classes covered, the KL of their histogram to the
 data's, the confidence and (cgan) the label accuracy. A collapse warning when the coverage falls below
@@ -281,7 +282,11 @@ class GANFamily(Family):
         n = min(len(data), cfg.batch * (cfg.eval_batches or 16))
         g, was = self._sampler(), (self.g.training, self.d.training)
         g.eval()
-        self.d.eval()
+        # D judges with batch statistics, as in training: its running statistics average real and generated
+        # batches together and describe neither (in eval mode D(x) on test images swings between 0.03 and 0.7
+        # from one evaluation to the next while training's stays near 0.85); its buffers are put back after
+        d_buffers = [b.clone() for b in self.d.buffers()]
+        self.d.train()
         real_sum = fake_sum = 0.0
         for lo in range(0, n, cfg.batch):
             hi = min(lo + cfg.batch, n)
@@ -293,6 +298,8 @@ class GANFamily(Family):
             fake = g(self._noise(hi - lo, FIXED_NOISE_SEED + lo), y)
             real_sum += torch.sigmoid(self.d(real, y).float()).sum().item() * self.opts.pack
             fake_sum += torch.sigmoid(self.d(fake, y).float()).sum().item() * self.opts.pack
+        for b, kept in zip(self.d.buffers(), d_buffers):
+            b.copy_(kept)
         scores = self._judged(data, g) if self.judge is not None else {}  # rank 0's only (_build_judge)
         self.g.train(was[0])
         self.d.train(was[1])

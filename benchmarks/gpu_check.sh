@@ -34,12 +34,14 @@ FASTGEN_REQUIRE=cpp,cuda,triton timeout 120 $PY -m pytest tests/ -q -m "gpu or t
   > "$OUT/tests_gpu.txt" 2>&1
 echo "exit $?" >> "$OUT/tests_gpu.txt"; tail -12 "$OUT/tests_gpu.txt"
 
-stage "benchmarks, one file at a time (limit 30-60 s each, 255 s in all)"
-for spec in masked_conv:45 gated:45 dmol:30 vae:30 batch_norm_act:45 sampling:60; do
-  name=${spec%%:*}; limit=${spec##*:}
+stage "benchmarks, one file at a time (limit 25-50 s each, 255 s in all)"
+# bench_gan without its compiled contender (inductor's compile of two DCGAN steps would take its whole limit)
+for spec in masked_conv:40 gated:40 dmol:25 vae:25 batch_norm_act:40 gan:35 sampling:50; do
+  name=${spec%%:*}; limit=${spec##*:}; filter=${1:-}
+  [ "$name" = gan ] && [ -z "$filter" ] && filter="not compile"
   timeout "$limit" $PY -m pytest "benchmarks/bench_$name.py" --benchmark-only -q -p no:cacheprovider \
-    ${1:+-k "$1"} --benchmark-max-time=0.25 --benchmark-min-rounds=3 --benchmark-json="$OUT/bench_$name.json" \
-    > "$OUT/bench_$name.txt" 2>&1
+    ${filter:+-k "$filter"} --benchmark-max-time=0.25 --benchmark-min-rounds=3 \
+    --benchmark-json="$OUT/bench_$name.json" > "$OUT/bench_$name.txt" 2>&1
   echo "bench_$name: exit $? ($(grep -cE 'PASSED|passed' "$OUT/bench_$name.txt") summary lines)"
 done
 

@@ -172,6 +172,7 @@ def test_clear_errors(make, message):
 # ---- training: python -m fastgen train dcgan | cgan ------------------------------------------------------------
 
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -209,6 +210,21 @@ def test_trains_and_writes_its_png_and_samples(model, extra, tmp_path, capsys, d
     assert code == 0 and "generator" in stdout, err
     assert_cli_error(["sample", str(out), "--n", "6", "--method", "naive", "--out", str(tmp_path / "t.png")],
                      "a GAN draws its images in one pass", capsys)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["dcgan", "cgan"])
+def test_trains_on_the_gpu_under_bf16_autocast(model, tmp_path, capsys, digits):
+    """--amp (the CUDA default): G and D run in bfloat16 under autocast, the losses stay float32 and finite."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", model, "--steps", "4", "--device", "cuda", "--amp", "--log-every", "1",
+                             "--samples", "4", "--out", str(out)] + GAN_TINY, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["amp"] is True and summary["machine"]["device"].startswith("cuda")
+    assert all(math.isfinite(summary[k]) for k in ("final_d_loss", "final_g_loss", "test_d_real", "test_d_fake"))
 
 
 def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, capsys, digits):

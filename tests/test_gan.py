@@ -215,7 +215,7 @@ def test_trains_and_writes_its_png_and_samples(model, extra, tmp_path, capsys, d
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", ["dcgan", "cgan"])
 def test_trains_on_the_gpu_under_bf16_autocast(model, tmp_path, capsys, digits):
-    """--amp (the CUDA default): G and D run in bfloat16 under autocast, the losses stay float32 and finite."""
+    """--amp (the CUDA default): G and D run in bfloat16 under autocast; the run ends with finite losses."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     out = tmp_path / "run"
@@ -319,7 +319,8 @@ def test_evaluation_judges_with_batch_statistics_and_leaves_d_as_it_was():
     family.step(images, labels, 0)
     for m in family.d.modules():  # running statistics far from any one batch's (as a real/generated mixture is)
         if isinstance(m, BatchNormAct2d):
-            m.running_mean.fill_(3.0), m.running_var.fill_(0.01)
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(0.01)
     family.cfg.eval_batches = 1
     buffers = [b.clone() for b in family.d.buffers()]
     result = family.evaluate(ImageData("digits", "test", images[:8], labels[:8], 10, 256), step=3, final=False)

@@ -2,17 +2,19 @@
 
 Contenders, the same networks from the same weights, one batch of real images and of noise:
 
-* ``common``           pytorch/examples/dcgan's step: sigmoid outputs and ``nn.BCELoss``, D's real and fake
+* ``common``           pytorch/examples/dcgan's step (NCHW): sigmoid outputs and ``nn.BCELoss``, D's real and fake
                        losses backpropagated one after the other, then G's loss through D with D's weight
                        gradients computed (and thrown away), ``nn.BatchNorm2d`` + ReLU / LeakyReLU, Adam;
 * ``compile(common)``  the same step with G and D under ``torch.compile`` (compile time excluded, reported apart);
 * ``fastgen``          ``python -m fastgen train dcgan``'s step itself (fastgen.train.gan.GANFamily.step):
                        softplus losses on logits, D frozen in G's update (its input gradient only), fused Adam,
-                       fastgen's DCGAN models as they are built for training (fastgen.BatchNormAct2d).
+                       fastgen's DCGAN models as they are built for training (fastgen.BatchNormAct2d,
+                       channels_last).
 
-Each contender's losses over two steps (the second shows the first's updates) are checked against the common
-step run in float64 before it is timed. Memory: a fresh subprocess's peak RSS on the CPU (the measured steps
-above the RSS of the weights, Adam's state and the inputs: see rss_step), peak allocated on a GPU.
+Each contender's losses over two steps (the second shows the first's updates) are checked in float64 against
+the common step in float64, and its first step's in float32, before it is timed. Memory: a fresh subprocess's
+peak RSS on the CPU (the measured steps above the RSS of the weights, Adam's state and the inputs: see
+rss_step), peak allocated on a GPU.
 """
 import copy
 import types
@@ -21,6 +23,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fastgen.models.dcgan import Projection
 from fastgen.nn import BatchNormAct2d
 from fastgen.train.family import Run
 from fastgen.train.gan import GANFamily, GANOptions, to_unit
@@ -35,7 +38,7 @@ CONTENDERS = ["common", "compile(common)", "fastgen"]
 Z_DIM, SEED = 100, 7
 
 
-def make_family(case, device=DEVICE):
+def make_family(case, device=DEVICE, dtype=torch.float32):
     batch, c, size, width = case
     opts = GANOptions(z_dim=Z_DIM, g_loss="non_saturating", d_steps=1, pack=1, ema=0.0, conditioning="projection")
     cfg = types.SimpleNamespace(model="dcgan", batch=batch, lr=2e-4, channels=width, data="bench", options=opts)
@@ -43,6 +46,7 @@ def make_family(case, device=DEVICE):
     torch.manual_seed(0)
     family = GANFamily(Run(cfg, dist, False, 10, lambda msg: None, lambda record: None))
     family.build(types.SimpleNamespace(levels=256, num_classes=None, shape=(c, size, size)), None)
+    family.g.to(dtype), family.d.to(dtype)  # (the optimizers hold the same parameters; the step follows them)
     return family
 
 
@@ -63,14 +67,25 @@ def unfused(net):
     return net
 
 
+def as_examples(net, dtype):
+    """A copy of one of fastgen's DCGAN networks as pytorch/examples builds it: BatchNorm2d + activation
+    modules, a plain ConvTranspose2d as G's first layer, NCHW weights and maps."""
+    net = unfused(copy.deepcopy(net).to(dtype))
+    net.channels_last = False
+    for m in net.modules():
+        if isinstance(m, Projection):  # examples' first layer: a plain transposed convolution
+            m.__class__ = nn.ConvTranspose2d
+    return net.to(memory_format=torch.contiguous_format)
+
+
 class CommonStep:
-    """pytorch/examples' dcgan step on copies of the family's networks (nn.BatchNorm2d + activation modules, as
-    examples builds them) in examples' order of calls."""
+    """pytorch/examples' dcgan step on copies of the family's networks (as_examples) in examples' order of
+    calls."""
 
     def __init__(self, family, dtype=torch.float32, compiled=False):
         # D as examples keeps it: always taking gradients (the family's D is frozen between its steps)
-        self.g = unfused(copy.deepcopy(family.g).to(dtype))
-        self.d = unfused(copy.deepcopy(family.d).to(dtype)).requires_grad_(True)
+        self.g = as_examples(family.g, dtype)
+        self.d = as_examples(family.d, dtype).requires_grad_(True)
         self.G = torch.compile(self.g) if compiled else self.g
         self.D = torch.compile(self.d) if compiled else self.d
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -97,16 +112,16 @@ class CommonStep:
         return (err_real + err_fake).detach(), err_g.detach()
 
 
-def make_step(contender, case, device=DEVICE):
+def make_step(contender, case, device=DEVICE, dtype=torch.float32):
     """step(images, seed) -> (d_loss, g_loss) of one contender on a fresh family; ``step.nets``: its G and D."""
-    family = make_family(case, device)
+    family = make_family(case, device, dtype if contender == "fastgen" else torch.float32)
     if contender == "fastgen":
         def step(images, seed):
             scalars = family.step(images, None, seed)
             return scalars["d_loss"], scalars["g_loss"]
         step.nets = (family.g, family.d)
         return step
-    return CommonStep(family, compiled=contender == "compile(common)")
+    return CommonStep(family, dtype=dtype, compiled=contender == "compile(common)")
 
 
 def losses(step, images, steps=2):
@@ -118,12 +133,12 @@ def losses(step, images, steps=2):
 
 
 def reference(case):
-    """The common step's losses in float64 and float32 (float32's error: the tolerance's scale)."""
+    """The common step's losses over two steps in float64, and the relative error of its first step's in float32
+    (the float32 tolerance's scale)."""
     images = batch(case, "cpu")
-    runs = {dtype: losses(CommonStep(make_family(case, "cpu"), dtype=dtype), images)
-            for dtype in (torch.float64, torch.float32)}
-    want = runs[torch.float64]
-    return want, {n: relative_error(runs[torch.float32][n], want[n]) for n in want}
+    want = losses(CommonStep(make_family(case, "cpu"), dtype=torch.float64), images)
+    got = losses(CommonStep(make_family(case, "cpu"), dtype=torch.float32), images, steps=1)
+    return want, {n: relative_error(got[n], want[n]) for n in got}
 
 
 def rss_step(spec):
@@ -160,13 +175,21 @@ def test_gan_step(benchmark, smoke, bench_results, case):
     images = batch(shape)
 
     def first():
-        got = losses(make_step(contender, shape), images)
+        got = losses(make_step(contender, shape), images, steps=1)
         sync()
         return got
 
     got, first_call_s = first_call(first, record, bench_results, contender, contender == "fastgen")
     want, ref_err = reference(shape)
-    check_outcome(got, want, ref_err, torch.float32, record, bench_results, contender, contender == "fastgen")
+    # exact in float64 over two steps (the second shows the first's updates); in float32 the first step only:
+    # Adam's first update moves every weight by about lr * sign(gradient), so float32 rounding flips the
+    # weights whose gradient is near 0: at 64x64 the common step itself, its networks in channels_last, has its
+    # second G loss off by 1.2e-4 (3.4e-5 in NCHW), while every contender agrees to 1e-10 in float64
+    exact = losses(make_step(contender, shape, dtype=torch.float64), images)
+    check_outcome(exact, want, {}, torch.float64, record, bench_results, contender, contender == "fastgen")
+    record["extra_info"]["max_rel_error_float64"] = record["extra_info"]["max_rel_error"]
+    check_outcome(got, {n: want[n] for n in got}, ref_err, torch.float32, record, bench_results, contender,
+                  contender == "fastgen")
 
     step = make_step(contender, shape)
     seeds = iter(range(SEED, SEED + 10 ** 6))

@@ -306,12 +306,12 @@ def first_call(run, record, bench_results, contender, ours):
 def check_outcome(got, want, ref_err, dtype, record, bench_results, contender, ours, explain=None):
     """Check a contender's outcome ({name: tensor}) against the float64 reference
     ``want`` under the rule of :func:`tolerance` (``ref_err``: the reference's own
-    error in ``dtype``); records max_rel_error. A wrong contender is recorded as
+    error in ``dtype`` by name, 0 where missing); records max_rel_error. A wrong contender is recorded as
     WRONG and fails (fastgen's, ``ours``) or xfails (a baseline): reported as
     wrong, never timed. ``explain(name)`` may add to the message."""
     import pytest
     errors = {n: relative_error(got.get(n), want[n]) for n in want}
-    tols = {n: tolerance(dtype, ref_err[n]) for n in want}
+    tols = {n: tolerance(dtype, ref_err.get(n, 0.0)) for n in want}
     wrong = {n: (e, tols[n]) for n, e in errors.items() if not e <= tols[n]}
     record["extra_info"]["max_rel_error"] = max(errors.values())
     if not wrong:

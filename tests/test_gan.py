@@ -146,6 +146,36 @@ def test_packing_judges_m_images_per_logit():
         x, torch.arange(6)).shape == (3,)
 
 
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_channels_last_and_nchw_compute_the_same(shape):
+    """The default channels_last layout and the projection as a matrix product change no value: float64 outputs
+    and gradients equal those of NCHW models whose first G layer is a plain ConvTranspose2d, from one checkpoint
+    (a state_dict loads across layouts); G hands out images in the default layout."""
+    torch.manual_seed(0)
+    g, d = DCGANGenerator(16, shape, num_classes=10, width=8).double(), \
+        DCGANDiscriminator(shape, num_classes=10, width=8).double()
+    g0, d0 = DCGANGenerator(16, shape, num_classes=10, width=8, channels_last=False).double(), \
+        DCGANDiscriminator(shape, num_classes=10, width=8, channels_last=False).double()
+    g0.load_state_dict(g.state_dict())
+    d0.load_state_dict(d.state_dict())
+    assert g.net[2].weight.is_contiguous(memory_format=torch.channels_last) and g0.net[2].weight.is_contiguous()
+    g0.net[0].__class__ = nn.ConvTranspose2d  # oneDNN's transposed convolution, not the product
+    z, label = torch.randn(6, 16, dtype=torch.float64), torch.arange(6) % 10
+    for a, b in ((g, d), (g0, d0)):
+        x = a(z, label)
+        assert x.is_contiguous()
+        b(x, label).square().sum().backward()
+    for a, b in ((g, g0), (d, d0)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), name
+        for x, y in zip(a.buffers(), b.buffers()):
+            assert torch.allclose(x, y, rtol=1e-12, atol=0)
+    g.eval(), g0.eval(), d.eval(), d0.eval()
+    x = g(z, label)
+    assert torch.allclose(x, g0(z, label), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(d(x, label), d0(x, label), rtol=1e-10, atol=1e-12)
+
+
 def test_the_projection_head_uses_the_label():
     d = DCGANDiscriminator((1, 28, 28), num_classes=10, width=8).eval()
     x = torch.randn(4, 1, 28, 28)

@@ -209,9 +209,10 @@ class GANFamily(Family):
 
     def step(self, images, labels, seed):
         run, opts = self.run, self.opts
-        real = to_unit(images, self.levels)
+        dtype = next(self.d.parameters()).dtype  # float32 in training; float64 where a check needs it exact
+        real = to_unit(images, self.levels).to(dtype)
         y = labels if self.conditional else None
-        z = self._noise(len(real), seed)
+        z = self._noise(len(real), seed).to(dtype)
         update_g = (self.d_updates + 1) % opts.d_steps == 0
         # one generated batch for both updates (as DCGAN trains): D's step takes it detached; G's graph is kept
         # only in the steps that update G

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 DEPS := $(VENV)/.fastgen-deps
 
-.PHONY: setup build test test-cpu test-py test-triton test-bench report-deps cuda-build compile-report demo bench clean
+.PHONY: setup build test test-cpu test-py test-triton test-bench report-deps cuda-build compile-report format-header demo bench clean
 
 setup: $(DEPS)
 
@@ -131,6 +131,10 @@ compile-report: $(DEPS) $(CUDA_DEPS) $(TRITON36_DEPS)
 	  --record kernels/compiled.json
 
 # --force: demo_out/ is the demo's own folder, replaced on every run
+# The engines' instruction format (csrc/sampling_format.h) from its one definition, fastgen/sampling/code.py.
+format-header: $(DEPS)
+	$(PY) -c "from fastgen.sampling import code; code.write_header('csrc/sampling_format.h')"
+
 demo: build
 	$(PY) -m fastgen demo --force
 

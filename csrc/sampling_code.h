@@ -7,11 +7,13 @@
 
 #include <vector>
 
+#include "sampling_format.h"  // the opcodes and activations (generated from fastgen/sampling/code.py)
+
 namespace fastgen {
 namespace sampling {
 
-// CONVT and FILL: multi-scale schedules only (fastgen/sampling/schedule.py, csrc/cpu/schedule.cpp).
-enum Op : int64_t { CONV = 1, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY, CONVT, FILL };
+// The opcodes and activations; CONVT and FILL are the multi-scale schedules' only (csrc/schedule_code.h).
+using namespace fastgen::code;
 
 // One instruction; parameters as indexes into the params list (-1: none).
 struct Code {

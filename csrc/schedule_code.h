@@ -50,9 +50,11 @@ struct Code {
 };
 
 inline RefCode parse_ref(const int64_t* c, const std::vector<SlotInfo>& slots, int64_t channels, bool optional) {
+  using namespace fastgen::code::field;
   RefCode r;
-  if (optional && c[0] == -1) return r;
-  r.slot = c[0], r.c0 = c[1], r.oy = c[2], r.ox = c[3], r.y0 = c[4], r.y1 = c[5], r.x0 = c[6], r.x1 = c[7];
+  if (optional && c[REF_SLOT] == -1) return r;
+  r.slot = c[REF_SLOT], r.c0 = c[REF_C0], r.oy = c[REF_OY], r.ox = c[REF_OX];
+  r.y0 = c[REF_Y0], r.y1 = c[REF_Y1], r.x0 = c[REF_X0], r.x1 = c[REF_X1];
   TORCH_CHECK(r.slot >= 0 && r.slot < (int64_t)slots.size(), "sample_scheduled: bad slot index ", r.slot);
   const SlotInfo& s = slots[r.slot];
   TORCH_CHECK(r.c0 >= 0 && r.c0 + channels <= s.C && 0 <= r.y0 && r.y1 <= s.H && 0 <= r.x0 && r.x1 <= s.W,
@@ -92,69 +94,72 @@ inline std::vector<Code> parse(const std::vector<int64_t>& code, const std::vect
     TORCH_CHECK(i >= 0 && i < (int64_t)scalars.size(), "sample_scheduled: bad scalar index ", i);
     return scalars[i];
   };
+  using namespace fastgen::code::field;  // the fields' offsets after an instruction's length
   std::vector<Code> out;
   for (size_t pos = 0; pos < code.size();) {
     const int64_t len = code[pos];
-    TORCH_CHECK(len >= 22 && pos + len <= code.size(), "sample_scheduled: malformed program");
+    TORCH_CHECK(len >= 1 + HEAD_LEN && pos + len <= code.size(), "sample_scheduled: malformed program");
     const int64_t* c = code.data() + pos + 1;
+    const int64_t n = len - 1;  // fields after the length
     Code in;
-    in.op = c[0], in.out = c[1], in.ch = c[2];
+    in.op = c[OP], in.out = c[OUT], in.ch = c[CHANNELS];
     TORCH_CHECK(in.out >= 0 && in.out < (int64_t)slots.size() && in.ch >= 0, "sample_scheduled: bad instruction");
     const SlotInfo& so = slots[in.out];
-    if (in.op != FILL) in.a = parse_ref(c + 3, slots, in.ch, false);
-    in.b = parse_ref(c + 11, slots, in.ch, true);
-    in.queue = param(c[19], -1, at::kLong);
-    in.start = param(c[20], steps + 1, at::kLong);
+    if (in.op != FILL) in.a = parse_ref(c + A_SLOT, slots, in.ch, false);
+    in.b = parse_ref(c + B_SLOT, slots, in.ch, true);
+    in.queue = param(c[QUEUE], -1, at::kLong);
+    in.start = param(c[START], steps + 1, at::kLong);
     TORCH_CHECK(queue_ok(params[in.queue], params[in.start], steps, so.H * so.W),
                 "sample_scheduled: a queue outside its slot, or starts that do not increase from 0");
-    const int64_t* e = c + 21;  // the op's own fields
-    const int64_t extra = len - 22;
     switch (in.op) {
       case CONV:
-      case CONVT: {
-        TORCH_CHECK(extra >= 5 && extra == 5 + 2 * e[4], "sample_scheduled: malformed convolution");
-        const int64_t taps = e[4];
-        in.w = param(e[0], taps * in.ch * so.C, dt);
-        if (e[1] >= 0) in.bias = param(e[1], so.C, dt);
-        in.sy = e[2], in.sx = e[3];
+      case CONVT: {  // CONVT's fields are CONV's (fastgen/sampling/code.py)
+        TORCH_CHECK(n >= CONV_LEN && n == CONV_LEN + 2 * c[CONV_TAPS], "sample_scheduled: malformed convolution");
+        const int64_t taps = c[CONV_TAPS];
+        in.w = param(c[CONV_WEIGHT], taps * in.ch * so.C, dt);
+        if (c[CONV_BIAS] >= 0) in.bias = param(c[CONV_BIAS], so.C, dt);
+        in.sy = c[CONV_SY], in.sx = c[CONV_SX];
         TORCH_CHECK(in.sy >= 1 && in.sx >= 1, "sample_scheduled: bad stride");
-        in.dy.assign(e + 5, e + 5 + taps);
-        in.dx.assign(e + 5 + taps, e + 5 + 2 * taps);
+        in.dy.assign(c + CONV_LEN, c + CONV_LEN + taps);
+        in.dx.assign(c + CONV_LEN + taps, c + CONV_LEN + 2 * taps);
         break;
       }
       case ACT:
-        TORCH_CHECK(extra == 2, "sample_scheduled: malformed ACT");
-        in.act = e[0], in.param = scalar(e[1]);
+        TORCH_CHECK(n == ACT_LEN, "sample_scheduled: malformed ACT");
+        in.act = c[ACT_ACT], in.param = scalar(c[ACT_SCALAR]);
         break;
       case AFFINE:
-        TORCH_CHECK(extra == 2, "sample_scheduled: malformed AFFINE");
-        in.scale = param(e[0], in.ch, dt), in.shift = param(e[1], in.ch, dt);
+        TORCH_CHECK(n == AFFINE_LEN, "sample_scheduled: malformed AFFINE");
+        in.scale = param(c[AFFINE_SCALE], in.ch, dt), in.shift = param(c[AFFINE_SHIFT], in.ch, dt);
         break;
       case ADD:
-        TORCH_CHECK(extra == 1 && in.b.slot >= 0, "sample_scheduled: malformed ADD");
-        in.param = scalar(e[0]);
+        TORCH_CHECK(n == ADD_LEN && in.b.slot >= 0, "sample_scheduled: malformed ADD");
+        in.param = scalar(c[ADD_SCALAR]);
         break;
-      case MUL: TORCH_CHECK(extra == 0 && in.b.slot >= 0, "sample_scheduled: malformed MUL"); break;
+      case MUL: TORCH_CHECK(n == MUL_LEN && in.b.slot >= 0, "sample_scheduled: malformed MUL"); break;
       case CONST: {
-        TORCH_CHECK(extra == 3, "sample_scheduled: malformed CONST");
-        in.multiply = e[1] != 0, in.is_map = e[2] != 0;
-        in.cst = param(e[0], -1, dt);
+        TORCH_CHECK(n == CONST_LEN, "sample_scheduled: malformed CONST");
+        in.multiply = c[CONST_MULTIPLY] != 0, in.is_map = c[CONST_IS_MAP] != 0;
+        in.cst = param(c[CONST_CONST], -1, dt);
         const at::Tensor& k = params[in.cst];
         TORCH_CHECK(k.dim() >= 1 && k.numel() == (in.is_map ? so.H * so.W : 1) * in.ch * k.size(0),
                     "sample_scheduled: CONST of the wrong size");
         break;
       }
       case GATE:
-        TORCH_CHECK(extra == 1 && e[0] >= 1 && in.ch % (2 * e[0]) == 0, "sample_scheduled: malformed GATE");
-        in.dc = e[0];
+        TORCH_CHECK(n == GATE_LEN && c[GATE_DATA_CHANNELS] >= 1 && in.ch % (2 * c[GATE_DATA_CHANNELS]) == 0,
+                    "sample_scheduled: malformed GATE");
+        in.dc = c[GATE_DATA_CHANNELS];
         break;
       case COPY:
-        TORCH_CHECK(extra == 1 && e[0] >= 0 && e[0] + in.ch <= so.C, "sample_scheduled: malformed COPY");
-        in.out_off = e[0];
+        TORCH_CHECK(n == COPY_LEN && c[COPY_OUT_OFF] >= 0 && c[COPY_OUT_OFF] + in.ch <= so.C,
+                    "sample_scheduled: malformed COPY");
+        in.out_off = c[COPY_OUT_OFF];
         break;
       case FILL:
-        TORCH_CHECK(extra == 2 && e[0] >= 0 && e[0] + in.ch <= so.C, "sample_scheduled: malformed FILL");
-        in.out_off = e[0], in.param = scalar(e[1]);
+        TORCH_CHECK(n == FILL_LEN && c[FILL_OUT_OFF] >= 0 && c[FILL_OUT_OFF] + in.ch <= so.C,
+                    "sample_scheduled: malformed FILL");
+        in.out_off = c[FILL_OUT_OFF], in.param = scalar(c[FILL_SCALAR]);
         break;
       default: TORCH_CHECK(false, "sample_scheduled: unknown opcode ", in.op);
     }

@@ -305,3 +305,39 @@ def test_the_engine_checks_its_program(corrupt):
                feed=feed_table(None, "logistic-mixture", 256, torch.float64, "cpu"))
     with pytest.raises(RuntimeError, match="a queue outside its slot, or starts that do not increase from 0"):
         _run_schedule_engine(job)
+
+
+def test_the_engines_format_header_is_code_py_s():
+    """csrc/sampling_format.h (what the C++ and CUDA engines read) is what fastgen/sampling/code.py writes:
+    regenerate it with `make format-header` after changing the format."""
+    from pathlib import Path
+
+    from fastgen.sampling import code
+    header = Path(__file__).resolve().parents[1] / "csrc" / "sampling_format.h"
+    assert header.read_text() == code.header(), "csrc/sampling_format.h is stale: run `make format-header`"
+
+
+def test_encoded_instructions_follow_the_format_by_name():
+    from fastgen.sampling import code
+    prog = compile_schedule(tiny((3, 4, 4)), shape=(3, 4, 4), batch=1)
+    _, words, _, _ = prog.encode()
+    pos, seen = 0, set()
+    for i in prog.code:  # each instruction's fields, read back by their names
+        n = words[pos]
+        fields = dict(zip(code.HEAD, words[pos + 1:pos + 1 + len(code.HEAD)]))
+        name = code.OPS[fields["op"] - 1]
+        own = dict(zip(code.OWN[name], words[pos + 1 + len(code.HEAD):]))
+        assert (fields["op"], fields["out"], fields["channels"]) == (i.op, i.out, i.channels)
+        assert fields["a_slot"] == (i.a.slot if i.a is not None else -1)
+        assert fields["b_slot"] == (i.b.slot if i.b is not None else -1)
+        taps = 2 * own["taps"] if name in ("CONV", "CONVT") else 0
+        assert n == 1 + len(code.HEAD) + len(code.OWN[name]) + taps
+        if name in ("CONV", "CONVT"):
+            assert (own["sy"], own["sx"]) == i.stride and own["taps"] == len(i.taps)
+        if name == "ACT":
+            assert code.ACTS[own["act"]] == i.act
+        seen.add(name)
+        pos += n
+    assert pos == len(words) and {"CONV", "CONVT", "ACT", "ADD"} <= seen
+    with pytest.raises(ValueError, match="instruction ADD: fields"):
+        code.instruction(code.ADD, {"out": 0, "channels": 1, "a": None, "b": None, "queue": 0, "start": 1}, {})

@@ -1,16 +1,14 @@
 // The position-wise instructions of the cached samplers (ACT, AFFINE, ADD, MUL,
 // CONST, GATE), shared by the C++ engines (csrc/cpu/sampling.cpp,
-// schedule.cpp). The activations' order is ACTS in fastgen/sampling/program.py.
+// schedule.cpp). The activations (Act) are fastgen/sampling/code.py's ACTS.
 #pragma once
 #include <cmath>
 #include <cstdint>
 
-#include "sampling_code.h"  // the opcodes
+#include "sampling_code.h"  // the opcodes and activations
 
 namespace fastgen {
 namespace sampling {
-
-enum Act : int64_t { IDENTITY, RELU, LEAKY_RELU, ELU, TANH, SIGMOID, SILU, GELU, SOFTPLUS };
 
 template <class T>
 inline T activate(int64_t act, T v, T p) {

@@ -1,13 +1,14 @@
-// The opcodes and activations shared by the CUDA engines of cached sampling
-// (sampling.cu, schedule.cu); the values are fastgen/sampling/program.py's
-// (opcodes, ACTS) and schedule.py's (CONVT, FILL). No torch headers.
+// The position-wise operations shared by the CUDA engines of cached sampling
+// (sampling.cu, schedule.cu); the opcodes and activations are
+// fastgen/sampling/code.py's (sampling_format.h). No torch headers.
 #pragma once
+
+#include "sampling_format.h"
 
 namespace fastgen {
 namespace cuda {
 
-enum Op { CONV = 1, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY, CONVT, FILL };
-enum Act { IDENTITY, RELU, LEAKY_RELU, ELU, TANH, SIGMOID, SILU, GELU, SOFTPLUS };
+using namespace fastgen::code;
 
 template <typename T>
 __device__ inline T activate(int act, T v, T p) {

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from fastgen._progress import Progress
 from fastgen.sampling.common import draw, draw_mixture
-from fastgen.sampling.program import ACT, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL
-from fastgen.sampling.schedule import CONVT, FILL
+from fastgen.sampling.code import ACT, ADD, AFFINE, CONST, CONV, CONVT, COPY, FILL, GATE, MUL
 
 _ACT_FNS = {
     "identity": lambda a, p: a,

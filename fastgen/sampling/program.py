@@ -49,11 +49,8 @@ from fastgen.nn import GatedMaskedConv2d, MaskedConv2d
 from fastgen.ops.masked_conv import same_padding
 from fastgen.ref.gated import split_gate
 from fastgen.ref.masked_conv import centre_channel_mask
+from fastgen.sampling.code import ACT, ACTS, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL
 from fastgen.sampling.common import not_causal, output_error
-
-# opcodes, shared with csrc/cpu/sampling.cpp
-CONV, ACT, AFFINE, ADD, MUL, CONST, GATE, COPY = range(1, 9)
-ACTS = ("identity", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "silu", "gelu", "softplus")
 
 
 class CompileError(ValueError):

@@ -46,10 +46,10 @@ from torch import nn
 from fastgen.nn import MaskedConv2d
 from fastgen.ref.dmol import infer_nr_mix
 from fastgen.sampling.common import not_causal, output_error
-from fastgen.sampling.program import (ACT, ADD, AFFINE, CONST, CONV, COPY, GATE, MUL, CompileError, Pool, Val,
-                                      _Compiler, trace)
+from fastgen.sampling import code as fmt
+from fastgen.sampling.code import ACT, ADD, AFFINE, CONST, CONV, CONVT, COPY, FILL, GATE, MUL
+from fastgen.sampling.program import CompileError, Pool, Val, _Compiler, trace
 
-CONVT, FILL = 9, 10  # opcodes beyond program.py's, shared with csrc/cpu/schedule.cpp
 _SCHEDULE_OPS = ("convolutions of any kernel, stride, dilation and zero padding (fastgen.MaskedConv2d, nn.Conv2d), "
                  "transposed convolutions (nn.ConvTranspose2d), zero padding (F.pad) and crops along H and W, "
                  "position-wise operations (activations, additions and products, eval-mode BatchNorm2d, dropout in "
@@ -150,34 +150,30 @@ class Schedule:
     def encode(self):
         """(slots, code, params, scalars) for the C++ engine.
 
-        slots: [C, H, W, ring] per slot. Code: instructions, each [length, op,
-        out, channels, a (8: Ref.encode, or -1s), b (8), queue, start, ...]:
-        CONV / CONVT [.., w, bias(-1), sy, sx, T, dy.., dx..], ACT [.., act,
-        scalar], AFFINE [.., scale, shift], ADD [.., scalar], MUL [..], CONST
-        [.., const, multiply, is_map], GATE [.., data_channels], COPY [..,
-        out_off], FILL [.., out_off, scalar]; w, bias, scale, shift, const,
-        queue and start index params (queue and start are int64), scalar
-        indexes scalars."""
+        slots: [C, H, W, ring] per slot. Code: instructions in the format of
+        fastgen/sampling/code.py (its HEAD and OWN fields by name); queue and
+        start are int64 params."""
         pool = Pool()
         code = []
         for i in self.code:
-            body = [i.op, i.out, i.channels]
-            body += i.a.encode() if i.a is not None else [-1] * 8
-            body += i.b.encode() if i.b is not None else [-1] * 8
-            body += [pool.param(i.queue), pool.param(i.start)]
-            own = pool.position_wise(i)
+            head = {"out": i.out, "channels": i.channels, "a": i.a and i.a.encode(), "b": i.b and i.b.encode(),
+                    "queue": pool.param(i.queue), "start": pool.param(i.start)}
+            own, taps = pool.position_wise(i), ()
             if own is not None:
-                body += own
+                own = dict(zip(fmt.OWN[fmt.OPS[i.op - 1]], own))
             elif i.op in (CONV, CONVT):
-                body += [pool.param(i.weight), pool.param(i.bias), i.stride[0], i.stride[1], len(i.taps)]
-                body += pool.taps(i)
+                own = {"weight": pool.param(i.weight), "bias": pool.param(i.bias), "sy": i.stride[0],
+                       "sx": i.stride[1], "taps": len(i.taps)}
+                taps = pool.taps(i)
             elif i.op == ADD:
-                body += [pool.scalar(i.param)]
+                own = {"scalar": pool.scalar(i.param)}
+            elif i.op == MUL:
+                own = {}
             elif i.op == COPY:
-                body += [i.out_off]
+                own = {"out_off": i.out_off}
             elif i.op == FILL:
-                body += [i.out_off, pool.scalar(i.param)]
-            code += [len(body) + 1] + body
+                own = {"out_off": i.out_off, "scalar": pool.scalar(i.param)}
+            code += fmt.instruction(i.op, head, own, taps)
         slots = [v for s in self.slots for v in (s.channels, s.h, s.w, s.ring)]
         return slots, code, pool.params, pool.scalars
 

@@ -15,7 +15,7 @@ concatenated to the image (``"concat"``). Labels follow fastgen.nn.conditioning'
 
 Layout: both networks keep their weights and maps in channels_last by default. oneDNN computes a strided
 convolution's input gradient at about half its forward's speed in NCHW, and a 1- or 3-channel convolution far
-slower than its FLOPs; in channels_last (and with G's first layer as a Projection) a DCGAN step ran 1.17x
+slower than its FLOPs; in channels_last (and with G's first layer as a Projection) a DCGAN step ran 1.17-1.27x
 (28x28) and 1.19-1.27x (64x64) faster than pytorch/examples' on a 2-core CPU (benchmarks/RESULTS.md).
 ``channels_last=False`` keeps NCHW.
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 from fastgen import BatchNormAct2d
 from fastgen.gan import discriminator_loss, generator_loss
 from fastgen.models import DCGANDiscriminator, DCGANGenerator
+from fastgen.models.dcgan import Projection
 
 
 # ---- losses ---------------------------------------------------------------------------------------------------
@@ -193,6 +194,7 @@ def test_the_projection_head_uses_the_label():
     (lambda: DCGANGenerator(8)(torch.randn(2, 8), torch.tensor([0, 1])), "not class-conditional"),
     (lambda: DCGANGenerator(8)(torch.randn(2, 9)), "z must be"),
     (lambda: DCGANDiscriminator()(torch.randn(2, 1, 32, 32)), "images must be"),
+    (lambda: Projection(4, 8, 7)(torch.randn(2, 4, 2, 2)), r"Projection: input must be \[B, C, 1, 1\]"),
 ])
 def test_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):

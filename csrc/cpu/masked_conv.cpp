@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
+#include "cpu/vec_math.h"      // fastgen::vec512::Lanes
 
 namespace {
 
@@ -303,31 +304,7 @@ FASTGEN_AVX512_BEGIN
 namespace avx512 {
 
 template <class T>
-struct Vec;
-template <>
-struct Vec<float> {
-  using R = __m512;
-  static constexpr int L = 16;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R set1(float a) { return _mm512_set1_ps(a); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static R add(R a, R b) { return _mm512_add_ps(a, b); }
-  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
-};
-template <>
-struct Vec<double> {
-  using R = __m512d;
-  static constexpr int L = 8;
-  static R zero() { return _mm512_setzero_pd(); }
-  static R set1(double a) { return _mm512_set1_pd(a); }
-  static R load(const double* p) { return _mm512_loadu_pd(p); }
-  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
-  static R add(R a, R b) { return _mm512_add_pd(a, b); }
-  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
-};
+using Vec = fastgen::vec512::Lanes<T>;  // the lane operations (csrc/cpu/vec_math.h)
 
 // Convolution tile: PM pixels x NV vectors of output channels (NV <= 4: 24
 // accumulators of 32 registers). Input channels go in blocks of CB so that the

@@ -1,5 +1,5 @@
 // The cached sampler's convolution micro-kernel, on GCC vector types of 64
-// bytes. No include guard: csrc/cpu/sampling.cpp includes it twice, inside an
+// bytes (fastgen::vec::Vec64, csrc/cpu/vec_math.h). No include guard: csrc/cpu/sampling.cpp includes it twice, inside an
 // AVX-512 target region (zmm registers) and portably (GCC splits the vectors).
 //
 // conv_rows computes, for each of `rows` output rows (one row = one image at
@@ -8,21 +8,10 @@
 // of one vector; the row length ldw of w is the padded channel count). A tile of up to 4 rows x 4 vectors of output
 // channels stays in registers while the weights stream past.
 
-template <class T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float V __attribute__((vector_size(64), aligned(4)));
-};
-template <>
-struct VecOf<double> {
-  typedef double V __attribute__((vector_size(64), aligned(8)));
-};
-
 template <class T, int NR, int NV>
 void conv_tile(const T* const* src, int64_t taps, int64_t cin, const T* w, int64_t ldw, int64_t co0,
                T* const* out, const T* bias) {
-  using V = typename VecOf<T>::V;
+  using V = typename fastgen::vec::Vec64<T>::V;  // csrc/cpu/vec_math.h
   constexpr int n = 64 / sizeof(T);
   V acc[NR][NV];
 #pragma GCC unroll 4

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512
+#include "cpu/vec_math.h"      // fastgen::vec::Vec64: sampling_conv.h's vector types
 
 namespace {
 

@@ -1,9 +1,13 @@
-// AVX-512 math shared by the CPU kernels (csrc/cpu/*.cpp): branch-free float32 exp
-// and log on 16 lanes (Cephes' coefficients, ~1 ulp) and short names for the
-// float32 lane operations; Lanes<float> / Lanes<double>, the lane operations of
-// one type for kernels templated on it (gated.cpp, batch_norm_act.cpp); loads and
-// stores of 16 float32, bfloat16 or float16 elements as float32 lanes. Compiled
-// for AVX-512F only (the callers check fastgen::use_avx512() first). exp and log
+// The one SIMD header of the CPU kernels (csrc/cpu/*.cpp). Portable: Vec64<T>,
+// GCC vector types of 64 bytes (zmm registers inside an AVX-512 target region,
+// split by the compiler elsewhere: the cached samplers' micro-kernel,
+// sampling_conv.h, compiled both ways). AVX-512: branch-free float32 exp and log
+// on 16 lanes (Cephes' coefficients, ~1 ulp) and short names for the float32
+// lane operations; Lanes<float> / Lanes<double>, the lane operations of one type
+// for kernels templated on it (gated.cpp, batch_norm_act.cpp, masked_conv.cpp);
+// loads and stores of 16 float32, bfloat16 or float16 elements as float32 lanes.
+// The AVX-512 part is compiled for AVX-512F only (the callers check
+// fastgen::use_avx512() first). exp and log
 // use plain mul/add (no FMA): a file that compiles with fp-contract=off gets the
 // scalar code's exact roundings (csrc/cpu/reparameterize_kl.cpp relies on it);
 // Lanes' fma / fnma are FMA instructions, for the files that ask for them.
@@ -12,6 +16,21 @@
 // keep one copy for all, perhaps one with FMA.
 #pragma once
 #include "cpu/cpu_features.h"
+
+namespace fastgen::vec {
+
+template <class T>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  typedef float V __attribute__((vector_size(64), aligned(4)));
+};
+template <>
+struct Vec64<double> {
+  typedef double V __attribute__((vector_size(64), aligned(8)));
+};
+
+}  // namespace fastgen::vec
 
 #ifdef FASTGEN_AVX512
 #include <c10/util/BFloat16.h>

@@ -69,7 +69,12 @@ class Projection(nn.ConvTranspose2d):
     reordered its channels_last weight at every call; the product took 1.7. The output is channels_last when
     the weight is."""
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z [B, C, 1, 1]
+    def __init__(self, in_channels: int, out_channels: int, size: int):
+        super().__init__(in_channels, out_channels, size, 1, 0, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4 or z.shape[2:] != (1, 1):
+            raise ValueError(f"Projection: input must be [B, C, 1, 1], got {tuple(z.shape)}")
         w = self.weight.permute(0, 2, 3, 1)  # [C, s, s, out]: a view of a channels_last weight
         y = torch.mm(z.flatten(1), w.reshape(w.shape[0], -1))
         return y.view(z.shape[0], *w.shape[1:]).permute(0, 3, 1, 2)
@@ -98,7 +103,7 @@ class DCGANGenerator(nn.Module):
             self.embed = nn.Embedding(num_classes, embed_dim or min(z_dim, 50))
             z_in += self.embed.embedding_dim
         chans = [width * 2 ** (n - 1 - i) for i in range(n)]  # at sizes s, 2s, ..., s * 2^(n-1)
-        layers = [Projection(z_in, chans[0], s, 1, 0, bias=False), BatchNormAct2d(chans[0], "relu")]
+        layers = [Projection(z_in, chans[0], s), BatchNormAct2d(chans[0], "relu")]
         for a, b in zip(chans, chans[1:]):
             layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), BatchNormAct2d(b, "relu")]
         layers += [nn.ConvTranspose2d(chans[-1], c, 4, 2, 1, bias=False), nn.Tanh()]

@@ -71,12 +71,7 @@ constexpr int GATE_DATA_CHANNELS = 21;
 constexpr int GATE_LEN = 22;
 constexpr int COPY_OUT_OFF = 21;
 constexpr int COPY_LEN = 22;
-constexpr int CONVT_WEIGHT = 21;
-constexpr int CONVT_BIAS = 22;
-constexpr int CONVT_SY = 23;
-constexpr int CONVT_SX = 24;
-constexpr int CONVT_TAPS = 25;
-constexpr int CONVT_LEN = 26;  // then taps dy and taps dx
+// CONVT: CONV's fields (CONV_*)
 constexpr int FILL_OUT_OFF = 21;
 constexpr int FILL_SCALAR = 22;
 constexpr int FILL_LEN = 23;

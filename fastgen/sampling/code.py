@@ -15,9 +15,10 @@ ACTS = ("identity", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "silu", "gel
 
 REF = ("slot", "c0", "oy", "ox", "y0", "y1", "x0", "x1")
 HEAD = ("op", "out", "channels", *(f"a_{f}" for f in REF), *(f"b_{f}" for f in REF), "queue", "start")
+_CONV = ("weight", "bias", "sy", "sx", "taps")
 OWN = {
-    "CONV": ("weight", "bias", "sy", "sx", "taps"),
-    "CONVT": ("weight", "bias", "sy", "sx", "taps"),
+    "CONV": _CONV,
+    "CONVT": _CONV,  # the engines parse both with CONV's offsets
     "ACT": ("act", "scalar"),
     "AFFINE": ("scale", "shift"),
     "ADD": ("scalar",),
@@ -27,9 +28,6 @@ OWN = {
     "COPY": ("out_off",),
     "FILL": ("out_off", "scalar"),
 }
-
-
-assert OWN["CONV"] == OWN["CONVT"]  # the engines parse both with CONV's offsets
 
 
 def instruction(op, head, own, taps=()):
@@ -61,9 +59,12 @@ def header():
               or f.endswith("_slot")]
     lines += [f"constexpr int HEAD_LEN = {len(HEAD)};"]
     for name in OPS:
+        if name == "CONVT":
+            lines += ["// CONVT: CONV's fields (CONV_*)"]
+            continue
         own = OWN[name]
         lines += [f"constexpr int {name}_{f.upper()} = {len(HEAD) + i};" for i, f in enumerate(own)]
-        taps = "  // then taps dy and taps dx" if name in ("CONV", "CONVT") else ""
+        taps = "  // then taps dy and taps dx" if name == "CONV" else ""
         lines += [f"constexpr int {name}_LEN = {len(HEAD) + len(own)};{taps}"]
     lines += ["}  // namespace field", "", "}  // namespace code", "}  // namespace fastgen", ""]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastgen.models.dcgan import Projection
+from fastgen.models.dcgan import as_torch_layers
 from fastgen.nn import BatchNormAct2d
 from fastgen.train.family import Run
 from fastgen.train.gan import GANFamily, GANOptions, to_unit
@@ -69,12 +69,10 @@ def unfused(net):
 
 def as_examples(net, dtype):
     """A copy of one of fastgen's DCGAN networks as pytorch/examples builds it: BatchNorm2d + activation
-    modules, a plain ConvTranspose2d as G's first layer, NCHW weights and maps."""
-    net = unfused(copy.deepcopy(net).to(dtype))
+    modules, torch's (oneDNN's) convolutions where fastgen computes a layer as a matrix product, NCHW weights and
+    maps."""
+    net = as_torch_layers(unfused(copy.deepcopy(net).to(dtype)))
     net.channels_last = False
-    for m in net.modules():
-        if isinstance(m, Projection):  # examples' first layer: a plain transposed convolution
-            m.__class__ = nn.ConvTranspose2d
     return net.to(memory_format=torch.contiguous_format)
 
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 from fastgen import BatchNormAct2d
 from fastgen.gan import discriminator_loss, generator_loss
 from fastgen.models import DCGANDiscriminator, DCGANGenerator
-from fastgen.models.dcgan import Projection
+from fastgen.models.dcgan import ImageConv2d, ImageConvTranspose2d, Projection, as_torch_layers
 
 
 # ---- losses ---------------------------------------------------------------------------------------------------
@@ -149,9 +149,9 @@ def test_packing_judges_m_images_per_logit():
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_channels_last_and_nchw_compute_the_same(shape):
-    """The default channels_last layout and the projection as a matrix product change no value: float64 outputs
-    and gradients equal those of NCHW models whose first G layer is a plain ConvTranspose2d, from one checkpoint
-    (a state_dict loads across layouts); G hands out images in the default layout."""
+    """The default channels_last layout and the layers computed as matrix products change no value: float64
+    outputs and gradients equal those of NCHW models built from torch's layers, from one checkpoint (a state_dict
+    loads across layouts); G hands out images in the default layout."""
     torch.manual_seed(0)
     g, d = DCGANGenerator(16, shape, num_classes=10, width=8).double(), \
         DCGANDiscriminator(shape, num_classes=10, width=8).double()
@@ -160,7 +160,8 @@ def test_channels_last_and_nchw_compute_the_same(shape):
     g0.load_state_dict(g.state_dict())
     d0.load_state_dict(d.state_dict())
     assert g.net[2].weight.is_contiguous(memory_format=torch.channels_last) and g0.net[2].weight.is_contiguous()
-    g0.net[0].__class__ = nn.ConvTranspose2d  # oneDNN's transposed convolution, not the product
+    as_torch_layers(g0), as_torch_layers(d0)  # oneDNN's convolutions, not the matrix products
+    assert type(g0.net[0]) is nn.ConvTranspose2d and type(d0.features[0]) is nn.Conv2d
     z, label = torch.randn(6, 16, dtype=torch.float64), torch.arange(6) % 10
     for a, b in ((g, d), (g0, d0)):
         x = a(z, label)
@@ -175,6 +176,37 @@ def test_channels_last_and_nchw_compute_the_same(shape):
     x = g(z, label)
     assert torch.allclose(x, g0(z, label), rtol=1e-10, atol=1e-12)
     assert torch.allclose(d(x, label), d0(x, label), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("batch, channels, size", [(3, 1, 6), (2, 3, 5), (0, 2, 4), (1, 11, 4)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_image_layers_equal_torch_s(transposed, batch, channels, size, layout):
+    """ImageConv2d (D's input layer) and ImageConvTranspose2d (G's output layer) against torch's layers on the
+    same weight, float64: outputs, input and weight gradients (odd sizes, an empty batch, either layout), and
+    gradcheck / gradgradcheck (a gradient penalty differentiates D's input gradient)."""
+    torch.manual_seed(0)
+    wide = 5
+    if transposed:
+        mine, theirs = ImageConvTranspose2d(wide, channels), nn.ConvTranspose2d(wide, channels, 4, 2, 1, bias=False)
+        x = torch.randn(batch, wide, size, size, dtype=torch.float64)
+    else:
+        mine, theirs = ImageConv2d(channels, wide), nn.Conv2d(channels, wide, 4, 2, 1, bias=False)
+        x = torch.randn(batch, channels, size, size, dtype=torch.float64)
+    mine, theirs = mine.double().to(memory_format=layout), theirs.double()
+    theirs.weight.data.copy_(mine.weight.data)
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    y, y0 = mine(x), theirs(x)
+    assert y.shape == y0.shape
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y0)
+    for a, b in zip(torch.autograd.grad(y, (x, mine.weight), gy), torch.autograd.grad(y0, (x, theirs.weight), gy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if batch:
+        def fn(x, w):
+            return torch.func.functional_call(mine, {"weight": w}, (x,))
+        w = mine.weight.detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(fn, (x, w)) and torch.autograd.gradgradcheck(fn, (x, w))
 
 
 def test_the_projection_head_uses_the_label():

@@ -80,6 +80,98 @@ class Projection(nn.ConvTranspose2d):
         return y.view(z.shape[0], *w.shape[1:]).permute(0, 3, 1, 2)
 
 
+def _to_few_channels(h: torch.Tensor, w: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """conv_transpose2d(h, w, stride=2, padding=1) onto ``size`` (its output's H, W) for a w [C_in, C, 4, 4]
+    with few output channels C, as one matrix product and a scatter of its 4 x 4 patches: oneDNN computes this
+    shape (G's output layer, and D's input layer's input gradient) at a small fraction of its FLOP rate
+    (about 2.0 ms against 0.75 for [64, 64, 14, 14] -> [64, 1, 28, 28] on a 2-core CPU). Differentiable
+    (double backward for a gradient penalty). Returns [B, C, H, W] in channels_last memory."""
+    b, c_in, hh, ww = h.shape
+    c, k = w.shape[1], w.shape[2]
+    rows = torch.mm(h.permute(0, 2, 3, 1).reshape(b * hh * ww, c_in), w.permute(0, 2, 3, 1).reshape(c_in, -1))
+    patches = rows.view(b, hh, ww, k, k, c)
+    out = rows.new_zeros(b, size[0], size[1], c)
+    s, p = 2, 1
+    for i in range(k):  # output row s y + i - p gets input row y's tap i (those inside the output only)
+        y0, y1 = max(0, -((i - p) // s)), min(hh - 1, (size[0] - 1 + p - i) // s)
+        for j in range(k):
+            x0, x1 = max(0, -((j - p) // s)), min(ww - 1, (size[1] - 1 + p - j) // s)
+            if y0 <= y1 and x0 <= x1:
+                r, q = s * y0 + i - p, s * x0 + j - p
+                out[:, r:r + s * (y1 - y0) + 1:s, q:q + s * (x1 - x0) + 1:s] += patches[:, y0:y1 + 1, x0:x1 + 1, i, j]
+    return out.permute(0, 3, 1, 2)
+
+
+def _conv_backward(gy, x, w, transposed, mask):
+    return torch.ops.aten.convolution_backward(gy, x, w, None, [2, 2], [1, 1], [1, 1], transposed, [0, 0], 1,
+                                               [*mask, False])[:2]
+
+
+class _ImageConv(torch.autograd.Function):
+    """conv2d(x, w, stride=2, padding=1) by oneDNN, its input gradient by _to_few_channels"""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w, None, 2, 1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx = _to_few_channels(gy, w, x.shape[2:]) if ctx.needs_input_grad[0] else None
+        gw = _conv_backward(gy, x, w, False, (False, True))[1] if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+class _ImageConvTranspose(torch.autograd.Function):
+    """conv_transpose2d(h, w, stride=2, padding=1) by _to_few_channels, its gradients by oneDNN"""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        return _to_few_channels(h, w, (2 * h.shape[2], 2 * h.shape[3]))
+
+    @staticmethod
+    def backward(ctx, gy):
+        h, w = ctx.saved_tensors
+        return _conv_backward(gy, h, w, True, ctx.needs_input_grad[:2])
+
+
+class ImageConv2d(nn.Conv2d):
+    """D's input layer, a 4 x 4 stride-2 convolution of the images (few channels, no bias), whose input gradient
+    (G's update) is computed by a matrix product: oneDNN takes about 2.3 ms for it at [64, 1, 28, 28] where the
+    forward takes 0.3."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 4, 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ImageConv.apply(x, self.weight)
+
+
+class ImageConvTranspose2d(nn.ConvTranspose2d):
+    """G's output layer, a 4 x 4 stride-2 transposed convolution to the images' few channels (no bias), computed
+    as a matrix product (see _to_few_channels); its gradients by oneDNN."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 4, 2, 1, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _ImageConvTranspose.apply(h, self.weight)
+
+
+PRODUCTS = (Projection, ImageConv2d, ImageConvTranspose2d)
+
+
+def as_torch_layers(net: nn.Module) -> nn.Module:
+    """``net`` with each of the layers above turned back into the torch layer it computes (same parameters:
+    oneDNN's convolutions), in place."""
+    for m in net.modules():
+        if isinstance(m, PRODUCTS):
+            m.__class__ = m.__class__.__bases__[0]
+    return net
+
+
 class DCGANGenerator(nn.Module):
     """G(z) or G(z, y): z [B, z_dim] (or [B, z_dim, 1, 1]) -> images [B, C, S, S] in [-1, 1].
 
@@ -106,7 +198,7 @@ class DCGANGenerator(nn.Module):
         layers = [Projection(z_in, chans[0], s), BatchNormAct2d(chans[0], "relu")]
         for a, b in zip(chans, chans[1:]):
             layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), BatchNormAct2d(b, "relu")]
-        layers += [nn.ConvTranspose2d(chans[-1], c, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [ImageConvTranspose2d(chans[-1], c), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         dcgan_init(self)
         self.channels_last = channels_last
@@ -163,7 +255,7 @@ class DCGANDiscriminator(nn.Module):
         self.conditioning = conditioning if num_classes is not None else None
         c_in = (c + (num_classes if self.conditioning == "concat" else 0)) * pack
         chans = [width * 2 ** i for i in range(n)]  # at sizes S/2, S/4, ..., s
-        layers = [nn.Conv2d(c_in, chans[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        layers = [ImageConv2d(c_in, chans[0]), nn.LeakyReLU(0.2, True)]
         for a, b in zip(chans, chans[1:]):
             layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), BatchNormAct2d(b, "leaky_relu", 0.2)]
         self.features = nn.Sequential(*layers)

@@ -15,9 +15,9 @@ concatenated to the image (``"concat"``). Labels follow fastgen.nn.conditioning'
 
 Layout: both networks keep their weights and maps in channels_last by default. oneDNN computes a strided
 convolution's input gradient at about half its forward's speed in NCHW, and a 1- or 3-channel convolution far
-slower than its FLOPs; in channels_last (and with G's first layer as a Projection) a DCGAN step ran 1.17-1.27x
-(28x28) and 1.19-1.27x (64x64) faster than pytorch/examples' on a 2-core CPU (benchmarks/RESULTS.md).
-``channels_last=False`` keeps NCHW.
+slower than its FLOPs; in channels_last, with G's first layer as a Projection and the image layers as
+ImageConv2d / ImageConvTranspose2d, a DCGAN step ran 1.11-1.25x (28x28) and 1.20x (64x64) faster than
+pytorch/examples' on a 2-core CPU (benchmarks/RESULTS.md). ``channels_last=False`` keeps NCHW.
 
 Packing (PacGAN, Lin et al. 2018): ``DCGANDiscriminator(..., pack=m)`` judges m samples at once, stacked along
 the channels, and returns one logit per pack of m consecutive images (the batch must divide by m).

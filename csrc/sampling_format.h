@@ -28,6 +28,11 @@ enum Act : int {
   GELU = 7,
   SOFTPLUS = 8,
 };
+enum Likelihood : int {
+  LOGISTIC_MIXTURE = 0,
+  BERNOULLI = 1,
+  CATEGORICAL = 2,
+};
 
 // A schedule instruction: [length] + HEAD + the op's own fields (offsets after the length).
 // An operand: REF's fields from its offset (A_SLOT, B_SLOT).
@@ -76,6 +81,20 @@ constexpr int FILL_OUT_OFF = 21;
 constexpr int FILL_SCALAR = 22;
 constexpr int FILL_LEN = 23;
 }  // namespace field
+
+// A schedule's config: CONFIG's fields (the output's operand from OUT_SLOT).
+namespace cfg {
+constexpr int CHANNELS = 0;
+constexpr int HEIGHT = 1;
+constexpr int WIDTH = 2;
+constexpr int INPUT = 3;
+constexpr int LIKELIHOOD = 4;
+constexpr int LEVELS = 5;
+constexpr int NR_MIX = 6;
+constexpr int OUT_CHANNELS = 7;
+constexpr int OUT_SLOT = 8;
+constexpr int LEN = 16;
+}  // namespace cfg
 
 }  // namespace code
 }  // namespace fastgen

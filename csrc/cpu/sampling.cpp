@@ -23,6 +23,7 @@
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // PointOp, pointwise()
+#include "cpu/sampling_draw.h"  // draw
 #include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows, bind_slots
 #include "sampling_code.h"  // the program's code lists, parsed for both engines
 
@@ -162,21 +163,6 @@ std::vector<Instr<T>> decode(const std::vector<int64_t>& code, const std::vector
     out.push_back(std::move(in));
   }
   return out;
-}
-
-// The draw of one value from the logits at one position (double math, as fastgen.sampling.common.draw).
-template <class T>
-int64_t draw(const T* logits, int64_t L, bool categorical, double temperature, double u, std::vector<double>& e) {
-  if (!categorical) return u < 1.0 / (1.0 + std::exp(-double(logits[0]) / temperature)) ? 1 : 0;
-  double m = -INFINITY;
-  for (int64_t i = 0; i < L; ++i) m = std::max(m, double(logits[i]) / temperature);
-  double s = 0;
-  e.resize(L);
-  for (int64_t i = 0; i < L; ++i) s += (e[i] = std::exp(double(logits[i]) / temperature - m));
-  double cdf = 0;
-  int64_t v = 0;
-  for (int64_t i = 0; i < L; ++i) v += (cdf += e[i] / s) < u;
-  return std::min(v, L - 1);
 }
 
 template <class T>

@@ -3,15 +3,17 @@
 // there, in Schedule.encode) over the steps [t0, t1), with no Python per pixel.
 // Step t runs each instruction on its queue's positions for that step (the
 // positions whose inputs became complete when pixel t - 1 was drawn), then
-// draws pixel t from the discretized logistic mixture at the output and feeds
-// it to the input slot.
+// draws pixel t from the output (a discretized logistic mixture, or each
+// channel from its Bernoulli or categorical logits) and feeds it to the input
+// slot.
 //
 // Threads split the batch: each runs every step for its own images. Slots are
 // rings [B, R, Cp] of positions allocated by the caller (Cp: channels rounded
 // up to 16, so the convolution micro-kernel's vectors never leave a position);
 // position (y, x) of a slot W wide lives at (y W + x) % R. Operands read zeros outside their
-// view (Ref). Draws read the caller's uniforms u [H, W, C + 1, B] (float64)
-// exactly as the torch samplers do (fastgen.sampling.common.draw_mixture).
+// view (Ref). Draws read the caller's uniforms u [H, W, C + 1, B] (a mixture)
+// or [H, W, C, B] (float64) exactly as the torch samplers do
+// (fastgen.sampling.common: draw_mixture, draw; cpu/sampling_draw.h).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -24,6 +26,7 @@
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // PointOp, pointwise()
+#include "cpu/sampling_draw.h"  // draw, draw_mixture
 #include "cpu/sampling_kernels.h"  // avx512:: and portable::conv_rows, bind_slots
 #include "schedule_code.h"     // the parsed program
 
@@ -31,9 +34,6 @@ namespace {
 
 using namespace fastgen::sampling;  // the opcodes, activate()
 using fastgen::schedule::Code;
-
-constexpr double LOG_SCALE_MIN = -7.0;  // fastgen.ref.dmol
-constexpr double U_MIN = 1e-5;          // the logistic draw's uniforms are clamped to [U_MIN, 1 - U_MIN]
 
 struct Slot {
   int64_t C, H, W, R, Cp;
@@ -161,43 +161,6 @@ struct Engine {
   }
 };
 
-// The nearest of the 256 levels to v (clamped to [-1, 1]), as fastgen.ref.dmol.quantize.
-template <class T>
-int64_t quantize(T v) {
-  return static_cast<int64_t>(std::nearbyint((std::min(std::max(v, T(-1)), T(1)) + T(1)) * T(127.5)));
-}
-
-// One pixel's levels from the mixture parameters p (fastgen.ref.dmol's layout), in T as the torch sampler
-// computes in float32 / float64: u[0] picks the component, u[1 + c] draws colour c (stride: between uniforms).
-template <class T>
-void draw_mixture(const T* p, int64_t C, int64_t M, T temperature, const double* u, int64_t stride,
-                  int64_t* levels) {
-  T mx = -INFINITY;
-  for (int64_t k = 0; k < M; ++k) mx = std::max(mx, p[k] / temperature);
-  T sum = 0;
-  for (int64_t k = 0; k < M; ++k) sum += std::exp(p[k] / temperature - mx);
-  T cdf = 0;
-  int64_t k = 0;
-  const T um = static_cast<T>(u[0]);
-  for (int64_t i = 0; i < M; ++i) k += (cdf += std::exp(p[i] / temperature - mx) / sum) < um;
-  k = std::min(k, M - 1);
-  const int64_t per = C == 1 ? 2 : 3;  // means, log-scales (, coefficients) per colour
-  T x[3];
-  for (int64_t c = 0; c < C; ++c) {
-    const T* blk = p + M + c * per * M;
-    const T mu = blk[k], ls = std::max(blk[M + k], T(LOG_SCALE_MIN));
-    const T uc = std::min(std::max(static_cast<T>(u[(1 + c) * stride]), T(U_MIN)), T(1 - U_MIN));
-    T v = mu + std::exp(ls) * temperature * (std::log(uc) - std::log1p(-uc));
-    if (c == 1) v += std::tanh(p[M + k + 2 * M]) * x[0];  // colour 0's coefficient a_0
-    if (c == 2) {  // in the torch sampler's order: (draw + a_1 x_0) + a_2 x_1
-      v += std::tanh(p[M + 3 * M + k + 2 * M]) * x[0];
-      v += std::tanh(p[M + 6 * M + k + 2 * M]) * x[1];
-    }
-    levels[c] = quantize(v);
-    x[c] = static_cast<T>(levels[c]) / T(127.5) - T(1);
-  }
-}
-
 // The CPU form of the parsed program (csrc/schedule_code.h): pointers, and each convolution's weights
 // repacked [taps][cin][ldw] (ldw: the output slot's padded channels) with a padded bias.
 template <class T>
@@ -249,13 +212,18 @@ void generate(const std::vector<Slot>& slots, const std::vector<fastgen::schedul
               const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& bufs, const at::Tensor& u,
               const at::Tensor& feed, at::Tensor& images, at::Tensor& out_params, const std::vector<int64_t>& config,
               double temperature, int64_t t0, int64_t t1, bool teacher) {
-  const int64_t C = config[0], H = config[1], W = config[2], in_slot = config[3], M = config[4], K = config[5];
+  const int64_t C = config[cfg::CHANNELS], H = config[cfg::HEIGHT], W = config[cfg::WIDTH],
+                in_slot = config[cfg::INPUT], M = config[cfg::NR_MIX], K = config[cfg::OUT_CHANNELS],
+                L = config[cfg::LEVELS], like = config[cfg::LIKELIHOOD];
+  const int64_t per = like == CATEGORICAL ? L : 1;  // logits per channel (Bernoulli, categorical)
+  const int64_t draws = like == LOGISTIC_MIXTURE ? C + 1 : C;  // uniforms per pixel
   Engine<T> e;
   e.B = images.size(0);
   e.slots = slots;
   e.avx512 = fastgen::use_avx512();
   bind_slots(bufs, slots, e.data, e.zeros);
-  const Ref out_ref{config[6], config[7], config[8], config[9], config[10], config[11], config[12], config[13]};
+  const int64_t* o = config.data() + cfg::OUT_SLOT;
+  const Ref out_ref{o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
   const std::vector<Instr<T>> prog = decode<T>(code, params, slots);
   const double* uu = u.data_ptr<double>();
   const T* table = feed.data_ptr<T>();
@@ -266,7 +234,8 @@ void generate(const std::vector<Slot>& slots, const std::vector<fastgen::schedul
 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     Scratch<T> s;
-    int64_t lv[3];
+    std::vector<int64_t> lv(C);
+    std::vector<double> terms;
     for (int64_t t = t0; t < t1; ++t) {
       for (const Instr<T>& in : prog) {
         const int64_t lo = in.start[t], hi = in.start[t + 1];
@@ -278,8 +247,11 @@ void generate(const std::vector<Slot>& slots, const std::vector<fastgen::schedul
         if (teacher) {
           for (int64_t k = 0; k < K; ++k) po[((b * K + k) * H + y) * W + x] = p[k];
           for (int64_t c = 0; c < C; ++c) lv[c] = img[((b * C + c) * H + y) * W + x];
-        } else {
-          draw_mixture<T>(p, C, M, temp, uu + t * (C + 1) * B + b, B, lv);
+        } else if (like == LOGISTIC_MIXTURE) {
+          draw_mixture<T>(p, C, M, temp, uu + t * draws * B + b, B, lv.data());
+        } else {  // each channel from its own logits
+          for (int64_t c = 0; c < C; ++c)
+            lv[c] = draw<T>(p + c * per, L, like == CATEGORICAL, temperature, uu[(t * draws + c) * B + b], terms);
         }
         T* in = e.at(in_slot, b, y, x);
         for (int64_t c = 0; c < C; ++c) {
@@ -300,22 +272,30 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
                       const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
                       at::Tensor images, at::Tensor out_params, const std::vector<int64_t>& config,
                       double temperature, int64_t t0, int64_t t1, bool teacher) {
-  TORCH_CHECK(config.size() == 14,
-              "sample_scheduled: config must be [C, H, W, input slot, nr_mix, K, output Ref (8 values)]");
+  using namespace fastgen::code;  // cfg, the likelihoods
+  TORCH_CHECK(config.size() == cfg::LEN, "sample_scheduled: config must have fastgen/sampling/code.py's CONFIG fields");
   TORCH_CHECK(slot_info.size() == 4 * bufs.size(), "sample_scheduled: one buffer per slot");
   const at::ScalarType dt = feed.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "sample_scheduled: float32 or float64 only, got ", dt);
-  const int64_t C = config[0], H = config[1], W = config[2], M = config[4], K = config[5];
-  TORCH_CHECK((C == 1 && K == 3 * M) || (C == 3 && K == 10 * M), "sample_scheduled: K must be 3 nr_mix (C = 1) "
-              "or 10 nr_mix (C = 3)");
+  const int64_t C = config[cfg::CHANNELS], H = config[cfg::HEIGHT], W = config[cfg::WIDTH], M = config[cfg::NR_MIX],
+                K = config[cfg::OUT_CHANNELS], L = config[cfg::LEVELS], like = config[cfg::LIKELIHOOD];
+  TORCH_CHECK(like == LOGISTIC_MIXTURE || like == BERNOULLI || like == CATEGORICAL,
+              "sample_scheduled: unknown likelihood ", like);
+  const bool mixture = like == LOGISTIC_MIXTURE;
+  TORCH_CHECK(!mixture || (L == 256 && ((C == 1 && K == 3 * M) || (C == 3 && K == 10 * M))),
+              "sample_scheduled: a mixture has 256 levels and K = 3 nr_mix (C = 1) or 10 nr_mix (C = 3)");
+  TORCH_CHECK(mixture || (L == 2 && like == BERNOULLI && K == C) || (L >= 2 && like == CATEGORICAL && K == C * L),
+              "sample_scheduled: Bernoulli logits are [C] per pixel (2 levels), categorical [C L]");
+  const int64_t draws = mixture ? C + 1 : C;
   const at::Device device = images.device();
   TORCH_CHECK(images.dim() == 4 && images.scalar_type() == at::kLong && images.is_contiguous() &&
                   images.size(1) == C && images.size(2) == H && images.size(3) == W,
               "sample_scheduled: images must be contiguous int64 [B, C, H, W]");
   const int64_t B = images.size(0);
-  TORCH_CHECK(u.scalar_type() == at::kDouble && u.is_contiguous() && u.numel() == H * W * (C + 1) * B &&
+  TORCH_CHECK(u.scalar_type() == at::kDouble && u.is_contiguous() && u.numel() == H * W * draws * B &&
                   u.device() == device,
-              "sample_scheduled: u must be contiguous float64 [H, W, C + 1, B] on the images' device");
+              "sample_scheduled: u must be contiguous float64 [H, W, C + 1, B] (a mixture) or [H, W, C, B] on the "
+              "images' device");
   TORCH_CHECK(0 <= t0 && t0 <= t1 && t1 <= H * W, "sample_scheduled: bad step range");
   std::vector<Slot> slots;
   std::vector<fastgen::schedule::SlotInfo> info;
@@ -329,24 +309,25 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
     slots.push_back({c, h, w, r, t.size(2)});
     info.push_back({c, h, w, r});
   }
-  TORCH_CHECK(config[3] >= 0 && config[3] < (int64_t)slots.size() && slots[config[3]].C == C &&
-                  slots[config[3]].H == H && slots[config[3]].W == W,
+  const int64_t in_slot = config[cfg::INPUT];
+  TORCH_CHECK(in_slot >= 0 && in_slot < (int64_t)slots.size() && slots[in_slot].C == C && slots[in_slot].H == H &&
+                  slots[in_slot].W == W,
               "sample_scheduled: the input slot must be [C, H, W]");
   for (const auto& p : params)
     TORCH_CHECK(p.is_contiguous() && p.device() == device && (p.scalar_type() == dt || p.scalar_type() == at::kLong),
                 "sample_scheduled: parameters must be contiguous ", dt, " (queues int64) on the images' device");
-  TORCH_CHECK(feed.numel() == 256 && feed.is_contiguous() && feed.device() == device,
-              "sample_scheduled: feed table of 256 values on the images' device");
+  TORCH_CHECK(feed.numel() == L && feed.is_contiguous() && feed.device() == device,
+              "sample_scheduled: a feed table of one value per level on the images' device");
   const std::vector<fastgen::schedule::Code> code =
       fastgen::schedule::parse(code_list, params, scalars, info, H * W, dt);
-  fastgen::schedule::parse_ref(config.data() + 6, info, K, false);  // checks the output's Ref
+  fastgen::schedule::parse_ref(config.data() + cfg::OUT_SLOT, info, K, false);  // checks the output's Ref
   if (teacher) {
     TORCH_CHECK(out_params.scalar_type() == dt && out_params.is_contiguous() && out_params.dim() == 4 &&
                     out_params.size(0) == B && out_params.size(1) == K && out_params.size(2) == H &&
                     out_params.size(3) == W && out_params.device() == device,
                 "sample_scheduled: teacher forcing needs contiguous parameters [B, K, H, W]");
-    TORCH_CHECK(images.numel() == 0 || (images.min().item<int64_t>() >= 0 && images.max().item<int64_t>() < 256),
-                "sample_scheduled: teacher images must hold values 0..255");
+    TORCH_CHECK(images.numel() == 0 || (images.min().item<int64_t>() >= 0 && images.max().item<int64_t>() < L),
+                "sample_scheduled: teacher images must hold values 0..", L - 1);
   }
   if (images.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA

@@ -91,25 +91,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleJob j) {
             static_cast<T*>(j.logits)[((int64_t(b) * cout + c * per + i) * j.H + y) * j.W + x] = lo[i];
         } else {
           const double u = j.u[((int64_t(y) * j.W + x) * j.C + c) * j.B + b];
-          if (!j.categorical) {
-            if (threadIdx.x == 0) *img = u < 1.0 / (1.0 + exp(-double(lo[0]) / j.temperature)) ? 1 : 0;
-          } else {
-            if (threadIdx.x == 0) {
-              double m = -INFINITY;
-              for (int i = 0; i < j.L; ++i) m = fmax(m, double(lo[i]) / j.temperature);
-              stat[0] = m;
-            }
-            __syncthreads();
-            for (int i = threadIdx.x; i < j.L; i += blockDim.x) terms[i] = exp(double(lo[i]) / j.temperature - stat[0]);
-            __syncthreads();
-            if (threadIdx.x == 0) {
-              double s = 0, cdf = 0;
-              for (int i = 0; i < j.L; ++i) s += terms[i];
-              int64_t v = 0;
-              for (int i = 0; i < j.L; ++i) v += (cdf += terms[i] / s) < u;
-              *img = v < j.L - 1 ? v : j.L - 1;
-            }
-          }
+          const int v = draw_logits([&](int i) { return lo[i]; }, j.L, j.categorical, j.temperature, u, terms, stat);
+          if (threadIdx.x == 0) *img = v;
         }
         __syncthreads();
         if (threadIdx.x == 0) inp[c] = feed[*img];

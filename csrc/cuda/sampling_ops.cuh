@@ -53,5 +53,31 @@ __device__ inline T gate_value(const F& at, int co, int cout, int dc) {
   return tanh(at(2 * d * cd + jj)) / (T(1) + exp(-at(2 * d * cd + cd + jj)));
 }
 
+// One value from the logits logit(i) (i < L, categorical; logit(0), Bernoulli) by inverse CDF in double, as
+// fastgen.sampling.common.draw and csrc/cpu/sampling_draw.h's draw. Every thread of the block calls it and gets the
+// value: terms is [L] shared doubles (categorical), stat [2] shared.
+template <typename F>
+__device__ inline int draw_logits(const F& logit, int L, bool categorical, double temperature, double u,
+                                  double* terms, double* stat) {
+  if (!categorical) return u < 1.0 / (1.0 + exp(-double(logit(0)) / temperature)) ? 1 : 0;
+  if (threadIdx.x == 0) {
+    double m = -INFINITY;
+    for (int i = 0; i < L; ++i) m = fmax(m, double(logit(i)) / temperature);
+    stat[0] = m;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < L; i += blockDim.x) terms[i] = exp(double(logit(i)) / temperature - stat[0]);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0, cdf = 0;
+    for (int i = 0; i < L; ++i) s += terms[i];
+    int v = 0;
+    for (int i = 0; i < L; ++i) v += (cdf += terms[i] / s) < u;
+    stat[1] = v < L - 1 ? v : L - 1;
+  }
+  __syncthreads();
+  return int(stat[1]);
+}
+
 }  // namespace cuda
 }  // namespace fastgen

@@ -1,9 +1,10 @@
 // The CUDA engine of multi-scale cached sampling (see schedule.cuh). One
 // thread block runs every step for one image: at step t each instruction on its
 // queue's positions for t (threads across positions and output channels, a
-// barrier between instructions), then the draw of pixel t from the mixture at
-// the output (one thread, in T, as csrc/cpu/schedule.cpp and the torch sampler
-// compute it) and the feed. Weights are read from global memory ([taps][cin]
+// barrier between instructions), then the draw of pixel t from the output (a
+// mixture: one thread, in T, as csrc/cpu/schedule.cpp and the torch sampler
+// compute it; Bernoulli or categorical logits: the block, draw_logits) and the
+// feed. Weights are read from global memory ([taps][cin]
 // [cout]: consecutive threads read consecutive output channels).
 #include <cstdint>
 
@@ -129,6 +130,8 @@ __device__ void draw_mixture(const T* p, int C, int M, T temperature, const doub
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleJob j) {
+  extern __shared__ double terms[];  // categorical: exp(logit / T - max), [L]
+  __shared__ double stat[2];         // the draw's max, then the drawn value
   const int b = blockIdx.x;
   const T* feed = static_cast<const T*>(j.feed);
   for (int t = j.t0; t < j.t1; ++t) {
@@ -137,21 +140,33 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleJob j) {
       const int64_t lo = in.start[t], hi = in.start[t + 1];
       if (hi > lo) run<T>(j, in, b, lo, hi);  // the same test in every thread: the barrier is safe
     }
-    if (threadIdx.x == 0) {
-      const int y = t / j.W, x = t % j.W;
-      const T* p = read<T>(j, j.out, b, y, x);
-      int lv[3];
-      if (j.params) {  // teacher forcing
-        for (int k = 0; k < j.K; ++k)
-          static_cast<T*>(j.params)[((int64_t(b) * j.K + k) * j.H + y) * j.W + x] = value(p, k);
-        for (int c = 0; c < j.C; ++c) lv[c] = int(j.images[((int64_t(b) * j.C + c) * j.H + y) * j.W + x]);
-      } else {
-        draw_mixture<T>(p, j.C, j.M, T(j.temperature), j.u + int64_t(t) * (j.C + 1) * j.B + b, j.B, lv);
+    const int y = t / j.W, x = t % j.W;
+    const T* p = read<T>(j, j.out, b, y, x);
+    const int64_t plane = int64_t(j.H) * j.W;
+    int64_t* img = j.images + int64_t(b) * j.C * plane + int64_t(y) * j.W + x;  // channel c at img[c * plane]
+    T* inp = slot_at<T>(j, j.in_slot, b, y, x);
+    if (j.params || j.likelihood == LOGISTIC_MIXTURE) {
+      if (threadIdx.x == 0) {
+        int lv[3];
+        if (j.params) {  // teacher forcing
+          for (int k = 0; k < j.K; ++k)
+            static_cast<T*>(j.params)[((int64_t(b) * j.K + k) * j.H + y) * j.W + x] = value(p, k);
+        } else {
+          draw_mixture<T>(p, j.C, j.M, T(j.temperature), j.u + int64_t(t) * (j.C + 1) * j.B + b, j.B, lv);
+        }
+        for (int c = 0; c < j.C; ++c) {
+          if (!j.params) img[c * plane] = lv[c];
+          inp[c] = feed[img[c * plane]];
+        }
       }
-      T* inp = slot_at<T>(j, j.in_slot, b, y, x);
+    } else {  // each channel from its own logits (every thread: the block draws together)
+      const bool categorical = j.likelihood == CATEGORICAL;
+      const int per = categorical ? j.L : 1;
       for (int c = 0; c < j.C; ++c) {
-        j.images[((int64_t(b) * j.C + c) * j.H + y) * j.W + x] = lv[c];
-        inp[c] = feed[lv[c]];
+        const double u = j.u[(int64_t(t) * j.C + c) * j.B + b];
+        const int v = draw_logits([&](int i) { return value(p, c * per + i); }, j.L, categorical, j.temperature, u,
+                                  terms, stat);
+        if (threadIdx.x == 0) img[c * plane] = v, inp[c] = feed[v];
       }
     }
     __syncthreads();
@@ -163,7 +178,8 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleJob j) {
 template <typename T>
 cudaError_t sample_scheduled(const ScheduleJob& job, cudaStream_t stream) {
   if (job.B == 0 || job.t0 >= job.t1) return cudaSuccess;
-  schedule_kernel<T><<<job.B, kThreads, 0, stream>>>(job);
+  const size_t shared = job.likelihood == CATEGORICAL ? size_t(job.L) * sizeof(double) : 0;
+  schedule_kernel<T><<<job.B, kThreads, shared, stream>>>(job);
   return cudaGetLastError();
 }
 

@@ -46,10 +46,11 @@ struct ScheduleJob {
   int n_code;
   const ScheduleSlot* slots;
   int B, C, H, W, in_slot, M, K;  // M: mixture components, K: parameters per pixel
+  int likelihood, L;    // fastgen::code::Likelihood; L levels per channel
   ScheduleRef out;
   double temperature;
-  const double* u;      // [H][W][C + 1][B]
-  const void* feed;     // [256]
+  const double* u;      // [H][W][C + 1][B] (a mixture), [H][W][C][B] (Bernoulli, categorical)
+  const void* feed;     // [L]
   int64_t* images;      // [B][C][H][W]
   void* params;         // teacher forcing: [B][K][H][W], else null
   int t0, t1;

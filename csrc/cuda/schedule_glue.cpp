@@ -72,10 +72,12 @@ void sample_scheduled_cuda(const std::vector<schedule::SlotInfo>& info, const st
   j.code = static_cast<const ScheduleInstr*>(code_d.data_ptr());
   j.n_code = instrs.size();
   j.slots = static_cast<const ScheduleSlot*>(slots_d.data_ptr());
-  j.B = images.size(0), j.C = config[0], j.H = config[1], j.W = config[2], j.in_slot = config[3];
-  j.M = config[4], j.K = config[5];
-  j.out = ScheduleRef{int(config[6]), int(config[7]), int(config[8]), int(config[9]), int(config[10]),
-                      int(config[11]), int(config[12]), int(config[13])};
+  namespace cfg = fastgen::code::cfg;
+  j.B = images.size(0), j.C = config[cfg::CHANNELS], j.H = config[cfg::HEIGHT], j.W = config[cfg::WIDTH];
+  j.in_slot = config[cfg::INPUT], j.M = config[cfg::NR_MIX], j.K = config[cfg::OUT_CHANNELS];
+  j.likelihood = config[cfg::LIKELIHOOD], j.L = config[cfg::LEVELS];
+  const int64_t* o = config.data() + cfg::OUT_SLOT;
+  j.out = ScheduleRef{int(o[0]), int(o[1]), int(o[2]), int(o[3]), int(o[4]), int(o[5]), int(o[6]), int(o[7])};
   j.temperature = temperature;
   j.u = u.data_ptr<double>();
   j.feed = feed.data_ptr();

@@ -10,9 +10,11 @@ The cached engines are the backends of the op ``sample_cached``:
   has been tested and measured there (benchmarks/RESULTS.md);
 * ``ref``: the torch executor (fastgen/sampling/cached.py), any device and dtype.
 
-A discretized logistic mixture (PixelCNN++, likelihood 'logistic-mixture') is
-compiled into a multi-scale schedule (fastgen/sampling/schedule.py) and run by
-the backends of the op ``sample_scheduled``: ``cpp`` (csrc/cpu/schedule.cpp),
+A discretized logistic mixture (PixelCNN++, likelihood 'logistic-mixture'), and
+a Bernoulli or categorical network that program.py cannot read (strided and
+transposed convolutions, padding and crops), is compiled into a multi-scale
+schedule (fastgen/sampling/schedule.py) and run by the backends of the op
+``sample_scheduled``: ``cpp`` (csrc/cpu/schedule.cpp),
 ``cuda`` (csrc/cuda/schedule.cu: compiled, not yet run on a GPU, so opt-in) and
 ``ref`` (the torch executor).
 """
@@ -31,6 +33,7 @@ from fastgen.sampling import causality
 from fastgen.sampling.cached import run_schedule_torch, run_torch
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
+from fastgen.sampling.schedule import Schedule
 
 LIKELIHOODS = ("bernoulli", "categorical", "logistic-mixture")
 METHODS = ("cached", "naive")
@@ -125,7 +128,7 @@ def _run_schedule_engine(job):
         torch.zeros(prog.batch, c, h, w, dtype=torch.long, device=dev)
     out_params = torch.zeros(prog.batch, prog.out_channels, h, w, dtype=prog.dtype, device=dev) if teacher else \
         torch.empty(0, dtype=prog.dtype, device=dev)
-    config = [c, h, w, prog.input, prog.nr_mix, prog.out_channels] + prog.output.encode()
+    config = prog.config()
     u, feed = job["u"].to(dev).contiguous(), job["feed"].to(dev).contiguous()
     bar = Progress(h * w, f"sampling (cached multi-scale, {'C++' if dev.type == 'cpu' else dev.type})",
                    enabled=job["progress"])
@@ -206,7 +209,7 @@ def _check_condition(model, condition, n):
 
 def _run_program(prog, likelihood, levels, table, temperature, u, images, progress, backend):
     """A compiled program (fastgen.sampling.causality.check) on the dispatched engine."""
-    if likelihood == "logistic-mixture":
+    if isinstance(prog, Schedule):
         job = dict(prog=prog, u=u, feed=table, temperature=temperature, images=images, progress=progress)
         return SCHEDULE_OP.run(job, prog.device, backend)
     job = dict(prog=prog, u=u, feed=table, likelihood=likelihood, levels=levels, temperature=temperature,
@@ -247,8 +250,8 @@ def sample(model: nn.Module, n: int, *, likelihood: Optional[str] = None, levels
     the network's input, elementwise; default binary as {0, 1}, categorical as
     value / (levels - 1), a mixture's as 2 value / 255 - 1.
     ``method``: 'cached' computes each activation once (fastgen/sampling/program.py,
-    and schedule.py for mixtures, say which networks they take, and name any
-    operation they cannot); 'naive' runs the whole network per pixel (and colour
+    and schedule.py for mixtures and multi-scale networks, say which networks
+    they take, and name any operation they cannot); 'naive' runs the whole network per pixel (and colour
     channel). Both read the same uniforms: for one seed they give the same
     images (exactly in float64).
     ``backend``: the cached engine, 'cpp', 'cuda' or 'ref' (torch); default: dispatch.

@@ -200,9 +200,10 @@ class ScheduleEngine:
 @torch.no_grad()
 def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, progress=False):
     """Generate with the torch executor of a Schedule. ``u`` [H, W, C + 1, B]:
-    the uniforms of the mixture draws; ``images`` (teacher forcing): feed these
-    levels instead, and also return the parameters each step read, [B, K, H, W].
-    Returns (images int64 [B, C, H, W], parameters or None)."""
+    the uniforms of the mixture draws ([H, W, C, B]: of the Bernoulli or
+    categorical draws, one per channel); ``images`` (teacher forcing): feed
+    these levels instead, and also return the parameters each step read,
+    [B, K, H, W]. Returns (images int64 [B, C, H, W], parameters or None)."""
     c, h, w = prog.shape
     eng = ScheduleEngine(prog)
     b, k = prog.batch, prog.out_channels
@@ -229,8 +230,13 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
             if images is not None:
                 v = images[:, :, y, x]
                 params_out[:, :, y, x] = params
-            else:
+            elif prog.likelihood == "logistic-mixture":
                 v = draw_mixture(params, u[y, x], c, prog.nr_mix, temperature)
+            else:  # each channel from its own logits: channel ch, or block ch of L
+                L = prog.levels
+                logits = [params[:, ch] if prog.likelihood == "bernoulli" else params[:, ch * L:(ch + 1) * L]
+                          for ch in range(c)]
+                v = torch.stack([draw(lo, prog.likelihood, temperature, u[y, x, ch]) for ch, lo in enumerate(logits)], 1)
             out_images[:, :, y, x] = v
             inp[:, t % inp.shape[1]] = feed_table[v]
             bar.update()

@@ -11,8 +11,8 @@ the value it sees. It reads the network in one of two ways:
 * by structure, when the cached compiler can read it (fastgen's layers,
   convolutions, position-wise operations): the compiler derives what each
   output depends on (program.py: per channel at a pixel and a one-row lookahead;
-  schedule.py: a ready map per position) and refuses a network that is not
-  causal. The compiled program is returned, so the cached path uses it;
+  schedule.py, for mixtures and for what program.py cannot read: a ready map
+  per position) and refuses a network that is not causal. The compiled program is returned, so the cached path uses it;
 * numerically, for a network the compiler cannot read (any other module or
   function; only method='naive' can sample it): one forward pass per drawn
   value t (a pixel for a mixture, a colour of a pixel otherwise), on an image
@@ -34,11 +34,17 @@ PROBE_BATCH = 64  # images per forward pass of the probe
 def check(model, *, n, likelihood, levels, shape, condition, table):
     """(program, None) when the network compiles for cached sampling (its structure is causal), or (None, the
     CompileError) when it does not compile but the numerical probe finds it causal. Raises CausalityError."""
+    args = dict(shape=shape, batch=n, likelihood=likelihood, levels=levels, condition=condition)
     try:
         if likelihood == "logistic-mixture":
-            return compile_schedule(model, shape=shape, batch=n, condition=condition), None
-        return compile_program(model, shape=shape, batch=n, likelihood=likelihood, levels=levels,
-                               condition=condition), None
+            return compile_schedule(model, **args), None
+        try:
+            return compile_program(model, **args), None
+        except CompileError as e:  # a network program.py cannot read (strides, crops): the multi-scale compiler's
+            try:
+                return compile_schedule(model, **args), None
+            except CompileError as e2:
+                raise CompileError(f"{e}; and the multi-scale compiler: {e2}") from None
     except CompileError as e:
         probe(model, n=n, likelihood=likelihood, levels=levels, shape=shape, condition=condition, table=table)
         return None, e

@@ -31,7 +31,11 @@ a row.
 
 The network's output at a pixel must not depend on any channel of that pixel:
 the likelihood draws all of the pixel's channels at once, from the output there
-(PixelCNN++'s discretized logistic mixture couples the colours itself).
+(PixelCNN++'s discretized logistic mixture couples the colours itself; Bernoulli
+and categorical logits draw each channel from its own logits, which is the
+sub-pixel order's draw when no channel sees the pixel's others). A colour
+network whose outputs see the pixel's earlier colours needs the colour-by-colour
+order of program.py; here it is a CompileError, not a causality verdict.
 """
 import collections
 import dataclasses
@@ -140,6 +144,8 @@ class Schedule:
     shape: Tuple[int, int, int]
     dtype: torch.dtype
     device: torch.device
+    likelihood: str = "logistic-mixture"
+    levels: int = 256
     nr_mix: int = 0
     slots: list = field(default_factory=list)
     code: list = field(default_factory=list)
@@ -176,6 +182,13 @@ class Schedule:
             code += fmt.instruction(i.op, head, own, taps)
         slots = [v for s in self.slots for v in (s.channels, s.h, s.w, s.ring)]
         return slots, code, pool.params, pool.scalars
+
+    def config(self):
+        """The engines' description of the run (fastgen/sampling/code.py, CONFIG)."""
+        c, h, w = self.shape
+        return fmt.config(channels=c, height=h, width=w, input=self.input, likelihood=self.likelihood,
+                          levels=self.levels, nr_mix=self.nr_mix, out_channels=self.out_channels,
+                          out=self.output.encode())
 
 
 def _pair(v):
@@ -237,11 +250,13 @@ class _ScheduleCompiler(_Compiler):
         c, h, w = self.shape
         if not isinstance(out, SVal) or (out.h, out.w) != (h, w):
             self.error(f"the network's output must be [B, K, {h}, {w}] (the image's height and width)")
-        why = output_error(out.channels, "logistic-mixture", 256, c)
+        why = output_error(out.channels, self.likelihood, self.levels, c)
         if why:  # the likelihood's settings, not the network: no method could sample it so
             raise ValueError(why)
-        nr_mix = infer_nr_mix(c, out.channels)
-        self.prog.output, self.prog.out_channels, self.prog.nr_mix = self.ref(out), out.channels, nr_mix
+        p = self.prog
+        p.likelihood, p.levels = self.likelihood, self.levels
+        p.nr_mix = infer_nr_mix(c, out.channels) if self.likelihood == "logistic-mixture" else 0
+        p.output, p.out_channels = self.ref(out), out.channels
 
     # -- position-wise operations
     def unary(self, a, act, param=0.0, inplace=False):
@@ -453,6 +468,10 @@ class _ScheduleCompiler(_Compiler):
         if late.any():
             y, x = (int(v) for v in late.nonzero()[0])
             t = int(out[y, x])
+            if t == y * w + x and c > 1 and prog.likelihood != "logistic-mixture":
+                # it may see the pixel's earlier colours only: causal colour by colour, not at once
+                self.error(f"the output at pixel {(y, x)} depends on that pixel's colours (the multi-scale "
+                           f"compiler draws a pixel's channels at once)")
             raise not_causal((y, x), (t // w, t % w))
         for i in prog.code:
             ready = prog.slots[i.out].ready.flatten()
@@ -559,16 +578,16 @@ _FINISHED = collections.OrderedDict()
 _FINISHED_MAX = 8
 
 
-def compile_schedule(model, *, shape, batch, condition=None):
-    """The Schedule of ``model`` (output: mixture parameters [B, K, H, W]) for
-    ``batch`` images of ``shape`` (C, H, W); CompileError names any operation
-    or pixel that breaks exact cached sampling."""
+def compile_schedule(model, *, shape, batch, condition=None, likelihood="logistic-mixture", levels=256):
+    """The Schedule of ``model`` (output: mixture parameters [B, K, H, W], or
+    Bernoulli / categorical logits as fastgen.sample reads them) for ``batch``
+    images of ``shape`` (C, H, W); CompileError names any operation or pixel
+    that breaks exact cached sampling."""
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     gm = trace(model, condition is not None)
-    comp = _ScheduleCompiler(gm, shape, batch, dtype, device, condition, condition is not None,
-                             "logistic-mixture", 256)
+    comp = _ScheduleCompiler(gm, shape, batch, dtype, device, condition, condition is not None, likelihood, levels)
     with torch.no_grad():
         return comp.run()
 

@@ -1,4 +1,5 @@
 import torch
+import torch.fx
 from torch import nn
 
 from fastgen.nn.conditioning import check_cond, check_label
@@ -8,6 +9,17 @@ from fastgen.ops import masked_conv as masked_conv_ops
 from fastgen.ops.gated import gated_activation, gated_conv2d, vertical_conv2d
 
 _OPS = (gated_ops.ACT, gated_ops.CONV, gated_ops.VERTICAL, masked_conv_ops.OP)
+
+
+def _check_stacks(v, h, in_channels):
+    """forward's check of its stacks. Wrapped for torch.fx: a traced forward records this call (and drops it)
+    instead of testing proxies."""
+    if v.dim() != 4 or v.shape[1] != in_channels or h.shape != v.shape:
+        raise ValueError(f"GatedMaskedConv2d: v and h must both be [B, {in_channels}, H, W], got "
+                         f"{tuple(v.shape)} and {tuple(h.shape)}")
+
+
+torch.fx.wrap("_check_stacks")
 
 
 class GatedMaskedConv2d(nn.Module):
@@ -90,28 +102,28 @@ class GatedMaskedConv2d(nn.Module):
         return self.backend if self.backend in op.backends else None
 
     def _conditioning(self, label, cond, b, hw):
-        """(bias for the vertical stack, bias for the horizontal stack): [B, 2C], a map or None. A layer built
-        with num_classes (cond_channels) needs its labels (maps): fastgen.nn.conditioning."""
+        """(bias for the vertical stack: [B, 2C], a map or None; bias for the horizontal stack: [B, 2C, 1, 1], a
+        map or None). A layer built with num_classes (cond_channels) needs its labels (maps):
+        fastgen.nn.conditioning."""
         check_label("GatedMaskedConv2d", label, b, self.num_classes)
         check_cond("GatedMaskedConv2d", cond, b, self.cond_channels, hw)
         cv = ch = None
         if label is not None:
-            cv, ch = None if self.last else self.label_v(label), self.label_h(label)
+            cv, ch = None if self.last else self.label_v(label), self.label_h(label)[:, :, None, None]
         if cond is not None:
             mh = self.cond_h(cond)
             if not self.last:
                 mv = self.cond_v(cond)
                 cv = mv if cv is None else mv + cv[:, :, None, None]
-            ch = mh if ch is None else mh + ch[:, :, None, None]
+            ch = mh if ch is None else mh + ch
         return cv, ch
 
     def forward(self, v, h=None, label=None, cond=None):
+        # written in fastgen's public ops, no test on a traced value: the cached samplers trace it with torch.fx
+        # (fastgen/sampling/program.py) and read vertical_conv2d, gated_conv2d and gated_activation
         h = v if h is None else h
-        if v.dim() != 4 or v.shape[1] != self.in_channels or h.shape != v.shape:
-            raise ValueError(f"GatedMaskedConv2d: v and h must both be [B, {self.in_channels}, H, W], got "
-                             f"{tuple(v.shape)} and {tuple(h.shape)}")
-        b, _, height, width = v.shape
-        cv, ch = self._conditioning(label, cond, b, (height, width))
+        _check_stacks(v, h, self.in_channels)
+        cv, ch = self._conditioning(label, cond, v.shape[0], v.shape[2:])
         dc = self.data_channels
         vb = self._backend(gated_ops.VERTICAL)
         v_pre = vertical_conv2d(v, self.v_conv.weight, self.v_conv.bias, backend=vb)
@@ -121,7 +133,7 @@ class GatedMaskedConv2d(nn.Module):
         # row y of the horizontal stack reads the vertical pre-activation of row y-1 (row 0: nothing)
         link = vertical_conv2d(v_pre, self.link.weight, shift=1, backend=vb)
         if ch is not None:
-            link = link + (ch if ch.dim() == 4 else ch[:, :, None, None])
+            link = link + ch
         gated = gated_conv2d(h, self.h_conv.weight, self.h_conv.bias, link, stack="horizontal",
                              mask_type=self.mask_type, data_channels=dc, backend=self._backend(gated_ops.CONV))
         if self.last:

@@ -45,7 +45,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.nn import GatedMaskedConv2d, MaskedConv2d
+from fastgen.nn import MaskedConv2d
+from fastgen.ops.gated import gated_activation, gated_conv2d, vertical_conv2d
 from fastgen.ops.masked_conv import same_padding
 from fastgen.ref.gated import split_gate
 from fastgen.ref.masked_conv import centre_channel_mask
@@ -174,14 +175,14 @@ class Program:
 # ---- tracing -------------------------------------------------------------------------------------------------------
 
 class _Tracer(torch.fx.Tracer):
-    """fastgen's layers and gated_activation are leaves: the compiler knows their cached form."""
+    """MaskedConv2d and the gated ops (GatedMaskedConv2d's public ops) are leaves: the compilers know their
+    cached form."""
 
     def __init__(self):
-        from fastgen.ops.gated import gated_activation
-        super().__init__(autowrap_functions=(gated_activation,))
+        super().__init__(autowrap_functions=(gated_activation, gated_conv2d, vertical_conv2d))
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, (MaskedConv2d, GatedMaskedConv2d)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, MaskedConv2d) or super().is_leaf_module(m, qualname)
 
 
 def trace(model, has_condition):
@@ -190,7 +191,7 @@ def trace(model, has_condition):
     params = list(inspect.signature(model.forward).parameters.values())
     if not params:
         raise CompileError(f"{type(model).__name__}.forward takes no image argument")
-    if isinstance(model, (MaskedConv2d, GatedMaskedConv2d)):  # a bare layer: traced as the leaf it is
+    if isinstance(model, MaskedConv2d):  # a bare layer: traced as the leaf it is
         model = nn.Sequential(model)
     concrete = {}
     for i, p in enumerate(params[1:], 1):
@@ -264,6 +265,7 @@ def _describe(node):
 
 class _Compiler:
     SUPPORTED = _CAUSAL_OPS  # named in the errors
+    ADD_IN_PLACE = True  # a fresh operand may take a sum in its own slot (the schedule keeps every value)
     def __init__(self, gm, shape, batch, dtype, device, condition, has_condition, likelihood, levels):
         self.gm, self.shape, self.batch = gm, tuple(shape), batch
         self.likelihood, self.levels = likelihood, levels
@@ -410,46 +412,26 @@ class _Compiler:
         self.emit(a.kind, Instr(GATE, out, a.slot, data_channels=data_channels))
         return Val(out, a.kind, a.channels // 2)
 
-    def gated_layer(self, m, args, kwargs):
-        bound = inspect.signature(m.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        v, h, label, cond = (bound.arguments[k] for k in ("v", "h", "label", "cond"))
-        h = v if h is None else h
-        for t in (v, h):
-            if not isinstance(t, Val) or t.channels != m.in_channels:
-                self.error(f"GatedMaskedConv2d takes image-dependent v and h with {m.in_channels} channels")
-        if isinstance(label, Val) or isinstance(cond, Val):
-            self.error("a GatedMaskedConv2d conditioning input depends on the image")
-        _, height, width = self.shape
-        cv, ch = m._conditioning(label, cond, self.batch, (height, width))
-        dc, kv, kw = m.data_channels, m.v_conv.weight.shape[2], m.v_conv.weight.shape[3]
-        wv = m.v_conv.weight.detach()
-        # vertical stack: rows y-kv+1..y, every column within kw//2: a row value
-        v_taps = [(i - (kv - 1), j - kw // 2) for i in range(kv) for j in range(kw)]
-        v_pre = self.conv(v, torch.stack([wv[:, :, i, j] for i in range(kv) for j in range(kw)]),
-                          m.v_conv.bias, v_taps, "v_pre")
-        v_out = None if m.last else self.gate(v_pre, dc, cv)
-        # horizontal stack: its 1 x kc taps (the centre under the colour rule), then the link from row y-1
-        wh = m.h_conv.weight.detach()
-        kc = wh.shape[3]
-        centre = centre_channel_mask(wh.shape[0], wh.shape[1], m.mask_type, dc, wh.device, wh.dtype)
+    def stack_conv(self, a, weight, bias, stack, mask_type, data_channels, shift, name):
+        """A Gated PixelCNN stack's convolution (fastgen.ref.gated) as taps: 'vertical', every tap of a
+        [Cout, Cin, kv, kw] kernel over rows y-shift-kv+1 .. y-shift; 'horizontal', the 1 x kc taps up to the
+        pixel, its own under the masks' centre rule."""
+        w = weight.detach()
+        if a.channels != w.shape[1]:
+            self.error(f"a {stack} stack convolution taking {w.shape[1]} channels applied to {a.channels}")
+        if stack == "vertical":
+            kv, kw = w.shape[2:]
+            taps = [(i - (kv - 1) - shift, j - kw // 2) for i in range(kv) for j in range(kw)]
+            return self.conv(a, torch.stack([w[:, :, i, j] for i in range(kv) for j in range(kw)]), bias, taps, name)
+        kc = w.shape[3]
+        centre = centre_channel_mask(w.shape[0], w.shape[1], mask_type, data_channels, w.device, w.dtype)
         taps, ws = [], []
         for j in range(kc):
-            wj = wh[:, :, 0, j] * (centre if j == kc - 1 else 1)
-            if j < kc - 1 or m.mask_type == "B" or dc > 1:
+            if j < kc - 1 or mask_type == "B" or data_channels > 1:  # mask A, one colour: no centre tap
                 taps.append((0, j - (kc - 1)))
-                ws.append(wj)
-        weight = torch.stack(ws) if ws else wh.new_zeros(0, wh.shape[0], wh.shape[1])
-        h_pre = self.conv(h, weight, m.h_conv.bias, taps, "h_pre")
-        link = self.conv(v_pre, m.link.weight.detach()[:, :, 0, 0][None], None, [(-1, 0)], "link")
-        gated = self.gate(self.binary(h_pre, link, ADD, inplace=True), dc, ch)
-        skip = self.masked_conv(m.skip, gated)
-        if m.last:
-            return None, None, skip
-        h_out = self.masked_conv(m.res, gated)
-        if m.residual:
-            h_out = self.binary(h_out, h, ADD, inplace=True)
-        return v_out, h_out, skip
+                ws.append(w[:, :, 0, j] * (centre if j == kc - 1 else 1))
+        taps_w = torch.stack(ws) if ws else w.new_zeros(0, w.shape[0], w.shape[1])
+        return self.conv(a, taps_w, bias, taps, name)
 
     def channel_slice(self, a, start, stop):
         out = self.new_slot(stop - start, a.kind, "slice")
@@ -548,8 +530,6 @@ class _Compiler:
         return self.function(node.target, args, kwargs)
 
     def module(self, m, args, kwargs):
-        if isinstance(m, GatedMaskedConv2d):
-            return self.gated_layer(m, args, kwargs)
         a = args[0] if args else None
         if not isinstance(a, Val) or len(args) + len(kwargs) != 1:
             self.error(f"{type(m).__name__} with arguments other than one image-dependent tensor")
@@ -589,7 +569,6 @@ class _Compiler:
         return self.unary(a, act, 0.0, inplace)
 
     def function(self, f, args, kwargs):
-        from fastgen.ops.gated import gated_activation
         if f in _UNARY_FUNCTIONS:
             act = _UNARY_FUNCTIONS[f]
             names = {F.leaky_relu: ("negative_slope",), F.elu: ("alpha",), F.softplus: ("beta", "threshold")}
@@ -622,6 +601,22 @@ class _Compiler:
             if isinstance(bound.arguments["cond"], Val):
                 self.error("gated_activation's cond depends on the image")
             return self.gate(bound.arguments["input"], bound.arguments["data_channels"], bound.arguments["cond"])
+        if f is vertical_conv2d:
+            g = inspect.signature(vertical_conv2d).bind(*args, **kwargs)
+            g.apply_defaults()
+            g = g.arguments
+            return self.stack_conv(g["input"], g["weight"], g["bias"], "vertical", "B", 1, g["shift"],
+                                   "link" if g["shift"] else "v_pre")
+        if f is gated_conv2d:
+            g = inspect.signature(gated_conv2d).bind(*args, **kwargs)
+            g.apply_defaults()
+            g = g.arguments
+            pre = self.stack_conv(g["input"], g["weight"], g["bias"], g["stack"], g["mask_type"], g["data_channels"],
+                                  0, g["stack"][0] + "_pre")
+            cond = g["cond"]
+            if isinstance(cond, Val):  # the horizontal stack's link from the vertical one
+                pre, cond = self.binary(pre, cond, ADD, inplace=self.ADD_IN_PLACE), None
+            return self.gate(pre, g["data_channels"], cond)
         self.error(f"it is not position-wise or causal; cached sampling supports {self.SUPPORTED}. "
                    f"Use method='naive'")
 

@@ -56,6 +56,7 @@ from fastgen.sampling.program import CompileError, Pool, Val, _Compiler, trace
 
 _SCHEDULE_OPS = ("convolutions of any kernel, stride, dilation and zero padding (fastgen.MaskedConv2d, nn.Conv2d), "
                  "transposed convolutions (nn.ConvTranspose2d), zero padding (F.pad) and crops along H and W, "
+                 "the Gated PixelCNN's ops (GatedMaskedConv2d, vertical_conv2d, gated_conv2d, gated_activation), "
                  "position-wise operations (activations, additions and products, eval-mode BatchNorm2d, dropout in "
                  "eval mode, concatenation and chunks along channels)")
 
@@ -199,6 +200,7 @@ class _ScheduleCompiler(_Compiler):
     """program.py's graph walk and operation dispatch, emitting views and
     scheduled instructions (the base class's primitives, overridden)."""
     SUPPORTED = _SCHEDULE_OPS
+    ADD_IN_PLACE = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -422,9 +424,6 @@ class _ScheduleCompiler(_Compiler):
                  torch.div):
             args = tuple(a.value if isinstance(a, Fill) else a for a in args)
         return super().function(f, args, kwargs)
-
-    def gated_layer(self, m, args, kwargs):
-        self.error("GatedMaskedConv2d (its sampler is the pixel-and-row program of fastgen/sampling/program.py)")
 
     # -- the schedule
     def structure(self):

@@ -69,7 +69,8 @@ from fastgen.sampling import cached_logits, sample
 from fastgen.sampling.api import OP, SCHEDULE_OP, _draw_shape
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
-from harness import OtherLoad, record_peak_rss, record_timing, relative_error, start_record, sync, tolerance
+from harness import (OtherLoad, extrapolate, record_peak_rss, record_timing, relative_error, start_record, sync,
+                     tolerance)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = 0          # the sampling seed (uniforms), the same for every contender
@@ -362,12 +363,7 @@ def test_sampling(benchmark, smoke, bench_results, case):
     if benchmark.disabled or benchmark.stats is None:
         return
     if contender == "common" and steps < total:
-        # extrapolate the prefix to the whole image: every step is the same full forward pass
-        stats = benchmark.stats.stats
-        benchmark.extra_info["prefix_median_s"] = stats.median
-        stats.data[:] = [t * total / steps for t in stats.data]
-        for name in [k for k in vars(stats) if k != "data"]:  # drop pytest-benchmark's cached statistics
-            delattr(stats, name)
+        extrapolate(benchmark, steps, total)  # every step is the same full forward pass
     median = record_timing(benchmark, record, bench_results, load, run)
     info = benchmark.extra_info
     info["seconds_per_batch"] = median

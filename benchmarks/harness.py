@@ -461,6 +461,18 @@ def time_step(benchmark, record, bench_results, step, first_call_s=None, common=
     return record_timing(benchmark, record, bench_results, load, step, first_call_s, common)
 
 
+def extrapolate(benchmark, steps, total):
+    """A contender timed over ``steps`` of ``total`` identical steps (a naive sampler's full forward pass per
+    pixel): its pytest-benchmark statistics scaled to the whole run, the measured median kept in extra_info
+    (``prefix_median_s``, ``timed_steps``, ``total_steps``, ``extrapolated``)."""
+    stats = benchmark.stats.stats
+    benchmark.extra_info.update(prefix_median_s=stats.median, timed_steps=steps, total_steps=total,
+                                extrapolated=steps < total)
+    stats.data[:] = [t * total / steps for t in stats.data]
+    for name in [k for k in vars(stats) if k != "data"]:  # drop pytest-benchmark's cached statistics
+        delattr(stats, name)
+
+
 def record_timing(benchmark, record, bench_results, load, step, first_call_s=None, common="common"):
     """After ``benchmark(step)``: the median (and min) into ``record``, the other
     processes' load, the compile time (``first_call_s`` minus the median, for a

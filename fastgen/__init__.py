@@ -1,9 +1,10 @@
 """fastgen: custom kernels for the classic generative models.
 
 Built: PixelCNN, Gated PixelCNN and PixelCNN++ (masked and gated convolutions,
-the discretized logistic mixture loss, exact cached sampling) and the VAE (fused
-reparameterization + KL), the fused BatchNorm + activation of GANs (BatchNormAct2d). Planned: PixelRNN and
-GANs (DCGAN, conditional GAN).
+the discretized logistic mixture loss, exact cached sampling), the VAE (fused
+reparameterization + KL), DCGAN and the conditional GAN with the fused BatchNorm + activation
+(BatchNormAct2d) and a judge (fastgen.metrics), and fastgen.convert (another project's PixelCNN on fastgen's
+layers). Planned: PixelRNN.
 """
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ from typing import Dict, Optional  # noqa: E402
 
 from fastgen import functional  # noqa: E402
 from fastgen._dispatch import OPS, BackendError  # noqa: E402
+from fastgen.conversion import ConvertError, convert  # noqa: E402
 from fastgen.nn import BatchNormAct2d, GatedMaskedConv2d, GaussianLatent, MaskedConv2d  # noqa: E402
 from fastgen.ops.batch_norm_act import batch_norm_act  # noqa: E402
 from fastgen.ops.dmol import discretized_mix_logistic_nll, sample_discretized_mix_logistic  # noqa: E402
@@ -40,4 +42,4 @@ def backends() -> Dict[str, Dict[str, object]]:
 
 __all__ = ["MaskedConv2d", "GatedMaskedConv2d", "GaussianLatent", "BatchNormAct2d", "reparameterize_kl",
            "discretized_mix_logistic_nll", "sample_discretized_mix_logistic", "batch_norm_act", "functional", "sample",
-           "backends", "BackendError"]
+           "backends", "BackendError", "convert", "ConvertError"]

@@ -45,7 +45,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.nn import MaskedConv2d
+from fastgen.nn import BatchNormAct2d, MaskedConv2d
 from fastgen.ops.gated import gated_activation, gated_conv2d, vertical_conv2d
 from fastgen.ops.masked_conv import same_padding
 from fastgen.ref.gated import split_gate
@@ -175,14 +175,14 @@ class Program:
 # ---- tracing -------------------------------------------------------------------------------------------------------
 
 class _Tracer(torch.fx.Tracer):
-    """MaskedConv2d and the gated ops (GatedMaskedConv2d's public ops) are leaves: the compilers know their
-    cached form."""
+    """MaskedConv2d, BatchNormAct2d and the gated ops (GatedMaskedConv2d's public ops) are leaves: the
+    compilers know their cached form."""
 
     def __init__(self):
         super().__init__(autowrap_functions=(gated_activation, gated_conv2d, vertical_conv2d))
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, MaskedConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (MaskedConv2d, BatchNormAct2d)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model, has_condition):
@@ -251,7 +251,8 @@ _DIV = (operator.truediv, operator.itruediv, torch.div)
 _NEG = (operator.neg, torch.neg)
 _CAT = (torch.cat, torch.concat, torch.concatenate)
 _CAUSAL_OPS = ("fastgen.MaskedConv2d / GatedMaskedConv2d layers, 1x1 convolutions and position-wise operations "
-               "(activations, additions and products, eval-mode BatchNorm2d, dropout in eval mode, concatenation "
+               "(activations, additions and products, eval-mode BatchNorm2d and BatchNormAct2d, dropout in eval "
+               "mode, concatenation "
                "and chunks along channels)")
 
 
@@ -544,16 +545,21 @@ class _Compiler:
             if m.training and not isinstance(m, nn.Identity) and m.p > 0:
                 self.error("dropout in training mode (the sampler puts the model in eval mode)")
             return a
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm2d, BatchNormAct2d)):
+            name = type(m).__name__
             if m.training or m.running_mean is None:
-                self.error("BatchNorm2d in training mode or without running statistics normalises over positions")
+                self.error(f"{name} in training mode or without running statistics normalises over positions")
             scale = self.tensor(torch.rsqrt(m.running_var + m.eps))
             if m.weight is not None:
                 scale = scale * self.tensor(m.weight)
             shift = -self.tensor(m.running_mean) * scale
             if m.bias is not None:
                 shift = shift + self.tensor(m.bias)
-            return self.affine(a, scale, shift)
+            out = self.affine(a, scale, shift)
+            if isinstance(m, BatchNormAct2d):  # eval mode: the affine map, then its activation
+                out = self.activation(out, m.activation, {"negative_slope": m.negative_slope}
+                                      if m.activation == "leaky_relu" else {})
+            return out
         self.error(f"the module {type(m).__name__} is not one cached sampling can run exactly; it supports "
                    f"{self.SUPPORTED}. Use method='naive'")
 

@@ -10,8 +10,10 @@ What it converts:
   the module is run on a random input against the masked convolution. It becomes a ``fastgen.MaskedConv2d``
   holding the same weight and bias Parameters (the same tensor objects: an optimizer built before still trains
   them) in the same training mode, with ``mask_type`` and ``data_channels`` read off the mask: van den Oord's
-  layout, colour channels as contiguous blocks of the channels (block g of the output sees input blocks < g,
-  mask A, or <= g, mask B, at the centre tap), for any number of blocks that divides both channel counts. A mask
+  layout, colour channels as contiguous blocks of equal size (block g of the output sees input blocks < g,
+  mask A, or <= g, mask B, at the centre tap), for any number of blocks that divides both channel counts; colours
+  interleaved across the channels (channel i of colour i % 3) and unequal blocks (C // 3, C // 3 and the rest,
+  when C does not divide by 3) are not recognised: fastgen.MaskedConv2d cannot compute them. A mask
   that is not causal (a tap below the centre row or right of the centre) is an error naming the module and the
   tap; a causal mask in another layout (colours interleaved, a tap hidden that the layout shows, a stride) is
   an error naming the module and what differs. ``strict=False``: such a module is left as it is, with a
@@ -174,6 +176,7 @@ def _layout(m: nn.Conv2d, mask: torch.Tensor, who: str) -> Tuple[str, int]:
     past = on[:, :, :ch, :].all() and on[:, :, ch, :cw].all()
     blocks = ", ".join(map(str, tried[:6])) + (", ..." if len(tried) > 6 else "")
     why = (f"its centre tap's channels follow neither mask A nor mask B for {blocks} colour blocks of contiguous "
-           f"channels (colours interleaved across the channels are not recognised)") if past else \
+           f"channels of equal size (colours interleaved across the channels, or blocks of unequal sizes such as "
+           f"C // 3, C // 3 and the rest, are not recognised)") if past else \
         "it hides taps above or left of the centre that a PixelCNN mask shows"
     raise ConvertError(f"{who}: {why}; fastgen.MaskedConv2d cannot express it")

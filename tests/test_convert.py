@@ -215,6 +215,7 @@ def test_a_mask_the_forward_does_not_apply_is_not_converted():
 @pytest.mark.parametrize("bad, match", [
     ("future", r"layers\.1: its mask is not causal: output channel 0 sees input channel 0 at tap \(\+0, \+1\)"),
     ("interleaved", r"layers\.1: its centre tap's channels follow neither mask A nor mask B"),
+    ("unequal", r"layers\.1: .*blocks of unequal sizes"),
     ("stride", r"layers\.1: stride \(2, 2\)"),
 ])
 def test_masks_it_cannot_express_are_refused_with_the_module_path(bad, match):
@@ -224,6 +225,12 @@ def test_masks_it_cannot_express_are_refused_with_the_module_path(bad, match):
     elif bad == "interleaved":  # colour c of channel i is i % 3: not contiguous blocks
         m = _spatial_mask(3, 3, "A").expand(6, 3, 3, 3).clone()
         m[:, :, 1, 1] = (torch.arange(3)[None] <= (torch.arange(6) % 3)[:, None]).float()
+        conv.mask = m
+    elif bad == "unequal":  # 6 -> 8 channels as C // 3, C // 3 and the rest: output blocks of 2, 2 and 4
+        conv = ProductMasked("B", 6, 8, 3, padding=1)
+        m = _spatial_mask(3, 3, "A").expand(8, 6, 3, 3).clone()
+        og, ig = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2]), torch.arange(6) // 2
+        m[:, :, 1, 1] = (ig[None] <= og[:, None]).float()
         conv.mask = m
     net = nn.Module()
     net.layers = nn.ModuleList([nn.Identity(), conv])

@@ -252,8 +252,7 @@ _NEG = (operator.neg, torch.neg)
 _CAT = (torch.cat, torch.concat, torch.concatenate)
 _CAUSAL_OPS = ("fastgen.MaskedConv2d / GatedMaskedConv2d layers, 1x1 convolutions and position-wise operations "
                "(activations, additions and products, eval-mode BatchNorm2d and BatchNormAct2d, dropout in eval "
-               "mode, concatenation "
-               "and chunks along channels)")
+               "mode, concatenation and chunks along channels)")
 
 
 def _describe(node):

@@ -57,8 +57,8 @@ from fastgen.sampling.program import CompileError, Pool, Val, _Compiler, trace
 _SCHEDULE_OPS = ("convolutions of any kernel, stride, dilation and zero padding (fastgen.MaskedConv2d, nn.Conv2d), "
                  "transposed convolutions (nn.ConvTranspose2d), zero padding (F.pad) and crops along H and W, "
                  "the Gated PixelCNN's ops (GatedMaskedConv2d, vertical_conv2d, gated_conv2d, gated_activation), "
-                 "position-wise operations (activations, additions and products, eval-mode BatchNorm2d, dropout in "
-                 "eval mode, concatenation and chunks along channels)")
+                 "position-wise operations (activations, additions and products, eval-mode BatchNorm2d and "
+                 "BatchNormAct2d, dropout in eval mode, concatenation and chunks along channels)")
 
 
 @dataclass

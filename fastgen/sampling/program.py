@@ -184,9 +184,36 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
         return isinstance(m, (MaskedConv2d, BatchNormAct2d)) or super().is_leaf_module(m, qualname)
 
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """torch.fx's, with a parameter found by identity in one table instead of a scan of the root's
+        named_parameters at every access (most of a Gated PixelCNN's trace time)."""
+        if isinstance(attr_val, nn.Parameter):
+            if getattr(self, "_names_of", (None,))[0] is not self.root:
+                names = {}
+                for n, p in self.root.named_parameters():  # the first name of a shared parameter, as fx takes
+                    names.setdefault(id(p), n)
+                self._names_of = (self.root, names)
+            n = self._names_of[1].get(id(attr_val))
+            if n is not None:
+                if n not in parameter_proxy_cache:
+                    parameter_proxy_cache[n] = self.create_proxy("get_attr", n, (), {})
+                return parameter_proxy_cache[n]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+class Traced:
+    """A traced network: its fx graph and the module whose attributes and submodules the graph's targets name.
+    Not a GraphModule: the compilers read the graph, they never run it (no generated code)."""
+
+    def __init__(self, root, graph):
+        self.root, self.graph = root, graph
+
+    def get_submodule(self, target):
+        return self.root.get_submodule(target)
+
 
 def trace(model, has_condition):
-    """A GraphModule of ``model(x)`` or ``model(x, condition)``; further
+    """The Traced graph of ``model(x)`` or ``model(x, condition)``; further
     arguments of forward take their defaults."""
     params = list(inspect.signature(model.forward).parameters.values())
     if not params:
@@ -208,19 +235,18 @@ def trace(model, has_condition):
     except Exception as e:  # data-dependent control flow and the like
         raise CompileError(f"cannot trace {type(model).__name__} with torch.fx for cached sampling ({e}); "
                            f"use method='naive'") from e
-    gm = torch.fx.GraphModule(model, graph)
-    gm.graph.eliminate_dead_code(is_impure_node=_in_place)  # unused nodes (shape queries), but not x.mul_(2)
-    return gm
+    graph.eliminate_dead_code(is_impure_node=lambda node: _in_place(node, model))  # shape queries, not x.mul_(2)
+    return Traced(model, graph)
 
 
-def _in_place(node):
+def _in_place(node, root):
     if node.op == "call_method":
         return node.target.endswith("_")
     if node.op == "call_function":
         return node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or \
             getattr(node.target, "__name__", "").endswith("_") or node.kwargs.get("inplace", False)
     if node.op == "call_module":
-        return bool(getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False))
+        return bool(getattr(root.get_submodule(node.target), "inplace", False))
     return node.op in ("placeholder", "output")
 
 
@@ -422,7 +448,7 @@ class _Compiler:
         if stack == "vertical":
             kv, kw = w.shape[2:]
             taps = [(i - (kv - 1) - shift, j - kw // 2) for i in range(kv) for j in range(kw)]
-            return self.conv(a, torch.stack([w[:, :, i, j] for i in range(kv) for j in range(kw)]), bias, taps, name)
+            return self.conv(a, w.permute(2, 3, 0, 1).reshape(kv * kw, *w.shape[:2]), bias, taps, name)
         kc = w.shape[3]
         centre = centre_channel_mask(w.shape[0], w.shape[1], mask_type, data_channels, w.device, w.dtype)
         taps, ws = [], []
@@ -484,7 +510,7 @@ class _Compiler:
             args = torch.fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
             if node.op == "get_attr":
-                obj = self.gm
+                obj = self.gm.root
                 for part in node.target.split("."):
                     obj = getattr(obj, part)
                 env[node] = obj

@@ -350,8 +350,10 @@ class _ScheduleCompiler(_Compiler):
     def conv_taps(self, a, weight, bias, taps, stride, h, w, op, name):
         if weight.shape[2] != a.channels:
             self.error(f"a convolution taking {weight.shape[2]} channels applied to {a.channels}")
-        keep = [t for t in range(len(taps)) if weight[t].any()]  # only the taps that can contribute
-        w_ = self.tensor(weight[keep]).transpose(1, 2).contiguous() if keep else \
+        nonzero = weight.detach().reshape(len(taps), -1).ne(0).any(1)
+        keep = nonzero.nonzero().flatten().tolist()  # only the taps that can contribute
+        kept = weight if len(keep) == len(taps) else weight[keep]
+        w_ = self.tensor(kept).transpose(1, 2).contiguous() if keep else \
             weight.new_zeros(0, a.channels, weight.shape[1]).to(self.dtype)
         out = self.emit_new(op, a, weight.shape[1], name, h, w, weight=w_,
                             bias=None if bias is None else self.tensor(bias),
@@ -430,10 +432,10 @@ class _ScheduleCompiler(_Compiler):
         """Everything finish() reads: the image's shape, the slots' extents, each
         instruction's op, slots, operand views, taps and stride, the output."""
         p = self.prog
-        return (self.shape, p.input, tuple(dataclasses.astuple(p.output)),
-                tuple((s.h, s.w) for s in p.slots),
-                tuple((i.op, i.out, i.a and dataclasses.astuple(i.a), i.b and dataclasses.astuple(i.b), i.taps,
-                       i.stride) for i in p.code))
+        def ref(r):
+            return None if r is None else tuple(r.encode())
+        return (self.shape, p.input, ref(p.output), tuple((s.h, s.w) for s in p.slots),
+                tuple((i.op, i.out, ref(i.a), ref(i.b), i.taps, i.stride) for i in p.code))
 
     def finish(self):
         """Ready maps, the causality check, queues and ring sizes; the same

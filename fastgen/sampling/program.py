@@ -292,6 +292,7 @@ def _describe(node):
 class _Compiler:
     SUPPORTED = _CAUSAL_OPS  # named in the errors
     ADD_IN_PLACE = True  # a fresh operand may take a sum in its own slot (the schedule keeps every value)
+
     def __init__(self, gm, shape, batch, dtype, device, condition, has_condition, likelihood, levels):
         self.gm, self.shape, self.batch = gm, tuple(shape), batch
         self.likelihood, self.levels = likelihood, levels

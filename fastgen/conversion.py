@@ -74,8 +74,9 @@ def _walk(parent: nn.Module, prefix: str, strict: bool, done: dict, lines: List[
         if isinstance(parent, nn.Sequential) and type(new) is nn.BatchNorm2d and i + 1 < len(names):
             act = parent._modules[names[i + 1]]
             if _fusable(act):
+                # not recorded in done: the same BatchNorm2d elsewhere, without its activation, stays a plain one
+                # (on the same tensors)
                 fused = BatchNormAct2d.from_modules(new, act)
-                done[id(new)] = (new, fused)
                 parent._modules[name] = fused
                 parent._modules[names[i + 1]] = nn.Identity().train(act.training)
                 lines.append(f"{path} + {prefix}{names[i + 1]}: BatchNorm2d + {type(act).__name__} -> "

@@ -194,6 +194,14 @@ def test_a_ddp_wrapped_model_trains_after_conversion(tmp_path):
         dist.destroy_process_group()
 
 
+def test_a_shared_batch_norm_is_fused_only_where_its_activation_follows():
+    bn = nn.BatchNorm2d(3)
+    net = nn.Sequential(nn.Sequential(bn, nn.ReLU()), nn.Sequential(bn, nn.Tanh()))
+    fastgen.convert(net)
+    assert isinstance(net[0][0], BatchNormAct2d) and type(net[1][0]) is nn.BatchNorm2d
+    assert net[0][0].running_mean is net[1][0].running_mean  # the same statistics
+
+
 def test_everything_else_is_left_alone():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.BatchNorm2d(4),
                         nn.LeakyReLU(-0.1), nn.Conv2d(4, 2, 1))

@@ -422,6 +422,7 @@ def _ddp_worker(rank, world, port, out):
     ddp(torch.randn(2, 1, 6, 6)).pow(2).sum().backward()
     grads = torch.cat([p.grad.flatten() for p in net.parameters()])
     torch.save(grads, f"{out}/grads{rank}.pt")
+    dist.barrier()  # no rank tears down the group (rank 0 holds its store) while another still uses it
     dist.destroy_process_group()
 
 

@@ -128,7 +128,10 @@ def _mask_of(m: nn.Conv2d):
 
 def _computes_masked_conv(m: nn.Conv2d, mask: torch.Tensor) -> bool:
     """Whether a float64 copy of ``m`` computes conv2d(x, weight * mask, bias) on a random input (its forward
-    may rewrite its own weight: the copy's, not the model's)."""
+    may rewrite its own weight: the copy's, not the model's). Zero padding only: another padding mode reads
+    pixels past the image's edge, no PixelCNN mask."""
+    if m.padding_mode != "zeros":
+        return False
     try:
         probe = copy.deepcopy(m).to("cpu", torch.float64).eval()
     except Exception:  # noqa: BLE001 - a module that cannot be copied is not converted
@@ -139,13 +142,12 @@ def _computes_masked_conv(m: nn.Conv2d, mask: torch.Tensor) -> bool:
     w = probe.weight.detach().clone()
     b = None if probe.bias is None else probe.bias.detach().clone()
     with torch.no_grad():
-        want = F.conv2d(x, w * mask, b, m.stride, m.padding, m.dilation, m.groups) if m.padding_mode == "zeros" \
-            else None
+        want = F.conv2d(x, w * mask, b, m.stride, m.padding, m.dilation, m.groups)
         try:
             got = probe(x)
         except Exception:  # noqa: BLE001 - a forward that needs more than x is not a plain masked convolution
             return False
-    return want is not None and isinstance(got, torch.Tensor) and got.shape == want.shape and \
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and \
         torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -165,9 +167,9 @@ def _layout(m: nn.Conv2d, mask: torch.Tensor, who: str) -> Tuple[str, int]:
                            f"the one it predicts in raster order")
     if kh % 2 == 0 or kw % 2 == 0:
         raise ConvertError(f"{who}: a {kh}x{kw} kernel has no centre tap; fastgen.MaskedConv2d takes odd kernels")
-    if tuple(m.stride) != (1, 1) or m.groups != 1 or m.padding_mode != "zeros":
-        raise ConvertError(f"{who}: stride {tuple(m.stride)}, groups {m.groups}, padding_mode {m.padding_mode!r}: "
-                           f"fastgen.MaskedConv2d takes stride 1, groups 1 and zero padding")
+    if tuple(m.stride) != (1, 1) or m.groups != 1:
+        raise ConvertError(f"{who}: stride {tuple(m.stride)}, groups {m.groups}: fastgen.MaskedConv2d takes stride 1 "
+                           f"and groups 1")
     tried = []
     for d in [1] + [d for d in range(2, min(co, ci) + 1) if co % d == 0 and ci % d == 0]:
         for t in ("A", "B"):

@@ -236,7 +236,8 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
                 L = prog.levels
                 logits = [params[:, ch] if prog.likelihood == "bernoulli" else params[:, ch * L:(ch + 1) * L]
                           for ch in range(c)]
-                v = torch.stack([draw(lo, prog.likelihood, temperature, u[y, x, ch]) for ch, lo in enumerate(logits)], 1)
+                v = torch.stack([draw(lo, prog.likelihood, temperature, u[y, x, ch])
+                                 for ch, lo in enumerate(logits)], 1)
             out_images[:, :, y, x] = v
             inp[:, t % inp.shape[1]] = feed_table[v]
             bar.update()

@@ -52,34 +52,36 @@ constexpr int A_SLOT = 3;
 constexpr int B_SLOT = 11;
 constexpr int QUEUE = 19;
 constexpr int START = 20;
-constexpr int HEAD_LEN = 21;
-constexpr int CONV_WEIGHT = 21;
-constexpr int CONV_BIAS = 22;
-constexpr int CONV_SY = 23;
-constexpr int CONV_SX = 24;
-constexpr int CONV_TAPS = 25;
-constexpr int CONV_LEN = 26;  // then taps dy and taps dx
-constexpr int ACT_ACT = 21;
-constexpr int ACT_SCALAR = 22;
-constexpr int ACT_LEN = 23;
-constexpr int AFFINE_SCALE = 21;
-constexpr int AFFINE_SHIFT = 22;
-constexpr int AFFINE_LEN = 23;
-constexpr int ADD_SCALAR = 21;
-constexpr int ADD_LEN = 22;
-constexpr int MUL_LEN = 21;
-constexpr int CONST_CONST = 21;
-constexpr int CONST_MULTIPLY = 22;
-constexpr int CONST_IS_MAP = 23;
-constexpr int CONST_LEN = 24;
-constexpr int GATE_DATA_CHANNELS = 21;
-constexpr int GATE_LEN = 22;
-constexpr int COPY_OUT_OFF = 21;
-constexpr int COPY_LEN = 22;
+constexpr int LO = 21;
+constexpr int HI = 22;
+constexpr int HEAD_LEN = 23;
+constexpr int CONV_WEIGHT = 23;
+constexpr int CONV_BIAS = 24;
+constexpr int CONV_SY = 25;
+constexpr int CONV_SX = 26;
+constexpr int CONV_TAPS = 27;
+constexpr int CONV_LEN = 28;  // then taps dy and taps dx
+constexpr int ACT_ACT = 23;
+constexpr int ACT_SCALAR = 24;
+constexpr int ACT_LEN = 25;
+constexpr int AFFINE_SCALE = 23;
+constexpr int AFFINE_SHIFT = 24;
+constexpr int AFFINE_LEN = 25;
+constexpr int ADD_SCALAR = 23;
+constexpr int ADD_LEN = 24;
+constexpr int MUL_LEN = 23;
+constexpr int CONST_CONST = 23;
+constexpr int CONST_MULTIPLY = 24;
+constexpr int CONST_IS_MAP = 25;
+constexpr int CONST_LEN = 26;
+constexpr int GATE_DATA_CHANNELS = 23;
+constexpr int GATE_LEN = 24;
+constexpr int COPY_OUT_OFF = 23;
+constexpr int COPY_LEN = 24;
 // CONVT: CONV's fields (CONV_*)
-constexpr int FILL_OUT_OFF = 21;
-constexpr int FILL_SCALAR = 22;
-constexpr int FILL_LEN = 23;
+constexpr int FILL_OUT_OFF = 23;
+constexpr int FILL_SCALAR = 24;
+constexpr int FILL_LEN = 25;
 }  // namespace field
 
 // A schedule's config: CONFIG's fields (the output's operand from OUT_SLOT).
@@ -91,9 +93,10 @@ constexpr int INPUT = 3;
 constexpr int LIKELIHOOD = 4;
 constexpr int LEVELS = 5;
 constexpr int NR_MIX = 6;
-constexpr int OUT_CHANNELS = 7;
-constexpr int OUT_SLOT = 8;
-constexpr int LEN = 16;
+constexpr int PIXEL_STEPS = 7;
+constexpr int OUT_CHANNELS = 8;
+constexpr int OUT_SLOT = 9;
+constexpr int LEN = 17;
 }  // namespace cfg
 
 }  // namespace code

@@ -47,6 +47,7 @@ struct Code {
   int64_t cst = -1;                 // CONST: [B, ch] or [B, H, W, ch]
   bool multiply = false, is_map = false;
   int64_t dc = 1, out_off = 0;      // GATE; COPY, FILL
+  int64_t lo = 0, hi = 0;           // the output channels computed: [lo, hi) of those written
 };
 
 inline RefCode parse_ref(const int64_t* c, const std::vector<SlotInfo>& slots, int64_t channels, bool optional) {
@@ -79,7 +80,8 @@ inline bool queue_ok(const at::Tensor& q, const at::Tensor& st, int64_t steps, i
   return ok;
 }
 
-// Parses and checks the code against the slots, the params (dtype dt; queues int64) and `steps` = H * W.
+// Parses and checks the code against the slots, the params (dtype dt; queues int64) and `steps` = H * W
+// times the steps per pixel.
 inline std::vector<Code> parse(const std::vector<int64_t>& code, const std::vector<at::Tensor>& params,
                                const std::vector<double>& scalars, const std::vector<SlotInfo>& slots,
                                int64_t steps, at::ScalarType dt) {
@@ -165,6 +167,9 @@ inline std::vector<Code> parse(const std::vector<int64_t>& code, const std::vect
     }
     if (in.op != COPY && in.op != FILL && in.op != CONV && in.op != CONVT)
       TORCH_CHECK(so.C == (in.op == GATE ? in.ch / 2 : in.ch), "sample_scheduled: output slot channels");
+    const int64_t width = in.op == CONV || in.op == CONVT ? so.C : in.op == GATE ? in.ch / 2 : in.ch;
+    in.lo = c[LO], in.hi = c[HI];
+    TORCH_CHECK(0 <= in.lo && in.lo < in.hi && in.hi <= width, "sample_scheduled: bad output channel range");
     out.push_back(std::move(in));
     pos += len;
   }

@@ -5,6 +5,8 @@ PixelCNN++ (grey and RGB, class-conditional), for another network of strided,
 transposed and masked convolutions, and for one of every other operation
 (dilation, the gate, conditioning maps, BatchNorm, crops padded back); rings;
 clear errors for non-causal networks and unsupported operations."""
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,10 @@ from torch import nn
 import fastgen
 from fastgen.functional import gated_activation
 from fastgen.models import PixelCNNpp
-from fastgen.sampling.api import SCHEDULE_OP, cached_logits
+from fastgen.sampling import code as fmt
+from fastgen.sampling.api import METHODS, SCHEDULE_OP, cached_logits
 from fastgen.sampling import CausalityError
+from fastgen.sampling.common import feed_table
 from fastgen.sampling.program import CompileError
 from fastgen.sampling.schedule import compile_schedule
 
@@ -193,37 +197,70 @@ def test_gated_pixelcnn_on_the_schedule(engine, classes):
     torch.testing.assert_close(logits, m(forced.double(), label), rtol=1e-12, atol=1e-12)
 
 
-def test_colours_that_see_each_other_are_left_to_the_probe():
-    """A multi-scale network whose colours see the pixel's earlier colours is causal in the sub-pixel order, which
-    the schedule does not have: not a causality verdict but a CompileError naming both compilers, and naive
-    sampling still runs."""
-    class ColourNet(MultiScaleNet):  # the colour order kept: mask A then a mask-B head over 3 colour blocks
-        def __init__(self):
-            super().__init__(colours=3, data_channels=3)
-            self.head = fastgen.MaskedConv2d(6, 3, 1, mask_type="B", data_channels=3)
+class ColourNet(MultiScaleNet):
+    """MultiScaleNet over RGB in the colour order: mask A over 3 colour blocks, then a mask-B head, so the
+    output's colour c at a pixel sees that pixel's colours < c."""
+
+    def __init__(self, levels=None):
+        super().__init__(colours=3, data_channels=3)
+        self.head = fastgen.MaskedConv2d(6, 3 * (levels or 1), 1, mask_type="B", data_channels=3)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        d = F.pad(self.down(F.pad(h, (1, 0, 1, 0))[:, :, :-1, :-1]), (0, 0, 1, 0))[:, :, :-1]
+        u = F.pad(self.up(torch.tanh(self.coarse(F.pad(d, (1, 1, 1, 0))))), (0, 0, 2, 0))[:, :, :-2]
+        return self.head(h + F.elu(u))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("likelihood, levels", [("bernoulli", 2), ("categorical", 4)])
+def test_colours_drawn_one_by_one(engine, likelihood, levels):
+    """A multi-scale network whose colours see the pixel's earlier colours samples cached in the sub-pixel
+    order: one step per colour, each layer computed colour block by colour block (the coarse layers, which see
+    no colour of the pixel, in one block), the images of naive sampling and the forward pass's logits."""
+    require_backend(SCHEDULE_OP, engine)
+    torch.manual_seed(3)
+    m = ColourNet(None if likelihood == "bernoulli" else levels).double().eval()
+    args = dict(likelihood=likelihood, levels=levels, shape=(3, 8, 10))
+    prog = compile_schedule(m, batch=2, **args)
+    assert prog.pixel_steps == 3 and prog.steps == 3 * 80
+    blocks = collections.Counter(prog.slots[i.out].name for i in prog.code)
+    assert blocks == {"masked_conv": 3 + 3, "relu": 3, "add": 3,  # first, head and what joins them: by colour
+                      "conv": 2, "tanh": 1, "conv_transpose": 1, "elu": 1}  # the coarse pass sees no colour
+    naive = fastgen.sample(m, 2, seed=1, method="naive", **args)
+    assert torch.equal(fastgen.sample(m, 2, seed=1, backend=engine, **args), naive)
+    images = torch.randint(0, levels, (2, 3, 8, 10))
+    table = feed_table(None, likelihood, levels, torch.float64, "cpu")
+    torch.testing.assert_close(cached_logits(m, images, likelihood=likelihood, levels=levels, backend=engine),
+                               m(table[images]), rtol=1e-12, atol=1e-12)
+
+
+def test_colour_blocks_follow_the_weights():
+    """The blocks come from the weights' zeros: a 1x1 convolution mixing the first layer's blocks keeps one
+    block when that layer sees no colour of the pixel (causal: the images of naive sampling); when its
+    blocks see the pixel's R and G, R's output sees them too: not causal, named by every method."""
+    class Mixing(nn.Module):
+        def __init__(self, data_channels):
+            super().__init__()
+            self.conv = fastgen.MaskedConv2d("A", 3, 6, 3, padding=1, data_channels=data_channels)
+            self.mix = nn.Conv2d(6, 6, 1)
+            self.head = fastgen.MaskedConv2d("B", 6, 12, 1, data_channels=3)
 
         def forward(self, x):
-            h = torch.relu(self.first(x))
-            d = F.pad(self.down(F.pad(h, (1, 0, 1, 0))[:, :, :-1, :-1]), (0, 0, 1, 0))[:, :, :-1]
-            u = F.pad(self.up(torch.tanh(self.coarse(F.pad(d, (1, 1, 1, 0))))), (0, 0, 2, 0))[:, :, :-2]
-            return self.head(h + F.elu(u))
+            return self.head(torch.relu(self.mix(self.conv(x))))
 
-    torch.manual_seed(3)
-    m = ColourNet().double().eval()
-    args = dict(likelihood="bernoulli", shape=(3, 8, 10))
-    with pytest.raises(CompileError, match="multi-scale compiler: .*depends on that pixel's colours"):
-        fastgen.sample(m, 2, seed=1, **args)
-    assert fastgen.sample(m, 2, seed=1, method="naive", **args).shape == (2, 3, 8, 10)
-
-
-def test_single_scale_logits_stay_on_the_program():
-    from fastgen.sampling import causality
-    from fastgen.sampling.common import feed_table
-    from fastgen.sampling.program import Program
-    m = fastgen.models.PixelCNN((1, 6, 6), channels=8, blocks=2).double().eval()
-    table = feed_table(None, "bernoulli", 2, torch.float64, "cpu")
-    prog, _ = causality.check(m, n=2, likelihood="bernoulli", levels=2, shape=(1, 6, 6), condition=None, table=table)
-    assert isinstance(prog, Program)
+    torch.manual_seed(0)
+    args = dict(shape=(3, 4, 3), likelihood="categorical", levels=4)
+    mixing = Mixing(1).double()
+    prog = compile_schedule(mixing, batch=1, **args)
+    assert [i.hi - i.lo for i in prog.code if i.op == fmt.CONV] == [6, 6, 12]  # no colour of the pixel: one block
+    naive = fastgen.sample(mixing, 3, seed=2, method="naive", **args)
+    for engine in ENGINES:
+        assert torch.equal(fastgen.sample(mixing, 3, seed=2, backend=engine, **args), naive)
+    for method in METHODS:
+        with pytest.raises(CausalityError, match=r"output at pixel \(0, 0\) colour 0 depends on pixel \(0, 0\) "
+                                                 r"colour 1"):
+            fastgen.sample(Mixing(3).double(), 3, seed=2, method=method, **args)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -317,6 +354,7 @@ def test_queues_follow_the_pixels():
     m = tiny((1, 8, 8))
     prog = compile_schedule(m, shape=(1, 8, 8), batch=1)
     out = prog.slots[prog.output.slot]
+    assert out.ready.shape == (8, 8, 1)  # a mixture: one class of channels, the pixel's colours drawn at once
     # the output at pixel t is ready once pixel t - 1 is known, never later
     assert (out.ready.flatten() < torch.arange(64)).all()
     # the coarsest scale (2x2) waits for fine pixels: its last positions only after the first fine row
@@ -373,10 +411,16 @@ def _causal(m, x):  # the 3x3 convolution on the input shifted down and right by
     return m.conv(F.pad(x, (2, 0, 2, 0))[:, :, :-2, :-2])
 
 
+def _add_to_crop(h):  # eager mode changes h through the view; the schedule would keep h's old values
+    h[:, :, 1:].add_(1)
+    return h
+
+
 @pytest.mark.parametrize("body, match", [
     (lambda m, x: F.max_pool2d(_causal(m, x), 1), "max_pool2d"),
     (lambda m, x: _causal(m, F.pad(x, (1, 1, 1, 1), mode="replicate")[:, :, :-2, :-2]), "only zero padding"),
-    (lambda m, x: _causal(m, x).add_(1), "in-place"),
+    (lambda m, x: _add_to_crop(_causal(m, x)), "in-place operation on a view"),
+    (lambda m, x: _causal(m, x.mul_(2)), "in-place operation on the image input"),
     (lambda m, x: torch.cat([_causal(m, x)[:, :, ::2], _causal(m, x)[:, :, 1::2]], 2), "step 1"),
 ])
 def test_unsupported_operations_are_named(body, match):

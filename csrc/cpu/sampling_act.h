@@ -49,8 +49,7 @@ struct PointOp {
 };
 
 // Output channels [lo, hi) of `op` at one position: a and q its operands there (q: ADD and MUL), k the
-// constant (CONST), cout the output's channels (GATE reads 2 * cout: dc blocks of (tanh half, sigmoid half);
-// [lo, hi) is whole blocks).
+// constant (CONST), cout the output's channels (GATE reads 2 * cout: dc blocks of (tanh half, sigmoid half)).
 template <class T>
 inline void pointwise(int64_t op, const PointOp<T>& p, const T* a, const T* q, const T* k, T* o, int64_t cout,
                       int64_t lo, int64_t hi) {
@@ -78,11 +77,10 @@ inline void pointwise(int64_t op, const PointOp<T>& p, const T* a, const T* q, c
       break;
     case GATE: {
       const int64_t cd = cout / p.dc;
-      for (int64_t d = lo / cd; d < hi / cd; ++d)
-        for (int64_t j = 0; j < cd; ++j) {
-          const T f = a[2 * d * cd + j], g = a[2 * d * cd + cd + j];
-          o[d * cd + j] = std::tanh(f) / (T(1) + std::exp(-g));
-        }
+      for (int64_t i = lo; i < hi; ++i) {  // output i: gate block d = i / cd, channel i % cd of it
+        const int64_t in = i + i / cd * cd;
+        o[i] = std::tanh(a[in]) / (T(1) + std::exp(-a[in + cd]));
+      }
       break;
     }
     default: break;

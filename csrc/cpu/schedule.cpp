@@ -2,10 +2,12 @@
 // fastgen/sampling/schedule.py (its instruction set and encoding are documented
 // there, in Schedule.encode) over the steps [t0, t1), with no Python per pixel.
 // Step t runs each instruction on its queue's positions for that step (the
-// positions whose inputs became complete when pixel t - 1 was drawn), then
-// draws pixel t from the output (a discretized logistic mixture, or each
-// channel from its Bernoulli or categorical logits) and feeds it to the input
-// slot.
+// positions whose inputs became complete at step t - 1), output channels
+// [lo, hi) of it (a colour block), then draws: pixel t from the output (a
+// discretized logistic mixture, or each channel from its Bernoulli or
+// categorical logits), or with G = pixel_steps > 1 steps per pixel (colour by
+// colour) colour t % G of pixel t / G from its block of logits; and feeds it to
+// the input slot.
 //
 // Threads split the batch: each runs every step for its own images. Slots are
 // rings [B, R, Cp] of positions allocated by the caller (Cp: channels rounded
@@ -44,6 +46,7 @@ using Ref = fastgen::schedule::RefCode;  // an operand: channels [c0, ..) of a s
 template <class T>
 struct Instr : PointOp<T> {
   int64_t op = 0, out = 0, ch = 0;  // ch: channels read from a (and b); COPY, FILL: written
+  int64_t lo = 0, hi = 0;           // the output channels computed, of those written
   Ref a, b;
   const int64_t* queue = nullptr;  // positions y * W + x of the output slot, by step
   const int64_t* start = nullptr;  // [steps + 1]
@@ -62,7 +65,8 @@ struct Instr : PointOp<T> {
 template <class T>
 struct Scratch {
   std::vector<const T*> src;
-  std::vector<T*> out;
+  std::vector<T*> out, dst;  // CONV: output rows; their destinations when they go through buf
+  std::vector<T> buf;        // CONV: rows x ldw, for a block that does not start and end on a vector
 };
 
 template <class T>
@@ -85,13 +89,27 @@ struct Engine {
     return at(r.slot, b, sy, sx) + r.c0;
   }
 
-  void conv_kernel(int64_t rows, const T* const* src, int64_t taps, const Instr<T>& in, const T* w, T* const* out)
-      const {
+  // Output channels [lo, hi) of `rows` rows. The micro-kernel works in whole vectors: a block that does not
+  // start and end on one (or at the slot's last channel) goes through s.buf, so the channels of the other
+  // blocks, computed at other steps, are left alone.
+  void conv_kernel(int64_t rows, const T* const* src, int64_t taps, const Instr<T>& in, const T* w, T** out,
+                   Scratch<T>& s) const {
+    constexpr int64_t n = 64 / sizeof(T);
     const T* bias = in.has_bias ? in.bias.data() : nullptr;
+    const int64_t co0 = in.lo / n * n, co1 = std::min(in.ldw, (in.hi + n - 1) / n * n);
+    const bool exact = co0 == in.lo && (co1 == in.hi || in.hi == slots[in.out].C);
+    if (!exact) {
+      s.dst.assign(out, out + rows), s.buf.resize(rows * in.ldw);
+      for (int64_t r = 0; r < rows; ++r) out[r] = s.buf.data() + r * in.ldw;
+    }
 #ifdef FASTGEN_AVX512
-    if (avx512) return avx512::conv_rows<T>(rows, src, taps, in.ch, w, in.ldw, 0, in.ldw, out, bias);
+    if (avx512)
+      avx512::conv_rows<T>(rows, src, taps, in.ch, w, in.ldw, co0, co1, out, bias);
+    else
 #endif
-    portable::conv_rows<T>(rows, src, taps, in.ch, w, in.ldw, 0, in.ldw, out, bias);
+      portable::conv_rows<T>(rows, src, taps, in.ch, w, in.ldw, co0, co1, out, bias);
+    if (!exact)
+      for (int64_t r = 0; r < rows; ++r) std::copy(out[r] + in.lo, out[r] + in.hi, s.dst[r] + in.lo);
   }
 
   // A convolution at n positions for images [b0, b1): every (image, position) one row of the micro-kernel.
@@ -107,7 +125,7 @@ struct Engine {
         for (int64_t t = 0; t < taps; ++t)
           s.src[r * taps + t] = read(in.a, b, y * in.sy + in.dy[t], x * in.sx + in.dx[t]);
       }
-    conv_kernel(rows, s.src.data(), taps, in, in.w.data(), s.out.data());
+    conv_kernel(rows, s.src.data(), taps, in, in.w.data(), s.out.data(), s);
   }
 
   // A transposed convolution: output (y, x) takes input ((y - dy) / sy, (x - dx) / sx) through the taps
@@ -129,7 +147,7 @@ struct Engine {
           s.src[(b - b0) * nt + k] = read(in.a, b, (y - in.dy[t]) / in.sy, (x - in.dx[t]) / in.sx);
         }
       }
-      conv_kernel(nb, s.src.data(), nt, in, in.class_w[cls].data(), s.out.data());
+      conv_kernel(nb, s.src.data(), nt, in, in.class_w[cls].data(), s.out.data(), s);
     }
   }
 
@@ -137,19 +155,19 @@ struct Engine {
     T* o = at(in.out, b, y, x);
     const int64_t c = in.ch;
     if (in.op == FILL) {
-      std::fill_n(o + in.out_off, c, in.param);
+      std::fill(o + in.out_off + in.lo, o + in.out_off + in.hi, in.param);
       return;
     }
     const T* a = read(in.a, b, y, x);
     if (in.op == COPY) {
-      std::copy_n(a, c, o + in.out_off);
+      std::copy(a + in.lo, a + in.hi, o + in.out_off + in.lo);
       return;
     }
     const Slot& so = slots[in.out];
     const int64_t cout = in.op == GATE ? c / 2 : c;
     const T* q = in.op == ADD || in.op == MUL ? read(in.b, b, y, x) : nullptr;
     const T* k = in.op == CONST ? in.constant(b, y, x, so.H, so.W, c) : nullptr;
-    fastgen::sampling::pointwise(in.op, in, a, q, k, o, cout, 0, cout);
+    fastgen::sampling::pointwise(in.op, in, a, q, k, o, cout, in.lo, in.hi);
   }
 
   void run(const Instr<T>& in, const int64_t* pos, int64_t n, int64_t b0, int64_t b1, Scratch<T>& s) const {
@@ -170,7 +188,7 @@ std::vector<Instr<T>> decode(const std::vector<fastgen::schedule::Code>& codes, 
   std::vector<Instr<T>> out;
   for (const fastgen::schedule::Code& c : codes) {
     Instr<T> in;
-    in.op = c.op, in.out = c.out, in.ch = c.ch, in.a = c.a, in.b = c.b;
+    in.op = c.op, in.out = c.out, in.ch = c.ch, in.a = c.a, in.b = c.b, in.lo = c.lo, in.hi = c.hi;
     in.queue = params[c.queue].data_ptr<int64_t>(), in.start = params[c.start].data_ptr<int64_t>();
     in.set_point(c, ptr);
     in.out_off = c.out_off;
@@ -214,7 +232,7 @@ void generate(const std::vector<Slot>& slots, const std::vector<fastgen::schedul
               double temperature, int64_t t0, int64_t t1, bool teacher) {
   const int64_t C = config[cfg::CHANNELS], H = config[cfg::HEIGHT], W = config[cfg::WIDTH],
                 in_slot = config[cfg::INPUT], M = config[cfg::NR_MIX], K = config[cfg::OUT_CHANNELS],
-                L = config[cfg::LEVELS], like = config[cfg::LIKELIHOOD];
+                L = config[cfg::LEVELS], like = config[cfg::LIKELIHOOD], G = config[cfg::PIXEL_STEPS];
   const int64_t per = like == CATEGORICAL ? L : 1;  // logits per channel (Bernoulli, categorical)
   const int64_t draws = like == LOGISTIC_MIXTURE ? C + 1 : C;  // uniforms per pixel
   Engine<T> e;
@@ -241,20 +259,23 @@ void generate(const std::vector<Slot>& slots, const std::vector<fastgen::schedul
         const int64_t lo = in.start[t], hi = in.start[t + 1];
         if (hi > lo) e.run(in, in.queue + lo, hi - lo, b0, b1, s);
       }
-      const int64_t y = t / W, x = t % W;
+      const int64_t pix = t / G, y = pix / W, x = pix % W;
+      const int64_t c0 = G == 1 ? 0 : t % G, c1 = G == 1 ? C : c0 + 1;  // the channels drawn at this step
       for (int64_t b = b0; b < b1; ++b) {
         const T* p = e.read(out_ref, b, y, x);
-        if (teacher) {
-          for (int64_t k = 0; k < K; ++k) po[((b * K + k) * H + y) * W + x] = p[k];
-          for (int64_t c = 0; c < C; ++c) lv[c] = img[((b * C + c) * H + y) * W + x];
+        if (teacher) {  // the output's block of the drawn channels: all of it at once
+          const int64_t k0 = G == 1 ? 0 : c0 * (K / G), k1 = G == 1 ? K : k0 + K / G;
+          for (int64_t k = k0; k < k1; ++k) po[((b * K + k) * H + y) * W + x] = p[k];
+          for (int64_t c = c0; c < c1; ++c) lv[c] = img[((b * C + c) * H + y) * W + x];
         } else if (like == LOGISTIC_MIXTURE) {
-          draw_mixture<T>(p, C, M, temp, uu + t * draws * B + b, B, lv.data());
+          draw_mixture<T>(p, C, M, temp, uu + pix * draws * B + b, B, lv.data());
         } else {  // each channel from its own logits
-          for (int64_t c = 0; c < C; ++c)
-            lv[c] = draw<T>(p + c * per, L, like == CATEGORICAL, temperature, uu[(t * draws + c) * B + b], terms);
+          for (int64_t c = c0; c < c1; ++c)
+            lv[c] = draw<T>(p + c * per, L, like == CATEGORICAL, temperature, uu[(pix * draws + c) * B + b],
+                            terms);
         }
         T* in = e.at(in_slot, b, y, x);
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = c0; c < c1; ++c) {
           img[((b * C + c) * H + y) * W + x] = lv[c];
           in[c] = table[lv[c]];
         }
@@ -278,10 +299,13 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
   const at::ScalarType dt = feed.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "sample_scheduled: float32 or float64 only, got ", dt);
   const int64_t C = config[cfg::CHANNELS], H = config[cfg::HEIGHT], W = config[cfg::WIDTH], M = config[cfg::NR_MIX],
-                K = config[cfg::OUT_CHANNELS], L = config[cfg::LEVELS], like = config[cfg::LIKELIHOOD];
+                K = config[cfg::OUT_CHANNELS], L = config[cfg::LEVELS], like = config[cfg::LIKELIHOOD],
+                G = config[cfg::PIXEL_STEPS];
   TORCH_CHECK(like == LOGISTIC_MIXTURE || like == BERNOULLI || like == CATEGORICAL,
               "sample_scheduled: unknown likelihood ", like);
   const bool mixture = like == LOGISTIC_MIXTURE;
+  TORCH_CHECK(G == 1 || (G == C && !mixture), "sample_scheduled: pixel_steps must be 1, or C (colour by colour: "
+              "Bernoulli and categorical draws)");
   TORCH_CHECK(!mixture || (L == 256 && ((C == 1 && K == 3 * M) || (C == 3 && K == 10 * M))),
               "sample_scheduled: a mixture has 256 levels and K = 3 nr_mix (C = 1) or 10 nr_mix (C = 3)");
   TORCH_CHECK(mixture || (L == 2 && like == BERNOULLI && K == C) || (L >= 2 && like == CATEGORICAL && K == C * L),
@@ -296,7 +320,7 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
                   u.device() == device,
               "sample_scheduled: u must be contiguous float64 [H, W, C + 1, B] (a mixture) or [H, W, C, B] on the "
               "images' device");
-  TORCH_CHECK(0 <= t0 && t0 <= t1 && t1 <= H * W, "sample_scheduled: bad step range");
+  TORCH_CHECK(0 <= t0 && t0 <= t1 && t1 <= H * W * G, "sample_scheduled: bad step range");
   std::vector<Slot> slots;
   std::vector<fastgen::schedule::SlotInfo> info;
   for (size_t s = 0; s < bufs.size(); ++s) {
@@ -319,7 +343,7 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
   TORCH_CHECK(feed.numel() == L && feed.is_contiguous() && feed.device() == device,
               "sample_scheduled: a feed table of one value per level on the images' device");
   const std::vector<fastgen::schedule::Code> code =
-      fastgen::schedule::parse(code_list, params, scalars, info, H * W, dt);
+      fastgen::schedule::parse(code_list, params, scalars, info, H * W * G, dt);
   fastgen::schedule::parse_ref(config.data() + cfg::OUT_SLOT, info, K, false);  // checks the output's Ref
   if (teacher) {
     TORCH_CHECK(out_params.scalar_type() == dt && out_params.is_contiguous() && out_params.dim() == 4 &&

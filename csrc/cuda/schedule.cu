@@ -38,15 +38,16 @@ __device__ T value(const T* p, int i) {
   return p ? p[i] : T(0);
 }
 
-// One instruction for image b at its queue's positions [lo, hi). Ends with a barrier.
+// One instruction for image b at its queue's positions [lo, hi), output channels [in.lo, in.hi). Ends with a
+// barrier.
 template <typename T>
 __device__ void run(const ScheduleJob& j, const ScheduleInstr& in, int b, int64_t lo, int64_t hi) {
   const ScheduleSlot& so = j.slots[in.out];
-  const int width = (in.op == CONV || in.op == CONVT) ? in.cout : in.op == GATE ? in.ch / 2 : in.ch;
+  const int width = in.hi - in.lo;
   const int64_t total = (hi - lo) * width;
   for (int64_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
     const int64_t p = in.queue[lo + idx / width];
-    const int co = idx % width, y = p / so.W, x = p % so.W;
+    const int co = in.lo + idx % width, y = p / so.W, x = p % so.W;
     T* o = slot_at<T>(j, in.out, b, y, x);
     switch (in.op) {
       case CONV:
@@ -140,7 +141,8 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleJob j) {
       const int64_t lo = in.start[t], hi = in.start[t + 1];
       if (hi > lo) run<T>(j, in, b, lo, hi);  // the same test in every thread: the barrier is safe
     }
-    const int y = t / j.W, x = t % j.W;
+    const int pix = t / j.G, y = pix / j.W, x = pix % j.W;
+    const int c0 = j.G == 1 ? 0 : t % j.G, c1 = j.G == 1 ? j.C : c0 + 1;  // the channels drawn at this step
     const T* p = read<T>(j, j.out, b, y, x);
     const int64_t plane = int64_t(j.H) * j.W;
     int64_t* img = j.images + int64_t(b) * j.C * plane + int64_t(y) * j.W + x;  // channel c at img[c * plane]
@@ -148,13 +150,14 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleJob j) {
     if (j.params || j.likelihood == LOGISTIC_MIXTURE) {
       if (threadIdx.x == 0) {
         int lv[3];
-        if (j.params) {  // teacher forcing
-          for (int k = 0; k < j.K; ++k)
+        if (j.params) {  // teacher forcing: the output's block of the drawn channels
+          const int k0 = j.G == 1 ? 0 : c0 * (j.K / j.G), k1 = j.G == 1 ? j.K : k0 + j.K / j.G;
+          for (int k = k0; k < k1; ++k)
             static_cast<T*>(j.params)[((int64_t(b) * j.K + k) * j.H + y) * j.W + x] = value(p, k);
         } else {
-          draw_mixture<T>(p, j.C, j.M, T(j.temperature), j.u + int64_t(t) * (j.C + 1) * j.B + b, j.B, lv);
+          draw_mixture<T>(p, j.C, j.M, T(j.temperature), j.u + int64_t(pix) * (j.C + 1) * j.B + b, j.B, lv);
         }
-        for (int c = 0; c < j.C; ++c) {
+        for (int c = c0; c < c1; ++c) {
           if (!j.params) img[c * plane] = lv[c];
           inp[c] = feed[img[c * plane]];
         }
@@ -162,8 +165,8 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleJob j) {
     } else {  // each channel from its own logits (every thread: the block draws together)
       const bool categorical = j.likelihood == CATEGORICAL;
       const int per = categorical ? j.L : 1;
-      for (int c = 0; c < j.C; ++c) {
-        const double u = j.u[(int64_t(t) * j.C + c) * j.B + b];
+      for (int c = c0; c < c1; ++c) {
+        const double u = j.u[(int64_t(pix) * j.C + c) * j.B + b];
         const int v = draw_logits([&](int i) { return value(p, c * per + i); }, j.L, categorical, j.temperature, u,
                                   terms, stat);
         if (threadIdx.x == 0) img[c * plane] = v, inp[c] = feed[v];

@@ -19,6 +19,7 @@ struct ScheduleRef {
 // One decoded instruction (fastgen/sampling/schedule.py); every pointer is device memory.
 struct ScheduleInstr {
   int op, out, ch, cout;        // ch: channels read from a (and b); COPY, FILL: written
+  int lo, hi;                   // the output channels computed, of those written (a colour block)
   ScheduleRef a, b;
   const int64_t* queue;         // positions y * W + x of the output slot, by step
   const int64_t* start;         // [steps + 1]
@@ -46,6 +47,7 @@ struct ScheduleJob {
   int n_code;
   const ScheduleSlot* slots;
   int B, C, H, W, in_slot, M, K;  // M: mixture components, K: parameters per pixel
+  int G;                // steps per pixel: 1, or C (colour by colour)
   int likelihood, L;    // fastgen::code::Likelihood; L levels per channel
   ScheduleRef out;
   double temperature;

@@ -49,7 +49,7 @@ void sample_scheduled_cuda(const std::vector<schedule::SlotInfo>& info, const st
   std::vector<ScheduleInstr> instrs;
   for (const schedule::Code& c : code) {
     ScheduleInstr in{};
-    in.op = c.op, in.out = c.out, in.ch = c.ch, in.cout = info[c.out].C;
+    in.op = c.op, in.out = c.out, in.ch = c.ch, in.cout = info[c.out].C, in.lo = c.lo, in.hi = c.hi;
     in.a = ref(c.a), in.b = ref(c.b);
     in.queue = params[c.queue].data_ptr<int64_t>(), in.start = params[c.start].data_ptr<int64_t>();
     in.sy = c.sy, in.sx = c.sx, in.taps = c.dy.size();
@@ -75,7 +75,7 @@ void sample_scheduled_cuda(const std::vector<schedule::SlotInfo>& info, const st
   namespace cfg = fastgen::code::cfg;
   j.B = images.size(0), j.C = config[cfg::CHANNELS], j.H = config[cfg::HEIGHT], j.W = config[cfg::WIDTH];
   j.in_slot = config[cfg::INPUT], j.M = config[cfg::NR_MIX], j.K = config[cfg::OUT_CHANNELS];
-  j.likelihood = config[cfg::LIKELIHOOD], j.L = config[cfg::LEVELS];
+  j.likelihood = config[cfg::LIKELIHOOD], j.L = config[cfg::LEVELS], j.G = config[cfg::PIXEL_STEPS];
   const int64_t* o = config.data() + cfg::OUT_SLOT;
   j.out = ScheduleRef{int(o[0]), int(o[1]), int(o[2]), int(o[3]), int(o[4]), int(o[5]), int(o[6]), int(o[7])};
   j.temperature = temperature;

@@ -130,14 +130,15 @@ def _run_schedule_engine(job):
         torch.empty(0, dtype=prog.dtype, device=dev)
     config = prog.config()
     u, feed = job["u"].to(dev).contiguous(), job["feed"].to(dev).contiguous()
-    bar = Progress(h * w, f"sampling (cached multi-scale, {'C++' if dev.type == 'cpu' else dev.type})",
+    n = prog.steps
+    bar = Progress(n, f"sampling (cached multi-scale, {'C++' if dev.type == 'cpu' else dev.type})",
                    enabled=job["progress"])
-    step = w if job["progress"] else h * w
+    step = w * prog.pixel_steps if job["progress"] else n  # a row at a time, to show progress
     try:
-        for t0 in range(0, h * w, step):
+        for t0 in range(0, n, step):
             _C.sample_scheduled(slots, code, params, scalars, bufs, u, feed, out_images, out_params, config,
-                                float(job["temperature"]), t0, min(h * w, t0 + step), teacher)
-            bar.update(min(h * w, t0 + step) - bar.n)
+                                float(job["temperature"]), t0, min(n, t0 + step), teacher)
+            bar.update(min(n, t0 + step) - bar.n)
     finally:
         bar.close()
     return out_images, (out_params if teacher else None)

@@ -151,14 +151,16 @@ class ScheduleEngine:
         return torch.where(ok[None, :, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
 
     def run(self, i, pos):
+        """Instruction ``i`` at positions ``pos`` of its output: output channels [i.lo, i.hi) of those it writes."""
         s = self.prog.slots[i.out]
         ys, xs = pos // s.w, pos % s.w
         out = self.bufs[i.out]
         at = pos % out.shape[1]  # the ring positions written
+        lo, hi = i.lo, i.hi
         if i.op in (CONV, CONVT):
-            acc = torch.zeros(out.shape[0], len(pos), s.channels, dtype=out.dtype, device=out.device)
+            acc = torch.zeros(out.shape[0], len(pos), hi - lo, dtype=out.dtype, device=out.device)
             if i.bias is not None:
-                acc += i.bias
+                acc += i.bias[lo:hi]
             sy, sx = i.stride
             for t, (dy, dx) in enumerate(i.taps):
                 if i.op == CONV:
@@ -167,15 +169,16 @@ class ScheduleEngine:
                     ry, rx = ys - dy, xs - dx
                     src = self.read(i.a, ry.div(sy, rounding_mode="floor"), rx.div(sx, rounding_mode="floor"),
                                     i.channels, (ry % sy == 0) & (rx % sx == 0))
-                acc += src @ i.weight[t]
-            out[:, at] = acc
+                acc += src @ i.weight[t][:, lo:hi]
+            out[:, at, lo:hi] = acc
             return
+        o = slice(i.out_off + lo, i.out_off + hi)
         if i.op == FILL:
-            out[:, at, i.out_off:i.out_off + i.channels] = i.param
+            out[:, at, o] = i.param
             return
         a = self.read(i.a, ys, xs, i.channels)
         if i.op == COPY:
-            out[:, at, i.out_off:i.out_off + i.channels] = a
+            out[:, at, o] = a[..., lo:hi]
             return
         if i.op == ACT:
             v = _ACT_FNS[i.act](a, i.param)
@@ -194,7 +197,7 @@ class ScheduleEngine:
             v = (torch.tanh(blocks[:, :, :, 0]) * torch.sigmoid(blocks[:, :, :, 1])).reshape(*a.shape[:2], -1)
         else:
             raise RuntimeError(f"unknown opcode {i.op}")
-        out[:, at] = v
+        out[:, at, o] = v[..., lo:hi]  # the whole position computed, the block's channels kept
 
 
 @torch.no_grad()
@@ -203,8 +206,11 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
     the uniforms of the mixture draws ([H, W, C, B]: of the Bernoulli or
     categorical draws, one per channel); ``images`` (teacher forcing): feed
     these levels instead, and also return the parameters each step read,
-    [B, K, H, W]. Returns (images int64 [B, C, H, W], parameters or None)."""
+    [B, K, H, W]. Returns (images int64 [B, C, H, W], parameters or None).
+    Step t draws pixel t // g: all its channels (g = prog.pixel_steps = 1), or
+    colour t % g of it from that colour's block of the output."""
     c, h, w = prog.shape
+    g, n = prog.pixel_steps, prog.steps
     eng = ScheduleEngine(prog)
     b, k = prog.batch, prog.out_channels
     out_images = torch.zeros(b, c, h, w, dtype=torch.long, device=prog.device)
@@ -213,33 +219,36 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
         params_out = torch.zeros(b, k, h, w, dtype=prog.dtype, device=prog.device)
         images = images.to(prog.device).long()
     # the work of each step: (instruction, its positions), the queues moved to the device once
-    work = [[] for _ in range(h * w)]
+    work = [[] for _ in range(n)]
     for i in prog.code:
         start, queue = i.start.tolist(), i.queue.to(prog.device)
         for t in torch.nonzero(i.start[1:] > i.start[:-1]).flatten().tolist():
             work[t].append((i, queue[start[t]:start[t + 1]]))
     inp = eng.bufs[prog.input]
     rows, cols = torch.arange(h, device=prog.device), torch.arange(w, device=prog.device)  # the draw's positions
-    bar = Progress(h * w, "sampling (cached multi-scale, torch)", enabled=progress)
+    bar = Progress(n, "sampling (cached multi-scale, torch)", enabled=progress)
     try:
-        for t in range(h * w):
+        for t in range(n):
             for i, pos in work[t]:
                 eng.run(i, pos)
-            y, x = divmod(t, w)
+            p, colour = divmod(t, g)
+            y, x = divmod(p, w)
             params = eng.read(prog.output, rows[y:y + 1], cols[x:x + 1], k)[:, 0]
+            chans = list(range(c)) if g == 1 else [colour]  # the channels drawn at this step
             if images is not None:
-                v = images[:, :, y, x]
-                params_out[:, :, y, x] = params
+                v = images[:, chans, y, x]
+                sl = slice(0, k) if g == 1 else slice(colour * (k // g), (colour + 1) * (k // g))
+                params_out[:, sl, y, x] = params[:, sl]
             elif prog.likelihood == "logistic-mixture":
                 v = draw_mixture(params, u[y, x], c, prog.nr_mix, temperature)
             else:  # each channel from its own logits: channel ch, or block ch of L
                 L = prog.levels
                 logits = [params[:, ch] if prog.likelihood == "bernoulli" else params[:, ch * L:(ch + 1) * L]
-                          for ch in range(c)]
+                          for ch in chans]
                 v = torch.stack([draw(lo, prog.likelihood, temperature, u[y, x, ch])
-                                 for ch, lo in enumerate(logits)], 1)
-            out_images[:, :, y, x] = v
-            inp[:, t % inp.shape[1]] = feed_table[v]
+                                 for ch, lo in zip(chans, logits)], 1)
+            out_images[:, chans, y, x] = v
+            inp[:, p % inp.shape[1], chans] = feed_table[v]
             bar.update()
     finally:
         bar.close()

@@ -24,7 +24,7 @@ the value it sees. It reads the network in one of two ways:
 import torch
 
 from fastgen.sampling.common import CausalityError, not_causal, output_error
-from fastgen.sampling.program import CompileError, compile_program
+from fastgen.sampling.program import CompileError
 from fastgen.sampling.schedule import compile_schedule
 
 PROBE_SEED = 0x5EED  # the probe's inputs: fixed, so the check gives the same verdict every time
@@ -36,15 +36,7 @@ def check(model, *, n, likelihood, levels, shape, condition, table):
     CompileError) when it does not compile but the numerical probe finds it causal. Raises CausalityError."""
     args = dict(shape=shape, batch=n, likelihood=likelihood, levels=levels, condition=condition)
     try:
-        if likelihood == "logistic-mixture":
-            return compile_schedule(model, **args), None
-        try:
-            return compile_program(model, **args), None
-        except CompileError as e:  # a network program.py cannot read (strides, crops): the multi-scale compiler's
-            try:
-                return compile_schedule(model, **args), None
-            except CompileError as e2:
-                raise CompileError(f"{e}; and the multi-scale compiler: {e2}") from None
+        return compile_schedule(model, **args), None
     except CompileError as e:
         probe(model, n=n, likelihood=likelihood, levels=levels, shape=shape, condition=condition, table=table)
         return None, e

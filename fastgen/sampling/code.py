@@ -5,12 +5,14 @@ the committed header differs from what this module writes.
 
 A schedule instruction is ``[length] + HEAD + the op's OWN fields``; a convolution's own fields end with its
 ``taps`` count T, followed by T dy then T dx values. An operand (``a``, ``b``) is REF's eight fields, -1s for
-none. Parameters (weight, bias, scale, shift, const, queue, start) index the params list, ``scalar`` the
-scalars list, ``act`` ACTS.
+none. ``lo`` and ``hi``: the instruction computes output channels [lo, hi) of those it writes (a colour block;
+COPY and FILL: of channels [out_off, out_off + channels)). Parameters (weight, bias, scale, shift, const, queue,
+start) index the params list, ``scalar`` the scalars list, ``act`` ACTS.
 
 A schedule's run is described by CONFIG's fields (``config``): the image's shape, the input slot, the draw
-(``likelihood``: LIKELIHOODS' index; ``levels`` values per channel; ``nr_mix`` a mixture's components), the
-output's channels and its operand (REF's fields, ``out_``).
+(``likelihood``: LIKELIHOODS' index; ``levels`` values per channel; ``nr_mix`` a mixture's components; ``pixel_steps``: 1 when a pixel's channels
+are drawn at once, C when colour by colour, one step each), the output's channels and its operand (REF's
+fields, ``out_``).
 """
 OPS = ("CONV", "ACT", "AFFINE", "ADD", "MUL", "CONST", "GATE", "COPY", "CONVT", "FILL")
 OPCODES = {name: i + 1 for i, name in enumerate(OPS)}  # 0 is no instruction
@@ -20,9 +22,9 @@ ACTS = ("identity", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "silu", "gel
 LIKELIHOODS = ("logistic-mixture", "bernoulli", "categorical")
 
 REF = ("slot", "c0", "oy", "ox", "y0", "y1", "x0", "x1")
-CONFIG = ("channels", "height", "width", "input", "likelihood", "levels", "nr_mix", "out_channels",
+CONFIG = ("channels", "height", "width", "input", "likelihood", "levels", "nr_mix", "pixel_steps", "out_channels",
           *(f"out_{f}" for f in REF))
-HEAD = ("op", "out", "channels", *(f"a_{f}" for f in REF), *(f"b_{f}" for f in REF), "queue", "start")
+HEAD = ("op", "out", "channels", *(f"a_{f}" for f in REF), *(f"b_{f}" for f in REF), "queue", "start", "lo", "hi")
 _CONV = ("weight", "bias", "sy", "sx", "taps")
 OWN = {
     "CONV": _CONV,

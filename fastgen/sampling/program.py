@@ -94,12 +94,16 @@ class Pool:
 
     def __init__(self):
         self.params, self.scalars = [], []
+        self.index = {}  # id of a tensor given -> (its index, it: alive, so the id is not reused)
 
     def param(self, t):
+        """The index of ``t``, the same for the same tensor (the blocks of one instruction share its weights)."""
         if t is None:
             return -1
-        self.params.append(t.contiguous())
-        return len(self.params) - 1
+        if id(t) not in self.index:
+            self.index[id(t)] = (len(self.params), t)
+            self.params.append(t.contiguous())
+        return self.index[id(t)][0]
 
     def scalar(self, v):
         self.scalars.append(float(v))

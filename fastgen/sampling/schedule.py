@@ -39,10 +39,12 @@ order of program.py; here it is a CompileError, not a causality verdict.
 """
 import collections
 import dataclasses
+import hashlib
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,7 +113,8 @@ class Slot:
     h: int
     w: int
     name: str
-    ready: Optional[torch.Tensor] = None  # [h, w] int64: the ready map
+    ready: Optional[torch.Tensor] = None  # [h, w, K] int64: the ready map of each of K channel classes
+    cls: Optional[torch.Tensor] = None    # [channels] int64: each channel's class
     ring: int = 1                         # ring positions
 
 
@@ -135,6 +138,8 @@ class Instr:
     multiply: bool = False
     data_channels: int = 1                 # GATE
     out_off: int = 0                       # COPY, FILL: channels [out_off, out_off + channels) of out
+    lo: int = 0                            # the output channels computed: [lo, hi) of those written (a block)
+    hi: Optional[int] = None
     queue: Optional[torch.Tensor] = None   # positions y * w + x of out, by step
     start: Optional[torch.Tensor] = None   # [steps + 1]: step t's positions are queue[start[t]:start[t + 1]]
 
@@ -150,9 +155,14 @@ class Schedule:
     nr_mix: int = 0
     slots: list = field(default_factory=list)
     code: list = field(default_factory=list)
+    pixel_steps: int = 1  # steps per pixel: C when the colours are drawn one by one (sub-pixel order), else 1
     input: int = 0
     output: Optional[Ref] = None
     out_channels: int = 0
+
+    @property
+    def steps(self):
+        return self.shape[1] * self.shape[2] * self.pixel_steps
 
     def encode(self):
         """(slots, code, params, scalars) for the C++ engine.
@@ -164,7 +174,8 @@ class Schedule:
         code = []
         for i in self.code:
             head = {"out": i.out, "channels": i.channels, "a": i.a and i.a.encode(), "b": i.b and i.b.encode(),
-                    "queue": pool.param(i.queue), "start": pool.param(i.start)}
+                    "queue": pool.param(i.queue), "start": pool.param(i.start), "lo": i.lo,
+                    "hi": _width(i, self.slots) if i.hi is None else i.hi}
             own, taps = pool.position_wise(i), ()
             if own is not None:
                 own = dict(zip(fmt.OWN[fmt.OPS[i.op - 1]], own))
@@ -188,12 +199,20 @@ class Schedule:
         """The engines' description of the run (fastgen/sampling/code.py, CONFIG)."""
         c, h, w = self.shape
         return fmt.config(channels=c, height=h, width=w, input=self.input, likelihood=self.likelihood,
-                          levels=self.levels, nr_mix=self.nr_mix, out_channels=self.out_channels,
+                          levels=self.levels, nr_mix=self.nr_mix, pixel_steps=self.pixel_steps,
+                          out_channels=self.out_channels,
                           out=self.output.encode())
 
 
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _width(i, slots):
+    """The channels instruction ``i`` writes."""
+    if i.op in (CONV, CONVT):
+        return i.weight.shape[2]
+    return i.channels // 2 if i.op == GATE else i.channels
 
 
 class _ScheduleCompiler(_Compiler):
@@ -205,6 +224,7 @@ class _ScheduleCompiler(_Compiler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.prog = Schedule(batch=self.batch, shape=self.shape, dtype=self.dtype, device=self.device)
+        self.viewed = set()  # the slots that views were taken of (in_place)
 
     # -- values
     def val(self, slot, channels, h, w):
@@ -216,6 +236,7 @@ class _ScheduleCompiler(_Compiler):
         narrows to the slot rows and columns inside the new extent (value row r
         is slot row r - oy), so crops (slices, negative padding) hide what they
         cut and padding never shows it again."""
+        self.viewed.add(a.slot)
         v = dataclasses.replace(a, **changes)
         return dataclasses.replace(v, y0=max(v.y0, -v.oy), y1=min(v.y1, v.h - v.oy), x0=max(v.x0, -v.ox),
                                    x1=min(v.x1, v.w - v.ox))
@@ -227,7 +248,8 @@ class _ScheduleCompiler(_Compiler):
         return a.h, a.w
 
     def new_slot(self, channels, h, w, name):
-        self.prog.slots.append(Slot(channels, h, w, name))
+        self.prog.slots.append(Slot(channels, h, w, name, torch.zeros(h, w, 0, dtype=torch.int64),
+                                    torch.full((channels,), -1, dtype=torch.int64)))
         return len(self.prog.slots) - 1
 
     def emit_new(self, op, a, channels, name, h=None, w=None, **fields):
@@ -237,16 +259,38 @@ class _ScheduleCompiler(_Compiler):
         self.prog.code.append(Instr(op, slot, a=self.ref(a), channels=a.channels, **fields))
         return self.val(slot, channels, h, w)
 
-    def no_inplace(self, inplace):
-        if inplace:
-            self.error("an in-place operation (the multi-scale sampler keeps every value: write it out of place)")
+    def in_place(self, a, v, inplace):
+        """An operation's result ``v``; in place (x.relu_(), y += x), ``a`` becomes it: every name for the
+        tensor (the same Val object) reads the new slot after, as in eager mode, and the instructions already
+        emitted read the old one. A view (a slice, crop or padding, or a tensor that one was taken of) would
+        keep the old values where eager mode sees the new: refused."""
+        if not inplace:
+            return v
+        s = self.prog.slots[a.slot]
+        if a.slot == self.prog.input:
+            self.error("an in-place operation on the image input (the sampler writes the drawn pixels there)")
+        if a.slot in self.viewed or (a.c0, a.channels, a.h, a.w, a.oy, a.ox) != (0, s.channels, s.h, s.w, 0, 0):
+            self.error("an in-place operation on a view of a tensor (a slice, crop or padding, or a tensor one was "
+                       "taken of): write it out of place")
+        for f in dataclasses.fields(v):
+            setattr(a, f.name, getattr(v, f.name))
+        return a
 
     # -- the image and the output
     def input_val(self):
+        """The image: at pixel p, channel c is drawn at step p (a pixel at once) or p C + c (colour by colour:
+        Bernoulli and categorical colour images, the sub-pixel order), and is ready from the next step."""
         c, h, w = self.shape
-        self.prog.input = self.new_slot(c, h, w, "input")
-        self.prog.slots[self.prog.input].ready = torch.arange(h * w, dtype=torch.int64).view(h, w)
-        return self.val(self.prog.input, c, h, w)
+        p = self.prog
+        p.pixel_steps = c if self.likelihood != "logistic-mixture" else 1
+        p.input = self.new_slot(c, h, w, "input")
+        slot = p.slots[p.input]
+        pixel = torch.arange(h * w, dtype=torch.int64).view(h, w, 1)
+        if p.pixel_steps > 1:
+            slot.ready, slot.cls = pixel * c + torch.arange(c), torch.arange(c)
+        else:
+            slot.ready, slot.cls = pixel, torch.zeros(c, dtype=torch.int64)
+        return self.val(p.input, c, h, w)
 
     def set_output(self, out):
         c, h, w = self.shape
@@ -262,15 +306,13 @@ class _ScheduleCompiler(_Compiler):
 
     # -- position-wise operations
     def unary(self, a, act, param=0.0, inplace=False):
-        self.no_inplace(inplace)
-        return self.emit_new(ACT, a, a.channels, act, act=act, param=param)
+        return self.in_place(a, self.emit_new(ACT, a, a.channels, act, act=act, param=param), inplace)
 
     def affine(self, a, scale=1.0, shift=0.0, inplace=False):
-        self.no_inplace(inplace)
         c = a.channels
         scale = torch.full((c,), scale, dtype=self.dtype, device=self.device) if not torch.is_tensor(scale) else scale
         shift = torch.full((c,), shift, dtype=self.dtype, device=self.device) if not torch.is_tensor(shift) else shift
-        return self.emit_new(AFFINE, a, c, "affine", scale=scale, shift=shift)
+        return self.in_place(a, self.emit_new(AFFINE, a, c, "affine", scale=scale, shift=shift), inplace)
 
     def with_const(self, a, t, multiply, inplace=False):
         if isinstance(t, Fill):
@@ -278,17 +320,15 @@ class _ScheduleCompiler(_Compiler):
         layout, v = self.const_layout(t, a)
         if layout in ("scalar", "channel"):
             return self.affine(a, **({"scale": v} if multiply else {"shift": v}), inplace=inplace)
-        self.no_inplace(inplace)
-        return self.emit_new(CONST, a, a.channels, "const", const=v, multiply=multiply)
+        return self.in_place(a, self.emit_new(CONST, a, a.channels, "const", const=v, multiply=multiply), inplace)
 
     def binary(self, a, b, op, alpha=1.0, inplace=False):
-        self.no_inplace(inplace)
         if a.channels != b.channels or (a.h, a.w) != (b.h, b.w):
             self.error(f"operands [{a.channels}, {a.h}, {a.w}] and [{b.channels}, {b.h}, {b.w}] (broadcasting "
                        f"across channels or positions is not supported)")
         out = self.emit_new(op, a, a.channels, "add" if op == ADD else "mul", param=alpha)
         self.prog.code[-1].b = self.ref(b)
-        return out
+        return self.in_place(a, out, inplace)
 
     def gate(self, a, data_channels, cond=None):
         if a.channels % (2 * data_channels):
@@ -410,6 +450,11 @@ class _ScheduleCompiler(_Compiler):
             return self.conv2d(a, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
         return super().module(m, args, kwargs)
 
+    def method(self, name, args, kwargs):
+        if name == "clone" and isinstance(args[0], SVal):
+            return dataclasses.replace(args[0])  # a new tensor: in place on it leaves the original alone
+        return super().method(name, args, kwargs)
+
     def function(self, f, args, kwargs):
         if f is F.pad:
             return self.pad(*args, **kwargs)
@@ -429,71 +474,118 @@ class _ScheduleCompiler(_Compiler):
 
     # -- the schedule
     def structure(self):
-        """Everything finish() reads: the image's shape, the slots' extents, each
-        instruction's op, slots, operand views, taps and stride, the output."""
+        """Everything finish() reads: the image's shape, the draw's order, the slots' extents, each
+        instruction's op, slots, operand views, taps and stride (in the colour order, which of its weights
+        are zero: they decide which colours a channel sees), the output."""
         p = self.prog
+
         def ref(r):
             return None if r is None else tuple(r.encode())
-        return (self.shape, p.input, ref(p.output), tuple((s.h, s.w) for s in p.slots),
-                tuple((i.op, i.out, ref(i.a), ref(i.b), i.taps, i.stride) for i in p.code))
+
+        def zeros(i):
+            if p.pixel_steps == 1 or i.op not in (CONV, CONVT):
+                return None
+            return hashlib.blake2b(np.packbits(i.weight.ne(0).cpu().numpy()).tobytes(), digest_size=16).digest()
+        return (self.shape, p.pixel_steps, p.input, ref(p.output), tuple((s.channels, s.h, s.w) for s in p.slots),
+                tuple((i.op, i.out, ref(i.a), ref(i.b), i.channels, i.out_off, i.taps, i.stride, zeros(i))
+                      for i in p.code))
 
     def finish(self):
         """Ready maps, the causality check, queues and ring sizes; the same
         structure (a network sampled again, whatever its weights and constants)
-        takes them from _FINISHED."""
+        takes them from _FINISHED. Each instruction becomes one per block of
+        its output channels that share a ready map (the colour blocks of a
+        colour network; one block otherwise)."""
         key = self.structure()
         done = _FINISHED.get(key)
         if done is None:
-            self.analyse()
-            done = ([(s.ready, s.ring) for s in self.prog.slots], [(i.queue, i.start) for i in self.prog.code])
+            done = self.analyse()
             _FINISHED[key] = done
             while len(_FINISHED) > _FINISHED_MAX:
                 _FINISHED.popitem(last=False)
         else:
             _FINISHED.move_to_end(key)
-        for s, (ready, ring) in zip(self.prog.slots, done[0]):
-            s.ready, s.ring = ready, ring
-        for i, (queue, start) in zip(self.prog.code, done[1]):
-            i.queue, i.start = queue, start
+        slots, blocks = done
+        for s, (ready, cls, ring) in zip(self.prog.slots, slots):
+            s.ready, s.cls, s.ring = ready, cls, ring
+        self.prog.code = [dataclasses.replace(i, lo=lo, hi=hi, queue=queue, start=start)
+                          for i, bl in zip(self.prog.code, blocks) for lo, hi, queue, start, _ in bl]
 
     def analyse(self):
+        """((ready, cls, ring) of each slot, the blocks of each instruction: (lo, hi, queue, start, steps))."""
         prog = self.prog
         c, h, w = self.shape
-        n = h * w
-        for i in prog.code:
-            ready = self.ready(i)
+        n, g = prog.steps, prog.pixel_steps
+        writers = collections.Counter(i.out for i in prog.code)
+        found, blocks = {}, {}
+        for k, i in enumerate(prog.code):
+            found.setdefault(i.out, []).append((k, *_merge(*self.ready(i))))
+            if len(found[i.out]) < writers[i.out]:
+                continue  # a concatenation: its slot is complete once its last part is
+            parts = found.pop(i.out)
+            others = [r for j, r, _ in parts if prog.code[j].op != FILL]
             slot = prog.slots[i.out]
-            slot.ready = ready if slot.ready is None else torch.maximum(slot.ready, ready)
-        out = self.read_map(prog.output, h, w)
-        late = out >= torch.arange(n).view(h, w)
-        if late.any():
-            y, x = (int(v) for v in late.nonzero()[0])
-            t = int(out[y, x])
-            if t == y * w + x and c > 1 and prog.likelihood != "logistic-mixture":
-                # it may see the pixel's earlier colours only: causal colour by colour, not at once
-                self.error(f"the output at pixel {(y, x)} depends on that pixel's colours (the multi-scale "
-                           f"compiler draws a pixel's channels at once)")
-            raise not_causal((y, x), (t // w, t % w))
-        for i in prog.code:
-            ready = prog.slots[i.out].ready.flatten()
-            steps = (ready + 1).clamp(min=0)
+            for j, ready, cls in parts:
+                if prog.code[j].op == FILL and others:  # a constant part: with the earliest other one, not at
+                    ready = torch.cat(others, 2).amin(2, keepdim=True)  # step 0 (its whole slot at once)
+                off = prog.code[j].out_off if prog.code[j].op in (COPY, FILL) else 0
+                slot.cls[off:off + len(cls)] = cls + slot.ready.shape[2]
+                slot.ready = torch.cat([slot.ready, ready], 2)
+                blocks[j] = self.blocks(ready, cls)
+        blocks = [blocks[k] for k in range(len(prog.code))]
+        self.check_output()
+        rings = self.ring_positions(blocks)
+        return [(s.ready, s.cls, ring) for s, ring in zip(prog.slots, rings)], blocks
+
+    def blocks(self, ready, cls):
+        """The runs of channels of one class: [(lo, hi, queue, start, steps)], a position computed at step
+        ready + 1 (queue: the positions by step, step t's from start[t] to start[t + 1])."""
+        n = self.prog.steps
+        bounds = [0, *((cls[1:] != cls[:-1]).nonzero().flatten() + 1).tolist(), len(cls)]
+        out = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            steps = (ready[:, :, int(cls[lo])].flatten() + 1).clamp(min=0)
             order = torch.argsort(steps, stable=True)
-            steps = steps[order]
-            keep = steps < n  # positions ready only after the last pixel are never needed
-            i.queue = order[keep].to(torch.int64)
-            i.start = torch.searchsorted(steps[keep], torch.arange(n + 1, dtype=torch.int64))
-        self.ring_positions()
+            sorted_steps = steps[order]
+            keep = sorted_steps < n  # positions ready only after the last step are never needed
+            start = torch.searchsorted(sorted_steps[keep], torch.arange(n + 1, dtype=torch.int64))
+            out.append((lo, hi, order[keep].to(torch.int64), start, steps))
+        return out
+
+    def check_output(self):
+        """The output at pixel p drawn at step p (channel c's block at step p C + c, colour by colour) must be
+        ready by the step before: else CausalityError naming the first such output, in sampling order."""
+        prog = self.prog
+        c, h, w = self.shape
+        g, k = prog.pixel_steps, prog.out_channels
+        out = self.read_map(prog.output, h, w)[:, :, self.classes(prog.output, k)]  # [h, w, K] per channel
+        unit = (torch.arange(h * w).view(h, w, 1) * g + torch.arange(k) // (k // g)).view(h, w, k)
+        late = (out >= unit).view(h * w, g, k // g)
+        if late.any():
+            first = int(late.any(2).flatten().nonzero()[0])  # pixel p colour q: p g + q
+            p, q = divmod(first, g)
+            t = int(out.view(h * w, g, k // g)[p, q].max())
+            if g == 1:
+                raise not_causal(divmod(p, w), divmod(t, w))
+            raise not_causal(divmod(p, w), divmod(t // g, w), q, t % g, channels=c)
+
+    def classes(self, ref, channels):
+        """The slot classes of an operand's channels."""
+        cls = self.prog.slots[ref.slot].cls[ref.c0:ref.c0 + channels]
+        if (cls < 0).any():
+            self.error("an operand reads channels of a concatenation that nothing wrote")
+        return cls
 
     def read_map(self, ref, h, w, ys=None, xs=None):
-        """The ready map of an operand over output positions: [h, w] (or at the
-        positions ys, xs), -1 outside the view or the slot."""
+        """The ready maps of an operand's slot classes over output positions:
+        [h, w, K] (or at the positions ys, xs), -1 outside the view or the slot."""
         ready = self.prog.slots[ref.slot].ready
         if ys is None:
             ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         sy, sx = ys - ref.oy, xs - ref.ox
         ok = (sy >= ref.y0) & (sy < ref.y1) & (sx >= ref.x0) & (sx < ref.x1)
         v = ready[sy.clamp(0, ready.shape[0] - 1), sx.clamp(0, ready.shape[1] - 1)]
-        return torch.where(ok, v, torch.full_like(v, -1))
+        return torch.where(ok[..., None], v, torch.full_like(v, -1))
 
     def tap_positions(self, i, h, w):
         """For each tap of a CONV / CONVT: (ys, xs, valid) of the input position each output position reads."""
@@ -508,37 +600,62 @@ class _ScheduleCompiler(_Compiler):
                     (ry % sy == 0) & (rx % sx == 0)
 
     def ready(self, i):
+        """The ready maps of instruction i's output: ([h, w, K] for K classes, [channels written] the class of
+        each). A channel is ready when the last input it depends on is: a position-wise op's channel reads its
+        operands' same channel (the gate: one tanh and one sigmoid channel); a convolution's output channel
+        reads, at each tap, the input channels its weight there does not zero (by tap only when the input's
+        channels are all of one class: a grey image, or a colour network past the pixel's colours)."""
         s = self.prog.slots[i.out]
-        out = torch.full((s.h, s.w), -1, dtype=torch.int64)
+        width = _width(i, self.prog.slots)
+        none = torch.full((s.h, s.w, 1), -1, dtype=torch.int64)
+        if i.op == FILL:
+            return none, torch.zeros(width, dtype=torch.int64)
+        ca = self.classes(i.a, i.channels)
         if i.op in (CONV, CONVT):
-            for ys, xs, valid in self.tap_positions(i, s.h, s.w):
-                r = self.read_map(i.a, s.h, s.w, ys, xs)
-                out = torch.maximum(out, torch.where(valid, r, torch.full_like(r, -1)))
-            return out
-        for ref in (i.a, i.b):
-            if ref is not None:
-                out = torch.maximum(out, self.read_map(ref, s.h, s.w))
-        return out
+            used, inv = ca.unique(return_inverse=True)
+            maps = [torch.where(valid[..., None], self.read_map(i.a, s.h, s.w, ys, xs)[..., used], -1)
+                    for ys, xs, valid in self.tap_positions(i, s.h, s.w)]
+            if not maps:
+                return none, torch.zeros(width, dtype=torch.int64)
+            taps = torch.stack(maps)  # [T, h, w, U]
+            if len(used) == 1:
+                return taps.amax(0), torch.zeros(width, dtype=torch.int64)
+            onehot = F.one_hot(inv, len(used)).to(torch.float32)  # [Cin, U]
+            reads = (i.weight.ne(0).cpu().to(torch.float32).permute(2, 0, 1) @ onehot) > 0  # [Cout, T, U]
+            sig, cls = reads.flatten(1).unique(dim=0, return_inverse=True)  # [S, T U]
+            flat = taps.permute(1, 2, 0, 3).flatten(2)  # [h, w, T U]
+            return torch.where(sig, flat[:, :, None], -1).amax(-1), cls
+        ra = self.read_map(i.a, s.h, s.w)
+        if i.op in (ADD, MUL, GATE):
+            if i.op == GATE:  # output j of gate block q: tanh of input q 2m + j % m, sigmoid of that + m
+                m = width // i.data_channels
+                j = torch.arange(width)
+                ia = j // m * 2 * m + j % m
+                pairs, rb = torch.stack([ca[ia], ca[ia + m]], 1), ra
+            else:
+                pairs, rb = torch.stack([ca, self.classes(i.b, i.channels)], 1), self.read_map(i.b, s.h, s.w)
+            pairs, cls = pairs.unique(dim=0, return_inverse=True)
+            return torch.maximum(ra[..., pairs[:, 0]], rb[..., pairs[:, 1]]), cls
+        used, cls = ca.unique(return_inverse=True)
+        return ra[..., used], cls
 
-    def ring_positions(self):
+    def ring_positions(self, blocks):
         """Each slot's ring: 1 + the most positions (raster order) between the
         newest position it holds and the oldest one still read or written, over
-        the whole schedule (positions run at step ready + 1; the draw reads the
-        output at step t). Counting writes keeps a late write to an old position
-        from landing on a live one."""
+        the whole schedule (a block runs at step ready + 1; the draw of step t
+        reads the output at its pixel). Counting writes keeps a late write to
+        an old position from landing on a live one."""
         prog = self.prog
         c, h, w = self.shape
-        n = h * w
-
-        def steps_of(slot):
-            return (prog.slots[slot].ready.flatten() + 1).clamp(min=0)
+        n, g = prog.steps, prog.pixel_steps
 
         def newest_position(slot):
-            """[n + 1]: the newest position (y W + x) of the slot computed by the end of step t."""
+            """[n + 1]: the newest position (y W + x) of the slot written by the end of step t."""
             s = prog.slots[slot]
-            first = torch.full((n + 1,), -1, dtype=torch.int64)
-            first.scatter_reduce_(0, steps_of(slot).clamp(max=n), torch.arange(s.h * s.w), "amax")
-            return first.cummax(0).values
+            first = (s.ready + 1).clamp(min=0).amin(2).flatten().clamp(max=n)  # a position's first write
+            newest = torch.full((n + 1,), -1, dtype=torch.int64)
+            newest.scatter_reduce_(0, first, torch.arange(s.h * s.w), "amax")
+            return newest.cummax(0).values
 
         newest = [newest_position(k) for k in range(len(prog.slots))]
         need = [1] * len(prog.slots)
@@ -556,22 +673,32 @@ class _ScheduleCompiler(_Compiler):
                 ok &= valid
             uses(ref.slot, steps[ok], sy[ok] * prog.slots[ref.slot].w + sx[ok])
 
-        for i in prog.code:
+        for i, bl in zip(prog.code, blocks):
             s = prog.slots[i.out]
-            steps = steps_of(i.out).view(s.h, s.w)
-            uses(i.out, steps.flatten(), torch.arange(s.h * s.w))  # its own writes
-            if i.op in (CONV, CONVT):
-                for ys, xs, valid in self.tap_positions(i, s.h, s.w):
-                    reads(i.a, steps, ys, xs, valid)
-            else:
-                ys, xs = torch.meshgrid(torch.arange(s.h), torch.arange(s.w), indexing="ij")
-                for ref in (i.a, i.b):
-                    if ref is not None:
-                        reads(ref, steps, ys, xs)
+            ys, xs = torch.meshgrid(torch.arange(s.h), torch.arange(s.w), indexing="ij")
+            for *_, steps in bl:
+                uses(i.out, steps, torch.arange(s.h * s.w))  # its own writes
+                steps = steps.view(s.h, s.w)
+                if i.op in (CONV, CONVT):
+                    for tys, txs, valid in self.tap_positions(i, s.h, s.w):
+                        reads(i.a, steps, tys, txs, valid)
+                else:
+                    for ref in (i.a, i.b):
+                        if ref is not None:
+                            reads(ref, steps, ys, xs)
         t = torch.arange(n)
-        reads(prog.output, t, t // w, t % w)  # the draw of pixel t reads the output at step t
-        for k, s in enumerate(prog.slots):
-            s.ring = max(1, min(s.h * s.w, need[k]))
+        pixel = t // g
+        reads(prog.output, t, pixel // w, pixel % w)  # the draw of step t reads the output at its pixel
+        return [max(1, min(s.h * s.w, need[k])) for k, s in enumerate(prog.slots)]
+
+
+def _merge(ready, cls):
+    """Classes with equal ready maps merged: (ready [h, w, K'], cls)."""
+    if ready.shape[2] == 1:
+        return ready, cls
+    h, w, k = ready.shape
+    maps, inv = ready.reshape(h * w, k).T.unique(dim=0, return_inverse=True)
+    return maps.T.reshape(h, w, -1).contiguous(), inv[cls]
 
 
 # finish()'s results by structure, the most recent few (they are read-only once made)

@@ -19,7 +19,7 @@ from fastgen.sampling import code as fmt
 from fastgen.sampling.api import METHODS, SCHEDULE_OP, cached_logits
 from fastgen.sampling import CausalityError
 from fastgen.sampling.common import feed_table
-from fastgen.sampling.program import CompileError
+from fastgen.sampling.tracing import CompileError
 from fastgen.sampling.schedule import compile_schedule
 
 from conftest import require_backend
@@ -261,6 +261,26 @@ def test_colour_blocks_follow_the_weights():
         with pytest.raises(CausalityError, match=r"output at pixel \(0, 0\) colour 0 depends on pixel \(0, 0\) "
                                                  r"colour 1"):
             fastgen.sample(Mixing(3).double(), 3, seed=2, method=method, **args)
+
+
+def test_dispatch_reads_grey_single_scale_networks_as_programs_and_the_rest_as_schedules():
+    """The program engine stays where it is faster (grey PixelCNN and Gated PixelCNN: benchmarks/RESULTS.md);
+    colour images (drawn colour by colour) and multi-scale networks compile to schedules."""
+    from fastgen.sampling import causality
+    from fastgen.sampling.program import Program
+    from fastgen.sampling.schedule import Schedule
+
+    def compiled(m, shape, likelihood, levels):
+        table = feed_table(None, likelihood, levels, torch.float64, "cpu")
+        return causality.check(m, n=2, likelihood=likelihood, levels=levels, shape=shape, condition=None,
+                               table=table)[0]
+    grey = fastgen.models.PixelCNN((1, 6, 6), channels=8, blocks=2).double().eval()
+    assert isinstance(compiled(grey, (1, 6, 6), "bernoulli", 2), Program)
+    rgb = fastgen.models.PixelCNN((3, 6, 6), channels=12, blocks=1, likelihood="categorical", levels=4).double()
+    prog = compiled(rgb.eval(), (3, 6, 6), "categorical", 4)
+    assert isinstance(prog, Schedule) and prog.pixel_steps == 3
+    assert isinstance(compiled(MultiScaleNet(colours=1, out=1).double().eval(), (1, 8, 10), "bernoulli", 2),
+                      Schedule)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -39,6 +39,7 @@ using fastgen::schedule::Code;
 
 struct Slot {
   int64_t C, H, W, R, Cp;
+  int64_t mask;  // R - 1 when R is a power of two (the compiler's rings are): position % R as position & mask
 };
 
 using Ref = fastgen::schedule::RefCode;  // an operand: channels [c0, ..) of a slot through a view
@@ -79,7 +80,8 @@ struct Engine {
 
   T* at(int64_t s, int64_t b, int64_t y, int64_t x) const {
     const Slot& sl = slots[s];
-    return data[s] + (b * sl.R + (y * sl.W + x) % sl.R) * sl.Cp;
+    const int64_t p = y * sl.W + x;
+    return data[s] + (b * sl.R + (sl.mask >= 0 ? p & sl.mask : p % sl.R)) * sl.Cp;
   }
 
   // The operand at position (y, x) of its view, or zeros outside it.
@@ -151,31 +153,36 @@ struct Engine {
     }
   }
 
-  void pointwise(const Instr<T>& in, int64_t b, int64_t y, int64_t x) const {
-    T* o = at(in.out, b, y, x);
-    const int64_t c = in.ch;
-    if (in.op == FILL) {
-      std::fill(o + in.out_off + in.lo, o + in.out_off + in.hi, in.param);
-      return;
-    }
-    const T* a = read(in.a, b, y, x);
-    if (in.op == COPY) {
-      std::copy(a + in.lo, a + in.hi, o + in.out_off + in.lo);
-      return;
-    }
+  // A position-wise instruction at one position for images [b0, b1): the operands' pointers found once, each
+  // further image's a ring further on (zeros stay zeros).
+  void pointwise(const Instr<T>& in, int64_t b0, int64_t b1, int64_t y, int64_t x) const {
     const Slot& so = slots[in.out];
+    T* o = at(in.out, b0, y, x);
+    const int64_t c = in.ch, o_step = so.R * so.Cp;
+    if (in.op == FILL) {
+      for (int64_t b = b0; b < b1; ++b, o += o_step) std::fill(o + in.out_off + in.lo, o + in.out_off + in.hi, in.param);
+      return;
+    }
+    const T* a = read(in.a, b0, y, x);
+    const int64_t a_step = a == zeros.data() ? 0 : slots[in.a.slot].R * slots[in.a.slot].Cp;
+    if (in.op == COPY) {
+      for (int64_t b = b0; b < b1; ++b, o += o_step, a += a_step) std::copy(a + in.lo, a + in.hi, o + in.out_off + in.lo);
+      return;
+    }
     const int64_t cout = in.op == GATE ? c / 2 : c;
-    const T* q = in.op == ADD || in.op == MUL ? read(in.b, b, y, x) : nullptr;
-    const T* k = in.op == CONST ? in.constant(b, y, x, so.H, so.W, c) : nullptr;
-    fastgen::sampling::pointwise(in.op, in, a, q, k, o, cout, in.lo, in.hi);
+    const T* q = in.op == ADD || in.op == MUL ? read(in.b, b0, y, x) : nullptr;
+    const int64_t q_step = q == nullptr || q == zeros.data() ? 0 : slots[in.b.slot].R * slots[in.b.slot].Cp;
+    for (int64_t b = b0; b < b1; ++b, o += o_step, a += a_step, q += q_step) {
+      const T* k = in.op == CONST ? in.constant(b, y, x, so.H, so.W, c) : nullptr;
+      fastgen::sampling::pointwise(in.op, in, a, q, k, o, cout, in.lo, in.hi);
+    }
   }
 
   void run(const Instr<T>& in, const int64_t* pos, int64_t n, int64_t b0, int64_t b1, Scratch<T>& s) const {
     if (in.op == CONV) return conv(in, pos, n, b0, b1, s);
     if (in.op == CONVT) return conv_transpose(in, pos, n, b0, b1, s);
     const int64_t W = slots[in.out].W;
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t p = 0; p < n; ++p) pointwise(in, b, pos[p] / W, pos[p] % W);
+    for (int64_t p = 0; p < n; ++p) pointwise(in, b0, b1, pos[p] / W, pos[p] % W);
   }
 };
 
@@ -330,7 +337,7 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
                     t.size(0) == B && r >= 1 && r <= h * w && t.size(1) == r && t.size(2) >= c && t.size(2) % 16 == 0,
                 "sample_scheduled: slot ", s, " must be a contiguous ring [B, R, Cp] on the images' device, with "
                 "1 <= R <= H W and Cp >= C a multiple of 16");
-    slots.push_back({c, h, w, r, t.size(2)});
+    slots.push_back({c, h, w, r, t.size(2), (r & (r - 1)) == 0 ? r - 1 : -1});
     info.push_back({c, h, w, r});
   }
   const int64_t in_slot = config[cfg::INPUT];

@@ -24,8 +24,9 @@ the value it sees. It reads the network in one of two ways:
 import torch
 
 from fastgen.sampling.common import CausalityError, not_causal, output_error
-from fastgen.sampling.program import CompileError
+from fastgen.sampling.program import compile_program
 from fastgen.sampling.schedule import compile_schedule
+from fastgen.sampling.tracing import CompileError
 
 PROBE_SEED = 0x5EED  # the probe's inputs: fixed, so the check gives the same verdict every time
 PROBE_BATCH = 64  # images per forward pass of the probe
@@ -36,6 +37,11 @@ def check(model, *, n, likelihood, levels, shape, condition, table):
     CompileError) when it does not compile but the numerical probe finds it causal. Raises CausalityError."""
     args = dict(shape=shape, batch=n, likelihood=likelihood, levels=levels, condition=condition)
     try:
+        if likelihood != "logistic-mixture" and shape[0] == 1:
+            try:  # the program engine: faster on grey single-scale networks (benchmarks/RESULTS.md)
+                return compile_program(model, **args), None
+            except CompileError:
+                pass
         return compile_schedule(model, **args), None
     except CompileError as e:
         probe(model, n=n, likelihood=likelihood, levels=levels, shape=shape, condition=condition, table=table)

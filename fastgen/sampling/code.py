@@ -47,12 +47,18 @@ def instruction(op, head, own, taps=()):
     fields = dict(head, op=op)
     for r in ("a", "b"):
         ref = fields.pop(r)
-        fields.update(zip((f"{r}_{f}" for f in REF), ref if ref is not None else [-1] * len(REF)))
-    if set(fields) != set(HEAD) or set(own) != set(OWN[name]):
+        fields.update(zip(_REF_FIELDS[r], ref if ref is not None else _NO_REF))
+    if fields.keys() != _HEAD_SET or own.keys() != _OWN_SETS[name]:
         raise ValueError(f"instruction {name}: fields {sorted(fields)} and {sorted(own)}, expected {HEAD} and "
                          f"{OWN[name]}")
     body = [fields[f] for f in HEAD] + [own[f] for f in OWN[name]] + list(taps)
     return [len(body) + 1] + body
+
+
+_REF_FIELDS = {r: tuple(f"{r}_{f}" for f in REF) for r in ("a", "b")}
+_NO_REF = [-1] * len(REF)
+_HEAD_SET = frozenset(HEAD)
+_OWN_SETS = {name: frozenset(f) for name, f in OWN.items()}
 
 
 def config(**fields):

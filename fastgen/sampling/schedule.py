@@ -1,12 +1,15 @@
-"""Cached sampling of multi-scale networks (PixelCNN++): Ramachandran et al.'s
-per-layer queues, generalised to any network of convolutions.
+"""Cached sampling (Ramachandran et al.'s per-layer queues, generalised to any
+causal network of convolutions): the one compiler of every cached engine.
 
-fastgen/sampling/program.py compiles single-scale networks into a pixel pass
-and a row pass. A multi-scale network (strided and transposed convolutions,
-shifted convolutions written as zero padding plus a crop) has no such fixed
-rhythm: a coarse position becomes computable when the last fine pixel under
-its receptive field has been drawn. This compiler finds that moment for every
-position of every activation and runs each position then, exactly once.
+Cached generation computes every activation of the network once. A network of
+one scale (PixelCNN, Gated PixelCNN) computes a position when the pixel before
+it is drawn; a multi-scale one (strided and transposed convolutions, shifted
+convolutions written as zero padding plus a crop: PixelCNN++) has no such
+fixed rhythm: a coarse position becomes computable when the last fine pixel
+under its receptive field has been drawn. This compiler finds that moment for
+every position of every activation and runs each position then, exactly once.
+fastgen/sampling/tracing.py reads the network; this module is its primitives
+and the analysis.
 
 For every activation (a *slot*) the compiler derives, by structure, its *ready
 map*: for each position, the raster index of the last image pixel it depends on
@@ -29,13 +32,17 @@ found by replaying the schedule: a value read only where it was just computed
 keeps a position or two, one read by a convolution over the rows above about
 a row.
 
-The network's output at a pixel must not depend on any channel of that pixel:
-the likelihood draws all of the pixel's channels at once, from the output there
-(PixelCNN++'s discretized logistic mixture couples the colours itself; Bernoulli
-and categorical logits draw each channel from its own logits, which is the
-sub-pixel order's draw when no channel sees the pixel's others). A colour
-network whose outputs see the pixel's earlier colours needs the colour-by-colour
-order of program.py; here it is a CompileError, not a causality verdict.
+Steps are the draws, in the sampling order: one per pixel when the likelihood
+draws all of a pixel's channels at once (PixelCNN++'s mixture couples the
+colours itself), one per colour when a colour image is drawn colour by colour
+(Bernoulli and categorical: the sub-pixel order R, G, B, ``pixel_steps`` = C).
+In the colour order a slot's channels fall into *classes*, one ready map each
+(a ready value is then a step, pixel C + colour): a convolution's output
+channel reads, at each tap, the input channels its weight does not zero there
+(the masks' centre rule gives colour block c the blocks <= c); position-wise
+operations keep their operands' classes. Each instruction runs as one
+instruction per run of output channels of one class (a *block*, ``lo`` to
+``hi``), the colour blocks of a masked layer at their colour's step.
 """
 import collections
 import dataclasses
@@ -53,8 +60,8 @@ from fastgen.nn import MaskedConv2d
 from fastgen.ref.dmol import infer_nr_mix
 from fastgen.sampling.common import not_causal, output_error
 from fastgen.sampling import code as fmt
-from fastgen.sampling.code import ACT, ADD, AFFINE, CONST, CONV, CONVT, COPY, FILL, GATE, MUL
-from fastgen.sampling.program import CompileError, Pool, Val, _Compiler, trace
+from fastgen.sampling.code import ACT, ACTS, ADD, AFFINE, CONST, CONV, CONVT, COPY, FILL, GATE, MUL
+from fastgen.sampling.tracing import CompileError, Compiler, Val, trace
 
 _SCHEDULE_OPS = ("convolutions of any kernel, stride, dilation and zero padding (fastgen.MaskedConv2d, nn.Conv2d), "
                  "transposed convolutions (nn.ConvTranspose2d), zero padding (F.pad) and crops along H and W, "
@@ -83,8 +90,8 @@ class Ref:
 
 @dataclass
 class SVal(Val):
-    """A traced tensor that depends on the image, as a view of a slot
-    (kind 'spatial'): extent h x w, channels from c0, offset (oy, ox), and
+    """A traced tensor that depends on the image, as a view of a slot:
+    extent h x w, channels from c0, offset (oy, ox), and
     the window of slot rows [y0, y1) and columns [x0, x1) it shows (crops
     narrow it; padding never widens it: a crop padded back reads zeros)."""
     h: int = 0
@@ -142,6 +149,45 @@ class Instr:
     hi: Optional[int] = None
     queue: Optional[torch.Tensor] = None   # positions y * w + x of out, by step
     start: Optional[torch.Tensor] = None   # [steps + 1]: step t's positions are queue[start[t]:start[t + 1]]
+
+
+class Pool:
+    """The params and scalars lists of an encoded schedule (param(t) / scalar(v) append and return the index
+    the code stores; param(None): -1)."""
+
+    def __init__(self):
+        self.params, self.scalars = [], []
+        self.index = {}  # id of a tensor given -> (its index, it: alive, so the id is not reused)
+
+    def param(self, t):
+        """The index of ``t``, the same for the same tensor (the blocks of one instruction share its weights)."""
+        if t is None:
+            return -1
+        if id(t) not in self.index:
+            self.index[id(t)] = (len(self.params), t)
+            self.params.append(t.contiguous())
+        return self.index[id(t)][0]
+
+    def scalar(self, v):
+        self.scalars.append(float(v))
+        return len(self.scalars) - 1
+
+    def taps(self, i):
+        """A convolution's taps: [dy.., dx..]."""
+        return [t[0] for t in i.taps] + [t[1] for t in i.taps]
+
+    def position_wise(self, i):
+        """The own fields of the position-wise ops both encodings write alike (ACT, AFFINE, CONST, GATE), or
+        None for another op."""
+        if i.op == ACT:
+            return [ACTS.index(i.act), self.scalar(i.param)]
+        if i.op == AFFINE:
+            return [self.param(i.scale), self.param(i.shift)]
+        if i.op == CONST:
+            return [self.param(i.const), int(i.multiply), int(i.const.dim() == 4)]
+        if i.op == GATE:
+            return [i.data_channels]
+        return None
 
 
 @dataclass
@@ -215,11 +261,10 @@ def _width(i, slots):
     return i.channels // 2 if i.op == GATE else i.channels
 
 
-class _ScheduleCompiler(_Compiler):
-    """program.py's graph walk and operation dispatch, emitting views and
-    scheduled instructions (the base class's primitives, overridden)."""
+class _ScheduleCompiler(Compiler):
+    """The primitives of fastgen/sampling/tracing.py's graph walk: values as views of slots, instructions
+    over positions; then the analysis (ready maps, blocks, queues, rings)."""
     SUPPORTED = _SCHEDULE_OPS
-    ADD_IN_PLACE = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -229,7 +274,7 @@ class _ScheduleCompiler(_Compiler):
     # -- values
     def val(self, slot, channels, h, w):
         """A whole new slot as a value."""
-        return SVal(slot, "spatial", channels, h, w, 0, 0, 0, 0, h, 0, w)
+        return SVal(slot, channels, h, w, 0, 0, 0, 0, h, 0, w)
 
     def view(self, a, **changes):
         """The value ``a`` seen differently (fields of SVal changed); the window
@@ -248,8 +293,7 @@ class _ScheduleCompiler(_Compiler):
         return a.h, a.w
 
     def new_slot(self, channels, h, w, name):
-        self.prog.slots.append(Slot(channels, h, w, name, torch.zeros(h, w, 0, dtype=torch.int64),
-                                    torch.full((channels,), -1, dtype=torch.int64)))
+        self.prog.slots.append(Slot(channels, h, w, name))  # ready and cls: analyse()
         return len(self.prog.slots) - 1
 
     def emit_new(self, op, a, channels, name, h=None, w=None, **fields):
@@ -385,13 +429,18 @@ class _ScheduleCompiler(_Compiler):
     def conv(self, a, weight, bias, taps, name):
         """A same-size convolution (MaskedConv2d, a 1x1), weight [T, Cout, Cin]
         for taps (dy, dx) around the output position."""
-        return self.conv_taps(a, weight, bias, list(taps), (1, 1), a.h, a.w, CONV, name)
+        return self.conv_taps(a, weight, bias, list(taps), (1, 1), a.h, a.w, CONV, name, masked=True)
 
-    def conv_taps(self, a, weight, bias, taps, stride, h, w, op, name):
+    def conv_taps(self, a, weight, bias, taps, stride, h, w, op, name, masked=False):
+        """``masked``: the taps are a mask's (causal by construction), kept whatever their weights; any
+        other convolution keeps only the taps whose weights are not all zero (a zeroed future tap makes a
+        convolution causal)."""
         if weight.shape[2] != a.channels:
             self.error(f"a convolution taking {weight.shape[2]} channels applied to {a.channels}")
-        nonzero = weight.detach().reshape(len(taps), -1).ne(0).any(1)
-        keep = nonzero.nonzero().flatten().tolist()  # only the taps that can contribute
+        if masked:
+            keep = list(range(len(taps)))
+        else:
+            keep = weight.detach().reshape(len(taps), -1).ne(0).any(1).nonzero().flatten().tolist()
         kept = weight if len(keep) == len(taps) else weight[keep]
         w_ = self.tensor(kept).transpose(1, 2).contiguous() if keep else \
             weight.new_zeros(0, a.channels, weight.shape[1]).to(self.dtype)
@@ -450,11 +499,6 @@ class _ScheduleCompiler(_Compiler):
             return self.conv2d(a, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
         return super().module(m, args, kwargs)
 
-    def method(self, name, args, kwargs):
-        if name == "clone" and isinstance(args[0], SVal):
-            return dataclasses.replace(args[0])  # a new tensor: in place on it leaves the original alone
-        return super().method(name, args, kwargs)
-
     def function(self, f, args, kwargs):
         if f is F.pad:
             return self.pad(*args, **kwargs)
@@ -512,45 +556,96 @@ class _ScheduleCompiler(_Compiler):
                           for i, bl in zip(self.prog.code, blocks) for lo, hi, queue, start, _ in bl]
 
     def analyse(self):
-        """((ready, cls, ring) of each slot, the blocks of each instruction: (lo, hi, queue, start, steps))."""
+        """((ready, cls, ring) of each slot, the blocks of each instruction: (lo, hi, queue, start, steps)).
+
+        Forward, in program order: each instruction's ready maps and classes. Backward: each block's steps.
+        A position may run at any step from ready + 1 to its *deadline*, the first step that reads it (the
+        draws read the output); the steps of a slot row whose windows meet are one step, the row's earliest
+        deadline (so a value read only from the next row on, a Gated PixelCNN's vertical stack, runs a row
+        at a time), the others each at its deadline (so a position that depends on nothing is not computed
+        long before it is read, which would widen its slot's ring); a position nothing reads never runs."""
         prog = self.prog
-        c, h, w = self.shape
-        n, g = prog.steps, prog.pixel_steps
-        writers = collections.Counter(i.out for i in prog.code)
-        found, blocks = {}, {}
-        for k, i in enumerate(prog.code):
-            found.setdefault(i.out, []).append((k, *_merge(*self.ready(i))))
-            if len(found[i.out]) < writers[i.out]:
-                continue  # a concatenation: its slot is complete once its last part is
-            parts = found.pop(i.out)
-            others = [r for j, r, _ in parts if prog.code[j].op != FILL]
+        n = prog.steps
+        for s in prog.slots:
+            if s.ready is None:  # no class yet (-1: a channel nothing has written)
+                s.ready, s.cls = torch.zeros(s.h, s.w, 0, dtype=torch.int64), torch.full((s.channels,), -1)
+        parts = []
+        for i in prog.code:
+            ready, cls = _merge(*self.ready(i))
             slot = prog.slots[i.out]
-            for j, ready, cls in parts:
-                if prog.code[j].op == FILL and others:  # a constant part: with the earliest other one, not at
-                    ready = torch.cat(others, 2).amin(2, keepdim=True)  # step 0 (its whole slot at once)
-                off = prog.code[j].out_off if prog.code[j].op in (COPY, FILL) else 0
-                slot.cls[off:off + len(cls)] = cls + slot.ready.shape[2]
-                slot.ready = torch.cat([slot.ready, ready], 2)
-                blocks[j] = self.blocks(ready, cls)
-        blocks = [blocks[k] for k in range(len(prog.code))]
+            off = i.out_off if i.op in (COPY, FILL) else 0
+            parts.append((ready, cls, slot.ready.shape[2]))  # its classes' first index in the slot
+            slot.cls[off:off + len(cls)] = cls + slot.ready.shape[2]
+            slot.ready = torch.cat([slot.ready, ready], 2)
         self.check_output()
+        deadline = [torch.full((s.h * s.w, s.ready.shape[2]), n, dtype=torch.int64) for s in prog.slots]
+        self.draw_reads(deadline)
+        blocks = [None] * len(prog.code)
+        for k in reversed(range(len(prog.code))):
+            i, (ready, cls, first) = prog.code[k], parts[k]
+            s = prog.slots[i.out]
+            bounds = [0, *((cls[1:] != cls[:-1]).nonzero().flatten() + 1).tolist(), len(cls)]
+            bl = []
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                c = int(cls[lo])
+                steps = self.choose((ready[:, :, c] + 1).clamp(min=0), deadline[i.out][:, first + c].view(s.h, s.w))
+                order = torch.argsort(steps, stable=True)
+                sorted_steps = steps[order]
+                keep = sorted_steps < n  # positions nothing reads never run
+                start = torch.searchsorted(sorted_steps[keep], torch.arange(n + 1, dtype=torch.int64))
+                bl.append((lo, hi, order[keep].to(torch.int64), start, steps))
+                self.reads(i, steps.view(s.h, s.w), deadline)
+            blocks[k] = bl
         rings = self.ring_positions(blocks)
         return [(s.ready, s.cls, ring) for s, ring in zip(prog.slots, rings)], blocks
 
-    def blocks(self, ready, cls):
-        """The runs of channels of one class: [(lo, hi, queue, start, steps)], a position computed at step
-        ready + 1 (queue: the positions by step, step t's from start[t] to start[t + 1])."""
+    def choose(self, earliest, deadline):
+        """The steps [h w] of one block from its windows [earliest, deadline] (analyse); n: never."""
         n = self.prog.steps
-        bounds = [0, *((cls[1:] != cls[:-1]).nonzero().flatten() + 1).tolist(), len(cls)]
-        out = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            steps = (ready[:, :, int(cls[lo])].flatten() + 1).clamp(min=0)
-            order = torch.argsort(steps, stable=True)
-            sorted_steps = steps[order]
-            keep = sorted_steps < n  # positions ready only after the last step are never needed
-            start = torch.searchsorted(sorted_steps[keep], torch.arange(n + 1, dtype=torch.int64))
-            out.append((lo, hi, order[keep].to(torch.int64), start, steps))
-        return out
+        need = deadline < n
+        if ((earliest > deadline) & need).any():  # a read before the value is complete: a compiler bug
+            raise RuntimeError("fastgen: the schedule reads a value before it is computed")
+        lo = torch.where(need, earliest, -1).amax(1, keepdim=True)
+        hi = torch.where(need, deadline, n).amin(1, keepdim=True)
+        row = torch.where(lo <= hi, hi, deadline)  # a row's windows meet: all of it at its first deadline
+        return torch.where(need, row, n).flatten()
+
+    def register(self, deadline, ref, channels, steps, ys, xs, valid=None):
+        """Reads of operand ``ref`` at positions (ys, xs) of its view at ``steps``: each position's deadline
+        in each slot class of the channels read is the earliest such step after it is ready (a read before
+        it is ready goes through a zero weight, e.g. a colour block's centre tap: not a dependence)."""
+        slot = self.prog.slots[ref.slot]
+        sy, sx = ys - ref.oy, xs - ref.ox
+        ok = (sy >= ref.y0) & (sy < ref.y1) & (sx >= ref.x0) & (sx < ref.x1) & (steps < self.prog.steps)
+        if valid is not None:
+            ok &= valid
+        pos, at = (sy * slot.w + sx)[ok], steps[ok]
+        for k in slot.cls[ref.c0:ref.c0 + channels].unique().tolist():
+            late = at > slot.ready.view(-1, slot.ready.shape[2])[pos, k]
+            deadline[ref.slot][:, k].scatter_reduce_(0, pos[late], at[late], "amin")
+
+    def reads(self, i, steps, deadline):
+        s = self.prog.slots[i.out]
+        if i.op in (CONV, CONVT):
+            for ys, xs, valid in self.tap_positions(i, s.h, s.w):
+                self.register(deadline, i.a, i.channels, steps, ys, xs, valid)
+            return
+        ys, xs = torch.meshgrid(torch.arange(s.h), torch.arange(s.w), indexing="ij")
+        for ref in (i.a, i.b):
+            if ref is not None:
+                self.register(deadline, ref, i.channels, steps, ys, xs)
+
+    def draw_reads(self, deadline):
+        """The draws' reads of the output: step t reads pixel t // g, the block of colour t % g (g > 1)."""
+        prog = self.prog
+        c, h, w = self.shape
+        n, g, k = prog.steps, prog.pixel_steps, prog.out_channels
+        t = torch.arange(n)
+        pixel = t // g
+        for colour in range(g):
+            mine = t % g == colour
+            ref = dataclasses.replace(prog.output, c0=prog.output.c0 + colour * (k // g))
+            self.register(deadline, ref, k // g, t[mine], pixel[mine] // w, pixel[mine] % w)
 
     def check_output(self):
         """The output at pixel p drawn at step p (channel c's block at step p C + c, colour by colour) must be
@@ -649,12 +744,16 @@ class _ScheduleCompiler(_Compiler):
         c, h, w = self.shape
         n, g = prog.steps, prog.pixel_steps
 
+        first = [torch.full((s.h * s.w,), n, dtype=torch.int64) for s in prog.slots]  # each position's first write
+        first[prog.input] = (prog.slots[prog.input].ready + 1).amin(2).flatten()  # the draws
+        for i, bl in zip(prog.code, blocks):
+            for *_, steps in bl:
+                first[i.out] = torch.minimum(first[i.out], steps)
+
         def newest_position(slot):
             """[n + 1]: the newest position (y W + x) of the slot written by the end of step t."""
-            s = prog.slots[slot]
-            first = (s.ready + 1).clamp(min=0).amin(2).flatten().clamp(max=n)  # a position's first write
             newest = torch.full((n + 1,), -1, dtype=torch.int64)
-            newest.scatter_reduce_(0, first, torch.arange(s.h * s.w), "amax")
+            newest.scatter_reduce_(0, first[slot].clamp(max=n), torch.arange(len(first[slot])), "amax")
             return newest.cummax(0).values
 
         newest = [newest_position(k) for k in range(len(prog.slots))]
@@ -689,7 +788,8 @@ class _ScheduleCompiler(_Compiler):
         t = torch.arange(n)
         pixel = t // g
         reads(prog.output, t, pixel // w, pixel % w)  # the draw of step t reads the output at its pixel
-        return [max(1, min(s.h * s.w, need[k])) for k, s in enumerate(prog.slots)]
+        # a power of two (the C++ engine's ring index is then a mask), or every position
+        return [min(s.h * s.w, 1 << (need[k] - 1).bit_length()) for k, s in enumerate(prog.slots)]
 
 
 def _merge(ready, cls):

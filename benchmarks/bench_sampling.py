@@ -21,7 +21,7 @@ pre-drawn uniforms (fastgen.sampling.common.uniforms) for every contender:
 Groups: one per model and batch size (1, 16, 64, 256, the paper's sweep). On
 the CPU a 28x28 binarized-MNIST PixelCNN and Gated PixelCNN, and a 28x28 PixelCNN++
 (the CPU defaults of `train pixelcnnpp`: 32 filters, 2 blocks per scale, 5 mixture
-components; cached = the multi-scale schedule, fastgen/sampling/schedule.py); on a
+components); cached = the schedule of fastgen/sampling/schedule.py for all of them; on a
 GPU also 32x32x3 256-way categorical ones and a 32x32x3 PixelCNN++ (64 filters). extra_info: ``seconds_per_batch``,
 ``images_per_s`` and, for the cached contenders, ``speedup_vs_naive`` (naive's
 extrapolated median over theirs; the table's "vs common" column), with
@@ -66,7 +66,7 @@ import torch
 from fastgen.models.pixelcnn import GatedPixelCNN, PixelCNN
 from fastgen.models.pixelcnnpp import PixelCNNpp
 from fastgen.sampling import cached_logits, sample
-from fastgen.sampling.api import OP, SCHEDULE_OP, _draw_shape
+from fastgen.sampling.api import OP, _draw_shape
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
 from harness import (OtherLoad, extrapolate, record_peak_rss, record_timing, relative_error, start_record, sync,
@@ -288,7 +288,6 @@ def test_sampling(benchmark, smoke, bench_results, case):
                           mode="sample")
     model, model64 = models(spec)
     mixture = likelihood == "logistic-mixture"
-    op = SCHEDULE_OP if mixture else OP
 
     if contender == "common":
         steps = total // 2 if smoke else min(NAIVE_STEPS[DEVICE][batch], total)
@@ -307,7 +306,7 @@ def test_sampling(benchmark, smoke, bench_results, case):
             return out
     else:
         backend = contender[len("cached["):-1]
-        why = op.reason(backend)
+        why = OP.reason(backend)
         if backend == "cpp" and DEVICE != "cpu":
             why = "the C++ engine runs CPU models"
         if backend == "cuda" and DEVICE != "cuda":
@@ -371,7 +370,7 @@ def test_sampling(benchmark, smoke, bench_results, case):
     if contender != "common" and "speedup_vs_common" in info:
         info["speedup_vs_naive"] = info["speedup_vs_common"]
         target = TARGETS.get((DEVICE, h), {}).get(batch)
-        if target and backend == op.choose(None, DEVICE):  # the targets are the default engine's
+        if target and backend == OP.choose(None, DEVICE):  # the targets are the default engine's
             info["target_vs_naive"] = target
             info["meets_target"] = info["speedup_vs_naive"] >= target
     if DEVICE == "cpu" and not smoke and batch == max(BATCHES) and contender in ("common", "cached[cpp]"):

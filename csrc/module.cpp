@@ -5,7 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/sampling.h"  // fastgen::sample_cached, sample_scheduled
+#include "cpu/sampling.h"  // fastgen::sample_scheduled
 
 TORCH_LIBRARY(fastgen, m) {
   // masked_conv2d: see fastgen/ref/masked_conv.py for the mask and fastgen/ops/masked_conv.py for dispatch.
@@ -64,8 +64,6 @@ static bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastgen C++/CUDA kernels (ops under torch.ops.fastgen)";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
-  m.def("sample_cached", &fastgen::sample_cached, "run a cached-sampling program over rows [y0, y1)",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("sample_scheduled", &fastgen::sample_scheduled, "run a multi-scale cached-sampling schedule over steps [t0, t1)",
+  m.def("sample_scheduled", &fastgen::sample_scheduled, "run a cached-sampling schedule over steps [t0, t1)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

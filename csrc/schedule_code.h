@@ -7,21 +7,12 @@
 
 #include <vector>
 
-#include "sampling_code.h"  // the opcodes
+#include "sampling_format.h"  // the opcodes (generated from fastgen/sampling/code.py)
 
 namespace fastgen {
 namespace schedule {
 
-using sampling::ACT;
-using sampling::ADD;
-using sampling::AFFINE;
-using sampling::CONST;
-using sampling::CONV;
-using sampling::CONVT;
-using sampling::COPY;
-using sampling::FILL;
-using sampling::GATE;
-using sampling::MUL;
+using namespace fastgen::code;  // the opcodes
 
 // A slot: channels, height, width, ring rows.
 struct SlotInfo {

@@ -1,7 +1,7 @@
 """Cached sampling (fastgen.sample): exactness against the full forward pass
 (teacher forcing) and against naive sampling (same seed, float64), for
 fastgen's models and for a foreign model built from fastgen layers; the
-compiler's errors for operations that cannot be cached exactly; both engines."""
+compiler's errors for operations that cannot be cached exactly; every engine."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,6 @@ from fastgen.functional import gated_activation
 from fastgen.models import GatedPixelCNN, PixelCNN
 from fastgen.sampling import CausalityError, CompileError, cached_logits, sample
 from fastgen.sampling.api import METHODS
-from fastgen.sampling.program import compile_program
 
 ENGINES = ["ref", "cpp"]
 
@@ -350,52 +349,6 @@ def test_bfloat16_model_runs_on_the_torch_engine():
     m = make_model("gated-binary").to(torch.bfloat16)
     images = sample(m, 2, seed=0)  # dispatch: the C++ engine cannot take bf16, the torch executor does
     assert images.shape == (2, 1, 7, 6)
-
-
-def test_program_structure():
-    """The Gated PixelCNN's vertical stacks run in the row pass; the input's
-    position-wise transform is replayed after each pixel (post list)."""
-    m = make_model("gated-binary")
-    prog = compile_program(m, shape=m.image_shape, batch=2, likelihood="bernoulli", levels=2)
-    row_slots = {prog.slots[i.out].name for i in prog.row}
-    assert row_slots == {"v_pre", "gate"}
-    assert len(prog.row) == 2 * 3 - 1  # v_pre per layer, v gate for all but the last
-    assert [prog.slots[i.out].name for i in prog.post] == ["affine", "affine"]  # x * 2 - 1
-    assert all(s.kind == "pixel" for s in prog.slots if s.name in ("h_pre", "link"))
-
-
-def test_colour_blocks():
-    """RGB models run the pixel pass colour block by colour block; a layer that
-    mixes the blocks (a plain 1x1 convolution) falls back to recomputing the
-    position per colour channel, which still matches naive sampling."""
-    m = make_model("gated-rgb-conditional")
-    prog = compile_program(m, shape=m.image_shape, batch=2, likelihood="categorical", levels=4,
-                           condition=labels_for(m, 2))
-    assert prog.blocks == 3
-
-    class Mixing(nn.Module):
-        def __init__(self, data_channels):
-            super().__init__()
-            self.conv = MaskedConv2d("A", 3, 6, 3, padding=1, data_channels=data_channels)
-            self.mix = nn.Conv2d(6, 6, 1)
-            self.head = MaskedConv2d("B", 6, 12, 1, data_channels=3)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.mix(self.conv(x))))
-
-    torch.manual_seed(0)
-    # the first layer sees no colour of the pixel itself: mixing its blocks keeps the network causal
-    mixing = Mixing(1).double()
-    args = dict(shape=(3, 4, 3), likelihood="categorical", levels=4)
-    assert compile_program(mixing, batch=1, **args).blocks == 1
-    naive = sample(mixing, 3, seed=2, method="naive", **args)
-    for engine in ENGINES:
-        assert torch.equal(sample(mixing, 3, seed=2, backend=engine, **args), naive)
-    # its G and B blocks see R and G of the pixel; mixed into the R block, R's output sees them
-    for method in METHODS:
-        with pytest.raises(CausalityError, match=r"output at pixel \(0, 0\) colour 0 depends on pixel \(0, 0\) "
-                                                 r"colour 1"):
-            sample(Mixing(3).double(), 3, seed=2, method=method, **args)
 
 
 def test_in_place_operations():

@@ -16,7 +16,7 @@ import fastgen
 from fastgen.functional import gated_activation
 from fastgen.models import PixelCNNpp
 from fastgen.sampling import code as fmt
-from fastgen.sampling.api import METHODS, SCHEDULE_OP, cached_logits
+from fastgen.sampling.api import METHODS, OP, cached_logits
 from fastgen.sampling import CausalityError
 from fastgen.sampling.common import feed_table
 from fastgen.sampling.tracing import CompileError
@@ -98,7 +98,7 @@ class EveryOp(nn.Module):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("shape, classes", [((1, 8, 12), None), ((3, 8, 8), 3)])
 def test_cached_equals_naive_in_float64(engine, shape, classes):
-    require_backend(SCHEDULE_OP, engine)
+    require_backend(OP, engine)
     m = tiny(shape, classes)
     label = labels_for(m, 3)
     naive = m.sample(3, label, seed=5, method="naive")
@@ -115,7 +115,7 @@ def test_cached_equals_naive_in_float64(engine, shape, classes):
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_teacher_forced_parameters_equal_the_forward_pass(engine, dtype):
-    require_backend(SCHEDULE_OP, engine)
+    require_backend(OP, engine)
     # float32 at the init (activations of order one); float64 with the weights spread
     m = tiny((3, 8, 12), num_classes=4, nr_resnet=2, spread=0.1 if dtype == torch.float64 else 0.0, dtype=dtype)
     images = torch.randint(0, 256, (3, 3, 8, 12))
@@ -130,7 +130,7 @@ def test_teacher_forced_parameters_equal_the_forward_pass(engine, dtype):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_another_multi_scale_network(engine):
-    require_backend(SCHEDULE_OP, engine)
+    require_backend(OP, engine)
     torch.manual_seed(1)
     m = MultiScaleNet().double().eval()
     args = dict(likelihood="logistic-mixture", shape=(1, 8, 10))
@@ -145,10 +145,9 @@ def test_another_multi_scale_network(engine):
 @pytest.mark.parametrize("likelihood, levels, colours", [("bernoulli", 2, 1), ("categorical", 5, 1),
                                                          ("bernoulli", 2, 3), ("categorical", 4, 3)])
 def test_a_multi_scale_network_of_logits(engine, likelihood, levels, colours):
-    """Bernoulli and categorical logits from a network program.py cannot read (strided and transposed
-    convolutions, crops) sample cached on the multi-scale schedule, exactly as naive sampling; with 3 colours
-    that do not see each other at a pixel, every channel is drawn at once from its own logits."""
-    require_backend(SCHEDULE_OP, engine)
+    """Bernoulli and categorical logits from a multi-scale network (strided and transposed convolutions, crops)
+    sample cached, exactly as naive sampling; with 3 colours that do not see each other at a pixel too."""
+    require_backend(OP, engine)
     from fastgen.sampling import causality
     from fastgen.sampling.common import feed_table
     from fastgen.sampling.schedule import Schedule
@@ -176,8 +175,8 @@ def test_gated_pixelcnn_on_the_schedule(engine, classes):
     """fastgen's Gated PixelCNN, read through GatedMaskedConv2d's public ops (vertical_conv2d, gated_conv2d,
     gated_activation), compiles to a schedule that samples the images of naive sampling and of the program
     engine (float64, one seed, class-conditional too)."""
-    require_backend(SCHEDULE_OP, engine)
-    from fastgen.sampling.api import _draw_shape, _run_program
+    require_backend(OP, engine)
+    from fastgen.sampling.api import _draw_shape, _run
     from fastgen.sampling.common import feed_table, uniforms
     torch.manual_seed(5)
     m = fastgen.models.GatedPixelCNN((1, 8, 9), channels=8, layers=3, num_classes=classes).double().eval()
@@ -189,11 +188,11 @@ def test_gated_pixelcnn_on_the_schedule(engine, classes):
     prog = compile_schedule(m, batch=3, condition=label, **args)
     u = uniforms(3, _draw_shape("bernoulli", (1, 8, 9)), 7, "cpu")
     table = feed_table(None, "bernoulli", 2, torch.float64, "cpu")
-    images, _ = _run_program(prog, "bernoulli", 2, table, 1.0, u, None, False, engine)
+    images, _ = _run(prog, table, 1.0, u, None, False, engine)
     assert torch.equal(images, m.sample(3, label, seed=7, method="naive"))
-    assert torch.equal(images, m.sample(3, label, seed=7))  # the program engine
+    assert torch.equal(images, m.sample(3, label, seed=7))  # the dispatched engine
     forced = torch.randint(0, 2, (3, 1, 8, 9))
-    _, logits = _run_program(prog, "bernoulli", 2, table, 1.0, u, forced, False, engine)
+    _, logits = _run(prog, table, 1.0, u, forced, False, engine)
     torch.testing.assert_close(logits, m(forced.double(), label), rtol=1e-12, atol=1e-12)
 
 
@@ -218,7 +217,7 @@ def test_colours_drawn_one_by_one(engine, likelihood, levels):
     """A multi-scale network whose colours see the pixel's earlier colours samples cached in the sub-pixel
     order: one step per colour, each layer computed colour block by colour block (the coarse layers, which see
     no colour of the pixel, in one block), the images of naive sampling and the forward pass's logits."""
-    require_backend(SCHEDULE_OP, engine)
+    require_backend(OP, engine)
     torch.manual_seed(3)
     m = ColourNet(None if likelihood == "bernoulli" else levels).double().eval()
     args = dict(likelihood=likelihood, levels=levels, shape=(3, 8, 10))
@@ -263,29 +262,29 @@ def test_colour_blocks_follow_the_weights():
             fastgen.sample(Mixing(3).double(), 3, seed=2, method=method, **args)
 
 
-def test_dispatch_reads_grey_single_scale_networks_as_programs_and_the_rest_as_schedules():
-    """The program engine stays where it is faster (grey PixelCNN and Gated PixelCNN: benchmarks/RESULTS.md);
-    colour images (drawn colour by colour) and multi-scale networks compile to schedules."""
-    from fastgen.sampling import causality
-    from fastgen.sampling.program import Program
-    from fastgen.sampling.schedule import Schedule
-
-    def compiled(m, shape, likelihood, levels):
-        table = feed_table(None, likelihood, levels, torch.float64, "cpu")
-        return causality.check(m, n=2, likelihood=likelihood, levels=levels, shape=shape, condition=None,
-                               table=table)[0]
-    grey = fastgen.models.PixelCNN((1, 6, 6), channels=8, blocks=2).double().eval()
-    assert isinstance(compiled(grey, (1, 6, 6), "bernoulli", 2), Program)
+def test_steps_follow_the_deadlines():
+    """Each position runs between the step after it is ready and the first step that reads it: a Gated
+    PixelCNN's vertical stack, read only from the next row on, a whole row per step (the row pass), the
+    horizontal stack one pixel per step with rings of a position or two; a grey image is one step per pixel,
+    a colour image one per colour."""
+    m = fastgen.models.GatedPixelCNN((1, 6, 7), channels=8, layers=3).double().eval()
+    prog = compile_schedule(m, shape=(1, 6, 7), batch=2, likelihood="bernoulli", levels=2)
+    assert prog.pixel_steps == 1 and prog.steps == 42
+    for i in prog.code:
+        name = prog.slots[i.out].name
+        per_step = (i.start[1:] - i.start[:-1])[i.start[1:] > i.start[:-1]]
+        if name == "v_pre":
+            assert (per_step == 7).all()  # rows 0..4: row 5 feeds nothing below it
+            assert len(i.queue) == 5 * 7
+        if name in ("h_pre", "add"):
+            assert (per_step == 1).all() and prog.slots[i.out].ring <= 2
     rgb = fastgen.models.PixelCNN((3, 6, 6), channels=12, blocks=1, likelihood="categorical", levels=4).double()
-    prog = compiled(rgb.eval(), (3, 6, 6), "categorical", 4)
-    assert isinstance(prog, Schedule) and prog.pixel_steps == 3
-    assert isinstance(compiled(MultiScaleNet(colours=1, out=1).double().eval(), (1, 8, 10), "bernoulli", 2),
-                      Schedule)
+    assert compile_schedule(rgb.eval(), shape=(3, 6, 6), batch=1, likelihood="categorical", levels=4).steps == 108
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_operation(engine):
-    require_backend(SCHEDULE_OP, engine)
+    require_backend(OP, engine)
     torch.manual_seed(2)
     m = EveryOp().double().eval()
     cond = torch.randn(3, 8, 6, 7, dtype=torch.float64)  # a conditioning map: a constant of every position
@@ -300,7 +299,7 @@ def test_every_operation(engine):
 
 def test_generic_cpu_kernel_is_exact(monkeypatch):
     """The portable (non-AVX-512) build of the engine's micro-kernel."""
-    require_backend(SCHEDULE_OP, "cpp")
+    require_backend(OP, "cpp")
     monkeypatch.setenv("FASTGEN_CPU_KERNEL", "generic")
     m = tiny((3, 8, 8), num_classes=3)
     label = labels_for(m, 3)
@@ -317,7 +316,7 @@ def test_progress_runs_row_by_row_to_the_same_images():
 def test_cuda_engine_matches_the_reference(shape, classes):
     """The CUDA engine on a GPU: teacher forcing against the full forward pass,
     and the same images as the torch executor for a seed (float64)."""
-    require_backend(SCHEDULE_OP, "cuda")
+    require_backend(OP, "cuda")
     m = tiny(shape, classes).cuda()
     label = labels_for(m, 3)
     label = None if label is None else label.cuda()
@@ -335,7 +334,7 @@ def test_cuda_engine_matches_the_reference(shape, classes):
 def test_cuda_engine_draws_logits_as_the_cpu_engines(likelihood, levels):
     """The CUDA engine's Bernoulli and categorical draws on a GPU (float64): the images of the torch executor
     and the C++ engine for a seed, teacher-forced logits equal to the forward pass."""
-    require_backend(SCHEDULE_OP, "cuda")
+    require_backend(OP, "cuda")
     torch.manual_seed(3)
     per = 1 if likelihood == "bernoulli" else levels
     m = MultiScaleNet(colours=3, out=3 * per).double().eval()
@@ -462,8 +461,8 @@ def test_output_and_settings_errors():
 
 @pytest.mark.parametrize("corrupt", ["position", "start"])
 def test_the_engine_checks_its_program(corrupt):
-    require_backend(SCHEDULE_OP, "cpp")
-    from fastgen.sampling.api import _run_schedule_engine
+    require_backend(OP, "cpp")
+    from fastgen.sampling.api import _run_engine
     from fastgen.sampling.common import feed_table, uniforms
     prog = compile_schedule(tiny((1, 4, 4)), shape=(1, 4, 4), batch=1)
     i = next(i for i in prog.code if len(i.queue) > 1)
@@ -476,7 +475,7 @@ def test_the_engine_checks_its_program(corrupt):
     job = dict(prog=prog, u=uniforms(1, (2, 4, 4), 0, "cpu"), temperature=1.0, images=None, progress=False,
                feed=feed_table(None, "logistic-mixture", 256, torch.float64, "cpu"))
     with pytest.raises(RuntimeError, match="a queue outside its slot, or starts that do not increase from 0"):
-        _run_schedule_engine(job)
+        _run_engine(job)
 
 
 def test_the_engines_format_header_is_code_py_s():

@@ -1,5 +1,5 @@
-// The C++ engine of cached sampling (csrc/cpu/sampling.cpp), exposed as
-// fastgen._C.sample_cached by csrc/module.cpp; fastgen/sampling/api.py calls it.
+// The C++ engine of cached sampling (csrc/cpu/schedule.cpp), exposed as
+// fastgen._C.sample_scheduled by csrc/module.cpp; fastgen/sampling/api.py calls it.
 #pragma once
 #include <torch/extension.h>
 
@@ -9,16 +9,7 @@
 
 namespace fastgen {
 
-// Runs a Program (fastgen/sampling/program.py, Program.encode) over the rows [y0, y1).
-void sample_cached(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& pixel,
-                   const std::vector<int64_t>& post, const std::vector<int64_t>& row,
-                   const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
-                   const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
-                   at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
-                   int64_t y0, int64_t y1, bool teacher);
-
-// Runs a multi-scale Schedule (fastgen/sampling/schedule.py, Schedule.encode) over the steps [t0, t1)
-// (csrc/cpu/schedule.cpp).
+// Runs a Schedule (fastgen/sampling/schedule.py, Schedule.encode) over the steps [t0, t1).
 void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& code,
                       const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
                       const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
@@ -26,14 +17,6 @@ void sample_scheduled(const std::vector<int64_t>& slot_info, const std::vector<i
                       double temperature, int64_t t0, int64_t t1, bool teacher);
 
 #ifdef FASTGEN_WITH_CUDA
-// The same for CUDA tensors (csrc/cuda/sampling_glue.cpp), after sample_cached's checks.
-void sample_cached_cuda(const std::vector<int64_t>& slot_info, const std::vector<int64_t>& pixel,
-                        const std::vector<int64_t>& post, const std::vector<int64_t>& row,
-                        const std::vector<at::Tensor>& params, const std::vector<double>& scalars,
-                        const std::vector<at::Tensor>& bufs, const at::Tensor& u, const at::Tensor& feed,
-                        at::Tensor images, at::Tensor logits, const std::vector<int64_t>& config, double temperature,
-                        int64_t y0, int64_t y1, bool teacher);
-
 // The same for CUDA tensors (csrc/cuda/schedule_glue.cpp), after sample_scheduled's checks and parse.
 void sample_scheduled_cuda(const std::vector<schedule::SlotInfo>& slots, const std::vector<schedule::Code>& code,
                            const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& bufs,

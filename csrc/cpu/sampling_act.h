@@ -1,14 +1,16 @@
-// The position-wise instructions of the cached samplers (ACT, AFFINE, ADD, MUL,
-// CONST, GATE), shared by the C++ engines (csrc/cpu/sampling.cpp,
-// schedule.cpp). The activations (Act) are fastgen/sampling/code.py's ACTS.
+// The position-wise instructions of the cached sampler's C++ engine
+// (csrc/cpu/schedule.cpp): ACT, AFFINE, ADD, MUL, CONST, GATE. The opcodes and
+// activations (Act) are fastgen/sampling/code.py's (sampling_format.h).
 #pragma once
 #include <cmath>
 #include <cstdint>
 
-#include "sampling_code.h"  // the opcodes and activations
+#include "sampling_format.h"  // the opcodes and activations
 
 namespace fastgen {
 namespace sampling {
+
+using namespace fastgen::code;
 
 template <class T>
 inline T activate(int64_t act, T v, T p) {

@@ -1,6 +1,7 @@
 // The cached sampler's convolution micro-kernel, on GCC vector types of 64
-// bytes (fastgen::vec::Vec64, csrc/cpu/vec_math.h). No include guard: csrc/cpu/sampling.cpp includes it twice, inside an
-// AVX-512 target region (zmm registers) and portably (GCC splits the vectors).
+// bytes (fastgen::vec::Vec64, csrc/cpu/vec_math.h). No include guard:
+// csrc/cpu/sampling_kernels.h includes it twice, inside an AVX-512 target
+// region (zmm registers) and portably (GCC splits the vectors).
 //
 // conv_rows computes, for each of `rows` output rows (one row = one image at
 // one position), out[co] = bias[co] + sum over taps t and input channels ci

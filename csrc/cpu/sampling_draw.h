@@ -1,4 +1,4 @@
-// The draws of cached sampling on the CPU, one of each for both engines (sampling.cpp, schedule.cpp), exactly as
+// The draws of cached sampling on the CPU (csrc/cpu/schedule.cpp), one of each, exactly as
 // the torch samplers draw (fastgen.sampling.common.draw and draw_mixture) from the same uniforms.
 #pragma once
 

@@ -1,7 +1,7 @@
-// What the C++ engines of cached sampling (csrc/cpu/sampling.cpp,
-// schedule.cpp) share, each its own copy: the convolution micro-kernel
-// (sampling_conv.h) compiled twice, in an AVX-512 target region (namespace
-// avx512) and portably (namespace portable), and the binding of the slots.
+// The C++ engine of cached sampling's (csrc/cpu/schedule.cpp) kernels: the
+// convolution micro-kernel (sampling_conv.h) compiled twice, in an AVX-512
+// target region (namespace avx512) and portably (namespace portable), and the
+// binding of the slots.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,5 +1,5 @@
-// The position-wise operations shared by the CUDA engines of cached sampling
-// (sampling.cu, schedule.cu); the opcodes and activations are
+// The position-wise operations and the logits' draw of the CUDA engine of cached
+// sampling (schedule.cu); the opcodes and activations are
 // fastgen/sampling/code.py's (sampling_format.h). No torch headers.
 #pragma once
 

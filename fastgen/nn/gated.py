@@ -120,7 +120,7 @@ class GatedMaskedConv2d(nn.Module):
 
     def forward(self, v, h=None, label=None, cond=None):
         # written in fastgen's public ops, no test on a traced value: the cached samplers trace it with torch.fx
-        # (fastgen/sampling/program.py) and read vertical_conv2d, gated_conv2d and gated_activation
+        # (fastgen/sampling/tracing.py) and read vertical_conv2d, gated_conv2d and gated_activation
         h = v if h is None else h
         _check_stacks(v, h, self.in_channels)
         cv, ch = self._conditioning(label, cond, v.shape[0], v.shape[2:])

@@ -1,22 +1,16 @@
 """fastgen.sample: naive or cached pixel-by-pixel generation, and the
 teacher-forced logits of the cached path (its exactness check).
 
-The cached engines are the backends of the op ``sample_cached``:
-* ``cpp``: the C++ engine (csrc/cpu/sampling.cpp): the whole generation loop in
-  one call per run of rows, float32 / float64 CPU tensors;
-* ``cuda``: the CUDA engine (csrc/cuda/sampling.cu): one thread block per image
+Every network the cached path can read compiles to one schedule
+(fastgen/sampling/schedule.py), run by the backends of the op
+``sample_scheduled``:
+* ``cpp``: the C++ engine (csrc/cpu/schedule.cpp): the whole generation loop in
+  one call (one per row to show progress), float32 / float64 CPU tensors;
+* ``cuda``: the CUDA engine (csrc/cuda/schedule.cu): one thread block per image
   runs the whole loop in one launch; float32 / float64 CUDA tensors. Compiled
   (nvcc) but not yet run on a GPU: it stays out of the default order until it
-  has been tested and measured there (benchmarks/RESULTS.md);
+  has been tested and measured there (benchmarks/RESULTS.md), so opt-in;
 * ``ref``: the torch executor (fastgen/sampling/cached.py), any device and dtype.
-
-A discretized logistic mixture (PixelCNN++, likelihood 'logistic-mixture'), and
-a Bernoulli or categorical network that program.py cannot read (strided and
-transposed convolutions, padding and crops), is compiled into a multi-scale
-schedule (fastgen/sampling/schedule.py) and run by the backends of the op
-``sample_scheduled``: ``cpp`` (csrc/cpu/schedule.cpp),
-``cuda`` (csrc/cuda/schedule.cu: compiled, not yet run on a GPU, so opt-in) and
-``ref`` (the torch executor).
 """
 import inspect
 import itertools
@@ -30,20 +24,20 @@ from fastgen._dispatch import new_op
 from fastgen._progress import Progress
 from fastgen._seed import check_seed
 from fastgen.sampling import causality
-from fastgen.sampling.cached import run_schedule_torch, run_torch
+from fastgen.sampling.cached import run_schedule_torch
 from fastgen.sampling.common import feed_table, uniforms
 from fastgen.sampling.naive import naive_sample
-from fastgen.sampling.schedule import Schedule
 
 LIKELIHOODS = ("bernoulli", "categorical", "logistic-mixture")
 METHODS = ("cached", "naive")
 MIXTURE_LEVELS = 256  # the discretized logistic mixture's bins (fastgen.ref.dmol)
 
-# The C++ engine is the CPU's only compiled engine (benchmarks/RESULTS.md, bench_sampling.py).
-OP = new_op("sample_cached", {"cpu": ["cpp"]}, contract="engine")  # a job, not tensors: tests/test_sampling*.py
+# The C++ engine is the CPU's only compiled engine (benchmarks/RESULTS.md, bench_sampling.py); the CUDA engine
+# (csrc/cuda/schedule.cu) compiles but has not run on a GPU: opt-in (backend='cuda') until measured.
+OP = new_op("sample_scheduled", {"cpu": ["cpp"]}, contract="engine")  # a job, not tensors: tests/test_sampling*.py
 
 
-def _engine_why_not(device_type, name, entry="sample_cached"):
+def _engine_why_not(device_type, name):
     def why_not(job):
         prog = job["prog"]
         if prog.device.type != device_type:
@@ -51,66 +45,18 @@ def _engine_why_not(device_type, name, entry="sample_cached"):
         if prog.dtype not in (torch.float32, torch.float64):
             return f"the {name} engine takes float32 or float64 models, got {prog.dtype}"
         from fastgen import _C
-        if not hasattr(_C, entry):
-            return f"fastgen._C predates this engine ({entry}): rebuild it (`make build`)"
+        if not hasattr(_C, "sample_scheduled"):
+            return "fastgen._C predates this engine (sample_scheduled): rebuild it (`make build`)"
         return None
     return why_not
 
 
-def _run_engine(job):
-    """The compiled engines (C++ on CPU tensors, CUDA on CUDA tensors): one call per run of rows."""
-    from fastgen import _C
-    prog = job["prog"]
-    dev = prog.device
-    slots, pixel, post, row, params, scalars = prog.encode()
-    c, h, w = prog.shape
-    # channels padded to 16: the CPU engine's vectors never leave a position
-    bufs = [torch.zeros(prog.batch, s.rows, w + 2 * prog.pad, -(-s.channels // 16) * 16, dtype=prog.dtype,
-                        device=dev) for s in prog.slots]
-    images = job["images"]
-    teacher = images is not None
-    out_images = images.to(dev).long().contiguous() if teacher else \
-        torch.zeros(prog.batch, c, h, w, dtype=torch.long, device=dev)
-    logits = torch.zeros(prog.batch, prog.slots[prog.output].channels, h, w, dtype=prog.dtype, device=dev) \
-        if teacher else torch.empty(0, dtype=prog.dtype, device=dev)
-    config = [c, h, w, prog.pad, prog.input, prog.output, int(job["likelihood"] == "categorical"), job["levels"],
-              prog.blocks]
-    bar = Progress(h * w * c, f"sampling (cached, {'C++' if dev.type == 'cpu' else dev.type})",
-                   enabled=job["progress"])
-    u, feed = job["u"].to(dev).contiguous(), job["feed"].to(dev).contiguous()
-    # one call for the whole image, or one per row to show progress
-    step = 1 if job["progress"] else h
-    try:
-        for y0 in range(0, h, step):
-            _C.sample_cached(slots, pixel, post, row, params, scalars, bufs, u, feed, out_images, logits, config,
-                             float(job["temperature"]), y0, min(h, y0 + step), teacher)
-            bar.update(min(h, y0 + step) * w * c - bar.n)
-    finally:
-        bar.close()
-    return out_images, (logits if teacher else None)
-
-
 def _run_ref(job):
-    return run_torch(job["prog"], job["u"], job["feed"], likelihood=job["likelihood"], levels=job["levels"],
-                     temperature=job["temperature"], images=job["images"], progress=job["progress"])
-
-
-OP.register("ref", _run_ref)
-OP.register("cpp", _run_engine, why_not=_engine_why_not("cpu", "C++"), unavailable=_ext.cpp_unavailable)
-OP.register("cuda", _run_engine, why_not=_engine_why_not("cuda", "CUDA"), unavailable=_ext.cuda_ext_unavailable)
-
-
-# Multi-scale networks (PixelCNN++: fastgen/sampling/schedule.py): the C++ engine on the CPU. The CUDA
-# engine (csrc/cuda/schedule.cu) compiles but has not run on a GPU: opt-in (backend='cuda') until measured.
-SCHEDULE_OP = new_op("sample_scheduled", {"cpu": ["cpp"]}, contract="engine")
-
-
-def _run_schedule_ref(job):
     return run_schedule_torch(job["prog"], job["u"], job["feed"], temperature=job["temperature"],
                               images=job["images"], progress=job["progress"])
 
 
-def _run_schedule_engine(job):
+def _run_engine(job):
     """The compiled engines (C++ on CPU tensors, CUDA on CUDA tensors): one call
     for all steps, or one per row to show progress."""
     from fastgen import _C
@@ -144,11 +90,9 @@ def _run_schedule_engine(job):
     return out_images, (out_params if teacher else None)
 
 
-SCHEDULE_OP.register("ref", _run_schedule_ref)
-SCHEDULE_OP.register("cpp", _run_schedule_engine, why_not=_engine_why_not("cpu", "C++", "sample_scheduled"),
-                     unavailable=_ext.cpp_unavailable)
-SCHEDULE_OP.register("cuda", _run_schedule_engine, why_not=_engine_why_not("cuda", "CUDA", "sample_scheduled"),
-                     unavailable=_ext.cuda_ext_unavailable)
+OP.register("ref", _run_ref)
+OP.register("cpp", _run_engine, why_not=_engine_why_not("cpu", "C++"), unavailable=_ext.cpp_unavailable)
+OP.register("cuda", _run_engine, why_not=_engine_why_not("cuda", "CUDA"), unavailable=_ext.cuda_ext_unavailable)
 
 
 def _settings(model, likelihood, levels, shape):
@@ -208,18 +152,14 @@ def _check_condition(model, condition, n):
                          f"pass it as condition=")
 
 
-def _run_program(prog, likelihood, levels, table, temperature, u, images, progress, backend):
-    """A compiled program (fastgen.sampling.causality.check) on the dispatched engine."""
-    if isinstance(prog, Schedule):
-        job = dict(prog=prog, u=u, feed=table, temperature=temperature, images=images, progress=progress)
-        return SCHEDULE_OP.run(job, prog.device, backend)
-    job = dict(prog=prog, u=u, feed=table, likelihood=likelihood, levels=levels, temperature=temperature,
-               images=images, progress=progress)
+def _run(prog, table, temperature, u, images, progress, backend):
+    """A compiled schedule (fastgen.sampling.causality.check) on the dispatched engine."""
+    job = dict(prog=prog, u=u, feed=table, temperature=temperature, images=images, progress=progress)
     return OP.run(job, prog.device, backend)
 
 
 def _checked(model, n, likelihood, levels, shape, condition, feed):
-    """The checks every sampling path shares, then the causality check: (program or None, why not, table)."""
+    """The checks every sampling path shares, then the causality check: (schedule or None, why not, table)."""
     dtype, device = _dtype_device(model)
     _check_condition(model, condition, n)
     table = feed_table(feed, likelihood, levels, dtype, device)
@@ -250,10 +190,9 @@ def sample(model: nn.Module, n: int, *, likelihood: Optional[str] = None, levels
     own (fastgen's models know them). ``feed`` maps sampled values (a tensor) to
     the network's input, elementwise; default binary as {0, 1}, categorical as
     value / (levels - 1), a mixture's as 2 value / 255 - 1.
-    ``method``: 'cached' computes each activation once (fastgen/sampling/program.py,
-    and schedule.py for mixtures and multi-scale networks, say which networks
-    they take, and name any operation they cannot); 'naive' runs the whole network per pixel (and colour
-    channel). Both read the same uniforms: for one seed they give the same
+    ``method``: 'cached' computes each activation once (fastgen/sampling/schedule.py
+    and tracing.py say which networks it takes, and name any operation it cannot);
+    'naive' runs the whole network per pixel (and colour channel). Both read the same uniforms: for one seed they give the same
     images (exactly in float64).
     ``backend``: the cached engine, 'cpp', 'cuda' or 'ref' (torch); default: dispatch.
     Colour images follow the sub-pixel order (R, then G, then B at each pixel).
@@ -281,7 +220,7 @@ def sample(model: nn.Module, n: int, *, likelihood: Optional[str] = None, levels
                                 temperature=temperature, feed_table=table, progress=progress)
         if prog is None:
             raise why
-        images, _ = _run_program(prog, likelihood, levels, table, temperature, u, None, progress, backend)
+        images, _ = _run(prog, table, temperature, u, None, progress, backend)
         return images
     finally:
         model.train(was_training)
@@ -306,7 +245,7 @@ def cached_logits(model: nn.Module, images: torch.Tensor, *, likelihood: Optiona
             raise why
         c, h, w = _draw_shape(likelihood, shape)
         u = torch.zeros(h, w, c, images.shape[0], dtype=torch.float64, device=table.device)
-        _, logits = _run_program(prog, likelihood, levels, table, 1.0, u, images, False, backend)
+        _, logits = _run(prog, table, 1.0, u, images, False, backend)
         return logits
     finally:
         model.train(was_training)

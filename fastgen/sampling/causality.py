@@ -9,10 +9,10 @@ that are wrong. :func:`check` refuses such a network with a
 the value it sees. It reads the network in one of two ways:
 
 * by structure, when the cached compiler can read it (fastgen's layers,
-  convolutions, position-wise operations): the compiler derives what each
-  output depends on (program.py: per channel at a pixel and a one-row lookahead;
-  schedule.py, for mixtures and for what program.py cannot read: a ready map
-  per position) and refuses a network that is not causal. The compiled program is returned, so the cached path uses it;
+  convolutions, position-wise operations): the compiler (schedule.py) derives
+  what each output depends on (a ready map per position and class of channels)
+  and refuses a network that is not causal. The compiled schedule is returned,
+  so the cached path uses it;
 * numerically, for a network the compiler cannot read (any other module or
   function; only method='naive' can sample it): one forward pass per drawn
   value t (a pixel for a mixture, a colour of a pixel otherwise), on an image
@@ -24,7 +24,6 @@ the value it sees. It reads the network in one of two ways:
 import torch
 
 from fastgen.sampling.common import CausalityError, not_causal, output_error
-from fastgen.sampling.program import compile_program
 from fastgen.sampling.schedule import compile_schedule
 from fastgen.sampling.tracing import CompileError
 
@@ -33,15 +32,10 @@ PROBE_BATCH = 64  # images per forward pass of the probe
 
 
 def check(model, *, n, likelihood, levels, shape, condition, table):
-    """(program, None) when the network compiles for cached sampling (its structure is causal), or (None, the
+    """(schedule, None) when the network compiles for cached sampling (its structure is causal), or (None, the
     CompileError) when it does not compile but the numerical probe finds it causal. Raises CausalityError."""
     args = dict(shape=shape, batch=n, likelihood=likelihood, levels=levels, condition=condition)
     try:
-        if likelihood != "logistic-mixture" and shape[0] == 1:
-            try:  # the program engine: faster on grey single-scale networks (benchmarks/RESULTS.md)
-                return compile_program(model, **args), None
-            except CompileError:
-                pass
         return compile_schedule(model, **args), None
     except CompileError as e:
         probe(model, n=n, likelihood=likelihood, levels=levels, shape=shape, condition=condition, table=table)

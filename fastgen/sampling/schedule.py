@@ -172,23 +172,6 @@ class Pool:
         self.scalars.append(float(v))
         return len(self.scalars) - 1
 
-    def taps(self, i):
-        """A convolution's taps: [dy.., dx..]."""
-        return [t[0] for t in i.taps] + [t[1] for t in i.taps]
-
-    def position_wise(self, i):
-        """The own fields of the position-wise ops both encodings write alike (ACT, AFFINE, CONST, GATE), or
-        None for another op."""
-        if i.op == ACT:
-            return [ACTS.index(i.act), self.scalar(i.param)]
-        if i.op == AFFINE:
-            return [self.param(i.scale), self.param(i.shift)]
-        if i.op == CONST:
-            return [self.param(i.const), int(i.multiply), int(i.const.dim() == 4)]
-        if i.op == GATE:
-            return [i.data_channels]
-        return None
-
 
 @dataclass
 class Schedule:
@@ -222,13 +205,19 @@ class Schedule:
             head = {"out": i.out, "channels": i.channels, "a": i.a and i.a.encode(), "b": i.b and i.b.encode(),
                     "queue": pool.param(i.queue), "start": pool.param(i.start), "lo": i.lo,
                     "hi": _width(i, self.slots) if i.hi is None else i.hi}
-            own, taps = pool.position_wise(i), ()
-            if own is not None:
-                own = dict(zip(fmt.OWN[fmt.OPS[i.op - 1]], own))
-            elif i.op in (CONV, CONVT):
+            taps = ()
+            if i.op in (CONV, CONVT):
                 own = {"weight": pool.param(i.weight), "bias": pool.param(i.bias), "sy": i.stride[0],
                        "sx": i.stride[1], "taps": len(i.taps)}
-                taps = pool.taps(i)
+                taps = [t[0] for t in i.taps] + [t[1] for t in i.taps]
+            elif i.op == ACT:
+                own = {"act": ACTS.index(i.act), "scalar": pool.scalar(i.param)}
+            elif i.op == AFFINE:
+                own = {"scale": pool.param(i.scale), "shift": pool.param(i.shift)}
+            elif i.op == CONST:
+                own = {"const": pool.param(i.const), "multiply": int(i.multiply), "is_map": int(i.const.dim() == 4)}
+            elif i.op == GATE:
+                own = {"data_channels": i.data_channels}
             elif i.op == ADD:
                 own = {"scalar": pool.scalar(i.param)}
             elif i.op == MUL:

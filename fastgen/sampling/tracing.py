@@ -159,7 +159,6 @@ class Compiler:
     finish: fastgen/sampling/schedule.py), then returns ``self.prog``. SUPPORTED names what it reads in
     the errors."""
     SUPPORTED = ""
-    ADD_IN_PLACE = False  # the gated layer's link added into the stack's own pre-activation (program.py)
 
     def __init__(self, gm, shape, batch, dtype, device, condition, has_condition, likelihood, levels):
         self.gm, self.shape, self.batch = gm, tuple(shape), batch
@@ -390,7 +389,7 @@ class Compiler:
                                   0, g["stack"][0] + "_pre")
             cond = g["cond"]
             if isinstance(cond, Val):  # the horizontal stack's link from the vertical one
-                pre, cond = self.binary(pre, cond, ADD, inplace=self.ADD_IN_PLACE), None
+                pre, cond = self.binary(pre, cond, ADD), None
             return self.gate(pre, g["data_channels"], cond)
         self.error(f"it is not position-wise or causal; cached sampling supports {self.SUPPORTED}. "
                    f"Use method='naive'")

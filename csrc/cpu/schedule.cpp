@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"  // FASTGEN_AVX512, fastgen::use_avx512()
+#include "cpu/gate_math.h"     // the gate on AVX-512 vectors (gated_activation's math)
 #include "cpu/sampling.h"
 #include "cpu/sampling_act.h"  // PointOp, pointwise()
 #include "cpu/sampling_draw.h"  // draw, draw_mixture
@@ -35,6 +36,31 @@
 namespace {
 
 using namespace fastgen::sampling;  // the opcodes, activate()
+
+#ifdef FASTGEN_AVX512
+FASTGEN_AVX512_BEGIN
+namespace avx512 {
+
+// GATE's outputs [lo, hi) at one position (a: dc blocks of a tanh half and a sigmoid half of cout / dc
+// channels each), 16 float32 or 8 float64 lanes at a time.
+template <class T>
+void gate(const T* a, T* o, int64_t cout, int64_t dc, int64_t lo, int64_t hi) {
+  using W = fastgen::gate::avx512::V<T>;
+  const int64_t cd = cout / dc;
+  for (int64_t d = lo / cd; d * cd < hi; ++d) {
+    const int64_t j1 = std::min(hi, (d + 1) * cd) - d * cd;
+    const T* f = a + 2 * d * cd;
+    T* out = o + d * cd;
+    for (int64_t j = std::max(lo, d * cd) - d * cd; j < j1; j += W::L) {
+      const typename W::M m = j1 - j >= W::L ? typename W::M(~0u) : W::tail(j1 - j);
+      W::store(out + j, fastgen::gate::avx512::Gate<T>(W::load(f + j, m), W::load(f + cd + j, m)).out(), m);
+    }
+  }
+}
+
+}  // namespace avx512
+FASTGEN_AVX512_END
+#endif
 using fastgen::schedule::Code;
 
 struct Slot {
@@ -172,6 +198,12 @@ struct Engine {
     const int64_t cout = in.op == GATE ? c / 2 : c;
     const T* q = in.op == ADD || in.op == MUL ? read(in.b, b0, y, x) : nullptr;
     const int64_t q_step = q == nullptr || q == zeros.data() ? 0 : slots[in.b.slot].R * slots[in.b.slot].Cp;
+#ifdef FASTGEN_AVX512
+    if (in.op == GATE && avx512) {
+      for (int64_t b = b0; b < b1; ++b, o += o_step, a += a_step) avx512::gate<T>(a, o, cout, in.dc, in.lo, in.hi);
+      return;
+    }
+#endif
     for (int64_t b = b0; b < b1; ++b, o += o_step, a += a_step, q += q_step) {
       const T* k = in.op == CONST ? in.constant(b, y, x, so.H, so.W, c) : nullptr;
       fastgen::sampling::pointwise(in.op, in, a, q, k, o, cout, in.lo, in.hi);

@@ -77,7 +77,7 @@ def _run_engine(job):
     config = prog.config()
     u, feed = job["u"].to(dev).contiguous(), job["feed"].to(dev).contiguous()
     n = prog.steps
-    bar = Progress(n, f"sampling (cached multi-scale, {'C++' if dev.type == 'cpu' else dev.type})",
+    bar = Progress(n, f"sampling (cached, {'C++' if dev.type == 'cpu' else dev.type})",
                    enabled=job["progress"])
     step = w * prog.pixel_steps if job["progress"] else n  # a row at a time, to show progress
     try:

@@ -119,7 +119,7 @@ def run_schedule_torch(prog, u, feed_table, *, temperature=1.0, images=None, pro
             work[t].append((i, queue[start[t]:start[t + 1]]))
     inp = eng.bufs[prog.input]
     rows, cols = torch.arange(h, device=prog.device), torch.arange(w, device=prog.device)  # the draw's positions
-    bar = Progress(n, "sampling (cached multi-scale, torch)", enabled=progress)
+    bar = Progress(n, "sampling (cached, torch)", enabled=progress)
     try:
         for t in range(n):
             for i, pos in work[t]:

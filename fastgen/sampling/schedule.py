@@ -18,11 +18,13 @@ output position is ready when the last of the input positions under its
 non-zero taps is; a transposed convolution's when the input positions that
 scatter into it are; position-wise operations take the latest of their
 operands. Generation then runs *steps*: step t, before pixel t is drawn,
-computes every position whose ready map is t - 1 (all of them at step 0 for -1),
-instruction by instruction in program order, so every operand position is
-computed before it is read. Each instruction's positions, sorted by step, are
-its queue. The network is exact to sample this way if and only if its output at
-pixel t is ready by t - 1; otherwise compilation fails naming the pixel.
+computes positions that are ready (by t - 1) and not yet computed, instruction
+by instruction in program order, so every operand position is computed before
+it is read; which step within that window a position takes is chosen
+backwards from the draws (analyse: a row at once where it can, else as late as
+it is read). Each instruction's positions, sorted by step, are its queue. The
+network is exact to sample this way if and only if its output at pixel t is
+ready by t - 1; otherwise compilation fails naming the pixel.
 
 Values are *views* of slots: zero padding (F.pad), crops (slicing along H and W)
 and channel slices cost nothing; an operand reads zeros outside the view's own
@@ -687,8 +689,9 @@ class _ScheduleCompiler(Compiler):
         """The ready maps of instruction i's output: ([h, w, K] for K classes, [channels written] the class of
         each). A channel is ready when the last input it depends on is: a position-wise op's channel reads its
         operands' same channel (the gate: one tanh and one sigmoid channel); a convolution's output channel
-        reads, at each tap, the input channels its weight there does not zero (by tap only when the input's
-        channels are all of one class: a grey image, or a colour network past the pixel's colours)."""
+        reads, at each tap, the input channels its weight there does not zero (by tap, all of them, when the
+        input's channels are all of one class or a step is a whole pixel: structure() keys the weights' zeros
+        only in the colour order)."""
         s = self.prog.slots[i.out]
         width = _width(i, self.prog.slots)
         none = torch.full((s.h, s.w, 1), -1, dtype=torch.int64)
@@ -702,8 +705,8 @@ class _ScheduleCompiler(Compiler):
             if not maps:
                 return none, torch.zeros(width, dtype=torch.int64)
             taps = torch.stack(maps)  # [T, h, w, U]
-            if len(used) == 1:
-                return taps.amax(0), torch.zeros(width, dtype=torch.int64)
+            if len(used) == 1 or self.prog.pixel_steps == 1:  # by tap: one class
+                return taps.amax(-1).amax(0)[..., None], torch.zeros(width, dtype=torch.int64)
             onehot = F.one_hot(inv, len(used)).to(torch.float32)  # [Cin, U]
             reads = (i.weight.ne(0).cpu().to(torch.float32).permute(2, 0, 1) @ onehot) > 0  # [Cout, T, U]
             sig, cls = reads.flatten(1).unique(dim=0, return_inverse=True)  # [S, T U]
@@ -726,7 +729,7 @@ class _ScheduleCompiler(Compiler):
     def ring_positions(self, blocks):
         """Each slot's ring: 1 + the most positions (raster order) between the
         newest position it holds and the oldest one still read or written, over
-        the whole schedule (a block runs at step ready + 1; the draw of step t
+        the whole schedule (each block's chosen steps; the draw of step t
         reads the output at its pixel). Counting writes keeps a late write to
         an old position from landing on a live one."""
         prog = self.prog

@@ -81,6 +81,7 @@ struct Instr : PointOp<T> {
   // reach it and their weights packed the same way.
   int64_t sy = 1, sx = 1, ldw = 0;
   std::vector<int64_t> dy, dx;
+  const T* wp = nullptr;  // the weights: the parameter's own memory when cout fills ldw, else w
   std::vector<T> w, bias;
   std::vector<std::vector<int64_t>> class_taps;
   std::vector<std::vector<T>> class_w;
@@ -153,7 +154,7 @@ struct Engine {
         for (int64_t t = 0; t < taps; ++t)
           s.src[r * taps + t] = read(in.a, b, y * in.sy + in.dy[t], x * in.sx + in.dx[t]);
       }
-    conv_kernel(rows, s.src.data(), taps, in, in.w.data(), s.out.data(), s);
+    conv_kernel(rows, s.src.data(), taps, in, in.wp, s.out.data(), s);
   }
 
   // A transposed convolution: output (y, x) takes input ((y - dy) / sy, (x - dx) / sx) through the taps
@@ -235,9 +236,12 @@ std::vector<Instr<T>> decode(const std::vector<fastgen::schedule::Code>& codes, 
       const int64_t taps = c.dy.size(), cout = slots[c.out].C;
       in.sy = c.sy, in.sx = c.sx, in.dy = c.dy, in.dx = c.dx;
       in.ldw = slots[c.out].Cp;
-      in.w.assign(taps * in.ch * in.ldw, T(0));
-      const T* wp = ptr(c.w);
-      for (int64_t t = 0; t < taps * in.ch; ++t) std::copy_n(wp + t * cout, cout, in.w.begin() + t * in.ldw);
+      in.wp = ptr(c.w);
+      if (cout != in.ldw) {  // rows padded to ldw (a copy per call: large weights are mostly aligned, read in place)
+        in.w.assign(taps * in.ch * in.ldw, T(0));
+        for (int64_t t = 0; t < taps * in.ch; ++t) std::copy_n(in.wp + t * cout, cout, in.w.begin() + t * in.ldw);
+        in.wp = in.w.data();
+      }
       in.has_bias = c.bias >= 0;
       if (in.has_bias) {
         in.bias.assign(in.ldw, T(0));
@@ -252,7 +256,7 @@ std::vector<Instr<T>> decode(const std::vector<fastgen::schedule::Code>& codes, 
             for (int64_t t = 0; t < taps; ++t)
               if (((py - in.dy[t]) % in.sy + in.sy) % in.sy == 0 && ((px - in.dx[t]) % in.sx + in.sx) % in.sx == 0) {
                 ts.push_back(t);
-                ws.insert(ws.end(), in.w.begin() + t * block, in.w.begin() + (t + 1) * block);
+                ws.insert(ws.end(), in.wp + t * block, in.wp + (t + 1) * block);
               }
             in.class_taps.push_back(ts);
             in.class_w.push_back(ws);

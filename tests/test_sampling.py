@@ -368,6 +368,16 @@ def test_in_place_operations():
 
     assert_teacher_forcing_binary(InPlace)
 
+    class OnACopy(InPlace):  # in place on a clone leaves the original alone
+        def forward(self, x):
+            h = self.conv(x)
+            g = h.clone()
+            g.relu_()
+            g += 1
+            return self.head(h * g)
+
+    assert_teacher_forcing_binary(OnACopy)
+
     class OnInput(InPlace):
         def forward(self, x):
             x.mul_(2)

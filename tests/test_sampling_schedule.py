@@ -6,6 +6,8 @@ transposed and masked convolutions, and for one of every other operation
 (dilation, the gate, conditioning maps, BatchNorm, crops padded back); rings;
 clear errors for non-causal networks and unsupported operations."""
 import collections
+import gc
+import weakref
 
 import pytest
 import torch
@@ -397,6 +399,60 @@ def test_the_analysis_is_reused_only_for_the_same_structure():
     assert len(other.code) == len(first.code) and len(other.code[2].taps) == len(first.code[2].taps) - 1
     assert len(schedule._FINISHED) <= schedule._FINISHED_MAX
     assert torch.equal(m.sample(2, seed=3), m.sample(2, seed=3, method="naive"))
+
+
+class Scaled(nn.Module):
+    """A 3x3 convolution made causal by its weights' zeros (the taps at and after the centre), times a factor
+    forward reads from an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1).double()
+        with torch.no_grad():
+            self.conv.weight[:, :, 1, 1:] = 0
+            self.conv.weight[:, :, 2] = 0
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+def test_a_compiled_model_is_reused_until_what_it_was_read_from_changes(monkeypatch):
+    from fastgen.sampling import schedule
+    compiles = []
+    compile_once = schedule._compile
+    monkeypatch.setattr(schedule, "_compile", lambda *a: compiles.append(a[2]) or compile_once(*a))
+    m = Scaled()
+
+    def sample(n=2, **kw):
+        return fastgen.sample(m, n, likelihood="bernoulli", shape=(1, 5, 6), seed=4, **kw)
+
+    def compiled_again(change=None, n=2):
+        before = len(compiles)
+        change and change()
+        got = sample(n)
+        assert torch.equal(got, sample(n, method="naive"))  # the naive path never compiles
+        return len(compiles) - before
+
+    assert compiled_again() == 1 and compiled_again() == 0
+    assert compiled_again(n=3) == 1  # another batch
+    with torch.no_grad():
+        assert compiled_again(lambda: m.conv.weight.data.mul_(2)) == 1  # .data: no version counter moves
+        assert compiled_again(lambda: m.conv.bias.add_(1)) == 1
+    assert compiled_again(lambda: setattr(m, "scale", -3.0)) == 1  # an attribute forward reads
+    assert compiled_again(lambda: setattr(m, "conv", Scaled().conv)) == 1  # a submodule replaced
+    assert compiled_again(lambda: m.conv.register_forward_hook(lambda mod, i, o: o)) == 1
+    assert compiled_again() == 0
+    monkeypatch.setattr(Scaled, "forward", lambda self, x: self.conv(x) - self.scale)  # the class's code
+    assert compiled_again() == 1
+    with torch.no_grad():
+        m.conv.weight.data[0, 0, 2, 2] = 0.5  # a tap on a later pixel: the network is not causal any more
+    with pytest.raises(CausalityError):
+        sample(n=3)
+    key, held = weakref.ref(m), len(schedule._COMPILED)
+    del m
+    gc.collect()
+    assert key() is None and len(schedule._COMPILED) == held - 1  # the reuse keeps no model alive
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------

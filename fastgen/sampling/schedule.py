@@ -51,6 +51,7 @@ import dataclasses
 import gc
 import hashlib
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -799,11 +800,78 @@ _FINISHED = collections.OrderedDict()
 _FINISHED_MAX = 8
 
 
+# compile_schedule's last result per model, reused while the model and the arguments are what it was read from
+_COMPILED = weakref.WeakKeyDictionary()
+_COMPILED_MAX_ELEMENTS = 1 << 24  # tensor elements of a model worth copying to compare against (64 MB in float32)
+
+
+_ATOMS = frozenset({type(None), bool, int, float, str, tuple, torch.Size, torch.dtype, torch.device})
+
+
+def _snap(v, tensors, depth=0):
+    """A value a module holds, as compared at the next compile: atoms by value, containers copied (they change
+    in place), tensors by value apart (appended to ``tensors``), anything else by identity through a weak
+    reference (no cycle keeps the model alive; a dead one never equals a new object at its address)."""
+    t = type(v)
+    if t in _ATOMS:
+        return v
+    if isinstance(v, torch.Tensor):
+        tensors.append(v)
+        return torch.Tensor
+    if depth < 3 and isinstance(v, dict):
+        return t, {k: x if type(x) in _ATOMS else _snap(x, tensors, depth + 1) for k, x in v.items()}
+    if depth < 3 and isinstance(v, (list, set, frozenset)):
+        return t, [x if type(x) in _ATOMS else _snap(x, tensors, depth + 1) for x in v]
+    try:
+        return weakref.ref(v)
+    except TypeError:
+        return object()  # neither: never the same, so the model is compiled afresh
+
+
+def _model_state(model, args):
+    """(snapshot, tensors): what a compile read besides the code it ran, the arguments and each module (its
+    class, forward, attributes, hooks and submodules), and the tensors they hold (parameters, buffers,
+    constants, a condition), compared by value."""
+    tensors = []
+    snap = [_snap(args, tensors)]
+    for m in model.modules():
+        snap.append((weakref.ref(m), type(m), type(m).forward, _snap(vars(m), tensors)))
+    return snap, tensors
+
+
+def _unchanged(then, now, tensors):
+    try:
+        if then[0] != now:  # an object compared by ==: the same one, or an error (a tensor in a tuple)
+            return False
+    except Exception:
+        return False
+    return len(tensors) == len(then[1]) and all(
+        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+        for a, b in zip(tensors, then[1]))
+
+
 def compile_schedule(model, *, shape, batch, condition=None, likelihood="logistic-mixture", levels=256):
     """The Schedule of ``model`` (output: mixture parameters [B, K, H, W], or
     Bernoulli / categorical logits as fastgen.sample reads them) for ``batch``
     images of ``shape`` (C, H, W); CompileError names any operation or pixel
-    that breaks exact cached sampling."""
+    that breaks exact cached sampling.
+
+    A model compiled before is not read again while nothing it was read from
+    has changed: its modules (class, attributes, hooks, training mode), the
+    values of every tensor they hold, and the arguments (Schedules are
+    read-only). A global that forward reads is not among them: a setting
+    that changes the network belongs in an attribute."""
+    now, tensors = _model_state(model, (tuple(shape), batch, condition, likelihood, levels))
+    last = _COMPILED.get(model)
+    if last is not None and _unchanged(last, now, tensors):
+        return last[2]
+    prog = _compile(model, shape, batch, condition, likelihood, levels)
+    if all(t.layout == torch.strided for t in tensors) and sum(t.numel() for t in tensors) <= _COMPILED_MAX_ELEMENTS:
+        _COMPILED[model] = (now, [t.detach().clone() for t in tensors], prog)
+    return prog
+
+
+def _compile(model, shape, batch, condition, likelihood, levels):
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
